@@ -1,0 +1,39 @@
+# Two commands for a fresh machine: `make bench` (the main job) and `make test`.
+# `make setup` is what both run first; it is quick when .venv already matches.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.genbench-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# 1 thread per process: on a busy 2-core machine OpenMP spin-waiting makes 2 threads slower.
+export OMP_NUM_THREADS ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup bench test fashion-mnist clean
+
+setup: $(STAMP) fashion-mnist
+
+# Reinstalls only when the declared dependencies or the pinned set change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST offline from Debian's package when we may install it; otherwise say how.
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST) ] || [ -n "$$GENBENCH_DATA" ]; then exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; \
+	else echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist'," \
+	  "or set GENBENCH_DATA to a directory with its IDX files, or use --download."; fi
+
+bench: setup
+	$(BIN)/bench run --suite default
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,180 @@
+"""One LightningDataModule for the 28x28 and 32x32 image datasets, with a tensor fast path."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+
+from datamodules.specs import DataSource, DatasetSpec, get_spec, load_arrays, locate
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(spec_name: str, directory: str) -> dict[str, torch.Tensor]:
+    """Decode a dataset's files once per process; a suite builds many datamodules on one dataset."""
+    spec = get_spec(spec_name)
+    source = locate(spec, data_dir=directory)
+    return {key: torch.from_numpy(np.ascontiguousarray(value))
+            for key, value in load_arrays(spec, source).items()}
+
+
+def to_unit_float(images: torch.Tensor, binarize: bool = False) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]; with `binarize`, a fresh Bernoulli draw per pixel with
+    p = intensity (dynamic binarisation, as in Salakhutdinov & Murray 2008 and Burda et al. 2016)."""
+    x = images.float().div_(255.0)
+    return torch.bernoulli(x) if binarize else x
+
+
+class TensorBatches:
+    """Batches as slices of in-memory tensors, in a fresh random order each epoch when shuffling.
+
+    Hand-written because a DataLoader over a TensorDataset indexes and collates item by item in
+    Python, which costs more than a small model's step. Lightning only shards DataLoaders, so this
+    shards by rank itself: rank r takes positions r, r + W, r + 2W, ... of the epoch's order.
+    Training (`drop_last`) gives every rank the same number of full batches, as DDP needs;
+    evaluation covers every image exactly once across ranks.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 shuffle: bool, drop_last: bool, binarize: bool = False, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.binarize, self.seed, self.rank, self.world_size = binarize, seed, rank, world_size
+        self.epoch = 0
+
+    def _shard_size(self) -> int:
+        n = len(self.images)
+        if self.drop_last:
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        size = self._shard_size()
+        return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
+        order = None
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        self.epoch += 1
+        if self.world_size > 1:
+            order = (order if order is not None else torch.arange(n))[self.rank::self.world_size]
+            order = order[: self._shard_size()]
+        if order is not None:
+            order = order.to(self.images.device)
+        for i in range(len(self)):
+            lo, hi = i * self.batch_size, (i + 1) * self.batch_size
+            if order is None:  # contiguous slices are views: no copy at all
+                images, labels = self.images[lo:hi], self.labels[lo:hi]
+            else:
+                index = order[lo:hi]
+                images, labels = self.images[index], self.labels[index]
+            yield to_unit_float(images, self.binarize), labels
+
+
+class ImageDataModule(L.LightningDataModule):
+    """MNIST, Fashion-MNIST or CIFAR-10 as float images in [0, 1], NCHW, with integer labels.
+
+    The whole split is decoded once into uint8 tensors and moved to the training device in
+    `setup`; batches are slices of a random permutation and become float on the device.
+    `val_size` images are held out of the training split with the fixed `split_seed`.
+    """
+
+    def __init__(self, dataset: str = "fashion_mnist", data_dir: str | None = None,
+                 root: str | None = None, download: bool = False, batch_size: int = 128,
+                 eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
+                 binarize: bool = False, train_subset: int | None = None,
+                 test_subset: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec: DatasetSpec = get_spec(dataset)
+        self.source: DataSource | None = None
+        self.load_seconds: float | None = None
+        self._loaded = False
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.spec.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node: the only place a download may happen.
+        hp = self.hparams
+        self.source = locate(self.spec, hp.data_dir, hp.root, download=hp.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._loaded:
+            return
+        hp = self.hparams
+        start = time.perf_counter()
+        self.source = locate(self.spec, hp.data_dir, hp.root, download=False)
+        arrays = _decoded(self.spec.name, str(self.source.directory))
+        n_train_total = len(arrays["train_images"])
+        if not 0 <= hp.val_size < n_train_total:
+            raise ValueError(f"val_size={hp.val_size} must be in [0, {n_train_total}) for "
+                             f"{self.spec.title}'s {n_train_total} training images")
+        order = torch.randperm(n_train_total, generator=torch.Generator().manual_seed(hp.split_seed))
+        val_index, train_index = order[: hp.val_size], order[hp.val_size:]
+        if hp.train_subset is not None:
+            train_index = train_index[: hp.train_subset]
+        train_index, val_index = train_index.sort().values, val_index.sort().values
+        test_stop = hp.test_subset if hp.test_subset is not None else len(arrays["test_images"])
+
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        self.train_images = arrays["train_images"][train_index].to(device)
+        self.train_labels = arrays["train_labels"][train_index].to(device)
+        self.val_images = arrays["train_images"][val_index].to(device)
+        self.val_labels = arrays["train_labels"][val_index].to(device)
+        self.test_images = arrays["test_images"][:test_stop].to(device)
+        self.test_labels = arrays["test_labels"][:test_stop].to(device)
+        self.load_seconds = time.perf_counter() - start
+        self._loaded = True
+
+    def _batches(self, split: str, train: bool) -> TensorBatches:
+        hp = self.hparams
+        trainer = self.trainer
+        return TensorBatches(
+            getattr(self, f"{split}_images"), getattr(self, f"{split}_labels"),
+            hp.batch_size if train else hp.eval_batch_size, shuffle=train, drop_last=train,
+            binarize=hp.binarize, seed=hp.seed,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", train=False)
+
+    def describe(self) -> dict[str, object]:
+        """What `bench data` prints: where the data came from and what it looks like."""
+        assert self.source is not None, "call setup() first"
+        sample = self.train_images[: min(len(self.train_images), 10000)]
+        return {
+            "dataset": f"{self.spec.title} ({self.spec.name})",
+            "source": f"{self.source.directory} ({self.source.origin})",
+            "splits": {"train": len(self.train_images), "val": len(self.val_images),
+                       "test": len(self.test_images)},
+            "image_shape": self.image_shape,
+            "num_classes": self.num_classes,
+            "stored": f"{self.train_images.dtype} on {self.train_images.device}",
+            "batches": f"float32 in [0, 1]{', binarised' if self.hparams.binarize else ''}",
+            "pixel_range": (int(sample.min()), int(sample.max())) if len(sample) else None,
+            "load_seconds": round(self.load_seconds or 0.0, 3),
+        }

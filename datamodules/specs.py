@@ -1,0 +1,201 @@
+"""What each dataset is, where its files may lie, and how to load its splits as uint8 arrays.
+
+Search order for a dataset's files (the first directory that holds all of them wins):
+1. an explicit `data_dir` (the files themselves, or torchvision's layout below it);
+2. the `GENBENCH_DATA` environment variable (same two forms);
+3. torchvision's layout under the data root (`root`, default `~/.cache/genbench/data`);
+4. system directories, e.g. Debian's `dataset-fashion-mnist` package;
+5. a download through torchvision into the data root, only when `download=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.formats import CorruptDataError, read_cifar_batch, read_idx
+
+ENV_VAR = "GENBENCH_DATA"
+DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "genbench" / "data"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No searched place holds a dataset's files."""
+
+
+class UnknownDatasetError(KeyError):
+    """A dataset name that genbench does not know."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    title: str
+    image_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+    file_format: str  # "idx" or "cifar"
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    torchvision_subdir: str  # where torchvision's class keeps the files under its root
+    torchvision_class: str
+    full_sizes: tuple[int, int]  # (train, test) of the complete dataset
+    system_dirs: tuple[str, ...] = field(default=())
+    how_to_get: str = ""
+
+    @property
+    def all_files(self) -> tuple[str, ...]:
+        return self.train_files + self.test_files
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            name="mnist", title="MNIST", image_shape=(1, 28, 28), num_classes=10,
+            file_format="idx",
+            train_files=("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            test_files=("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+            torchvision_subdir="MNIST/raw", torchvision_class="MNIST", full_sizes=(60000, 10000),
+            how_to_get="pass --download (torchvision fetches it into the data root), or put the "
+                       "four IDX files (gzipped or not) in a directory given by --data-dir or "
+                       f"${ENV_VAR}",
+        ),
+        DatasetSpec(
+            name="fashion_mnist", title="Fashion-MNIST", image_shape=(1, 28, 28), num_classes=10,
+            file_format="idx",
+            train_files=("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            test_files=("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+            torchvision_subdir="FashionMNIST/raw", torchvision_class="FashionMNIST",
+            full_sizes=(60000, 10000),
+            system_dirs=("/usr/share/datasets/fashion-mnist",),
+            how_to_get="install it offline with `sudo apt-get install dataset-fashion-mnist` "
+                       "(Debian/Ubuntu), pass --download, or put the four IDX files in a "
+                       f"directory given by --data-dir or ${ENV_VAR}",
+        ),
+        DatasetSpec(
+            name="cifar10", title="CIFAR-10", image_shape=(3, 32, 32), num_classes=10,
+            file_format="cifar",
+            train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+            test_files=("test_batch",),
+            torchvision_subdir="cifar-10-batches-py", torchvision_class="CIFAR10",
+            full_sizes=(50000, 10000),
+            how_to_get="pass --download (torchvision fetches cifar-10-python.tar.gz into the data "
+                       "root), or unpack that archive and give its cifar-10-batches-py directory "
+                       f"with --data-dir or ${ENV_VAR}",
+        ),
+    ]
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec for `name`; accepts `fashion-mnist` and case variants of the known names."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in DATASETS:
+        raise UnknownDatasetError(f"unknown dataset {name!r}; choose one of: "
+                                  f"{', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def _find_file(directory: Path, filename: str) -> Path | None:
+    for candidate in (directory / filename, directory / f"{filename}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a dataset's files were found, and why that place was looked at."""
+
+    directory: Path
+    origin: str  # "data_dir", "GENBENCH_DATA", "data root", "system", "download"
+    files: dict[str, Path]
+
+
+def _candidates(spec: DatasetSpec, data_dir: str | Path | None,
+                root: Path) -> list[tuple[Path, str]]:
+    places: list[tuple[Path, str]] = []
+    for given, origin in ((data_dir, "data_dir"), (os.environ.get(ENV_VAR), ENV_VAR)):
+        if given:
+            places += [(Path(given), origin), (Path(given) / spec.torchvision_subdir, origin)]
+    places.append((root / spec.torchvision_subdir, "data root"))
+    places += [(Path(d), "system") for d in spec.system_dirs]
+    return places
+
+
+def locate(spec: DatasetSpec, data_dir: str | Path | None = None, root: str | Path | None = None,
+           download: bool = False) -> DataSource:
+    """Find the directory holding all of `spec`'s files, or download them when allowed."""
+    root = Path(root) if root else DEFAULT_ROOT
+    searched = []
+    for directory, origin in _candidates(spec, data_dir, root):
+        found = {name: _find_file(directory, name) for name in spec.all_files}
+        missing = [name for name, path in found.items() if path is None]
+        if not missing:
+            return DataSource(directory, origin, found)  # type: ignore[arg-type]
+        state = "does not exist" if not directory.exists() else f"lacks {', '.join(missing)}"
+        searched.append(f"  - {directory} ({origin}): {state}")
+    if download:
+        _download(spec, root)
+        directory = root / spec.torchvision_subdir
+        found = {name: _find_file(directory, name) for name in spec.all_files}
+        if all(found.values()):
+            return DataSource(directory, "download", found)  # type: ignore[arg-type]
+        searched.append(f"  - {directory} (download): torchvision finished but files are missing")
+    raise DataNotFoundError(
+        f"{spec.title} not found. Searched, in order:\n" + "\n".join(searched) +
+        f"\nTo get it: {spec.how_to_get}." +
+        ("" if download else " Downloading is off (download=False).")
+    )
+
+
+def _download(spec: DatasetSpec, root: Path) -> None:
+    import torchvision.datasets  # heavy; only needed on this path
+
+    dataset_class = getattr(torchvision.datasets, spec.torchvision_class)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        for train in (True, False):
+            dataset_class(str(root), train=train, download=True)
+    except Exception as err:  # torchvision raises URLError, RuntimeError, ... depending on cause
+        raise DataNotFoundError(f"downloading {spec.title} into {root} failed: {err}. "
+                                f"Without network access: {spec.how_to_get}.") from err
+
+
+def load_arrays(spec: DatasetSpec, source: DataSource) -> dict[str, np.ndarray]:
+    """Decode the files into uint8 images (N, C, H, W) and int64 labels (N,) for train and test."""
+    if spec.file_format == "idx":
+        arrays = {}
+        for split, (images_name, labels_name) in (("train", spec.train_files),
+                                                  ("test", spec.test_files)):
+            images_path, labels_path = source.files[images_name], source.files[labels_name]
+            images = read_idx(images_path, expected_ndim=3)
+            labels = read_idx(labels_path, expected_ndim=1).astype(np.int64)
+            if images.shape[0] != labels.shape[0]:
+                raise CorruptDataError(f"{images_path}: {images.shape[0]} images but "
+                                       f"{labels_path} has {labels.shape[0]} labels")
+            arrays[f"{split}_images"] = images[:, None]  # add the channel axis: N, 1, H, W
+            arrays[f"{split}_labels"] = labels
+    else:
+        arrays = {}
+        for split, names in (("train", spec.train_files), ("test", spec.test_files)):
+            parts = [read_cifar_batch(source.files[name]) for name in names]
+            arrays[f"{split}_images"] = np.concatenate([images for images, _ in parts])
+            arrays[f"{split}_labels"] = np.concatenate([labels for _, labels in parts])
+    for split, names in (("train", spec.train_files), ("test", spec.test_files)):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[1:] != spec.image_shape:
+            raise CorruptDataError(f"{source.files[names[0]]}: images have shape "
+                                   f"{images.shape[1:]}, expected {spec.image_shape} for "
+                                   f"{spec.title}")
+        if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+            raise CorruptDataError(f"{source.files[names[-1]]}: labels span "
+                                   f"[{labels.min()}, {labels.max()}], expected 0.."
+                                   f"{spec.num_classes - 1}")
+    return arrays

@@ -1,0 +1,142 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import ImageDataModule, TensorBatches
+from tests.data_files import write_cifar_dir, write_mnist_dir
+
+FASHION_MNIST_DEB = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture
+def mnist_files(tmp_path):
+    return tmp_path, write_mnist_dir(tmp_path, n_train=300, n_test=100)
+
+
+@pytest.fixture
+def cifar_files(tmp_path):
+    return tmp_path, write_cifar_dir(tmp_path, n_per_batch=40, n_test=50)
+
+
+def make_dm(directory, dataset="mnist", **kwargs):
+    dm = ImageDataModule(dataset, data_dir=str(directory), **kwargs)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist", "cifar10"])
+def test_splits_hold_every_image_once(tmp_path, dataset):
+    written = (write_cifar_dir(tmp_path) if dataset == "cifar10" else write_mnist_dir(tmp_path))
+    dm = make_dm(tmp_path, dataset, val_size=20)
+    n_train = len(written["train_images"])
+    assert (len(dm.train_images), len(dm.val_images)) == (n_train - 20, 20)
+    assert len(dm.test_images) == len(written["test_images"])
+    together = torch.cat([dm.train_images, dm.val_images]).flatten(1)
+    expected = torch.from_numpy(written["train_images"].reshape(n_train, -1))
+    assert torch.equal(together.unique(dim=0), expected.unique(dim=0))
+
+
+@pytest.mark.parametrize("dataset, shape", [("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32))])
+def test_batches_are_float_nchw_in_unit_range(tmp_path, dataset, shape):
+    (write_cifar_dir if dataset == "cifar10" else write_mnist_dir)(tmp_path)
+    dm = make_dm(tmp_path, dataset, val_size=10, batch_size=16)
+    x, y = next(iter(dm.train_dataloader()))
+    assert dm.image_shape == shape and dm.num_classes == 10
+    assert x.shape == (16, *shape) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_cifar_pixels_keep_their_channel_layout(cifar_files):
+    directory, written = cifar_files
+    dm = make_dm(directory, "cifar10", val_size=0, eval_batch_size=50)
+    x, y = next(iter(dm.test_dataloader()))
+    assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(written["test_images"]))
+    assert torch.equal(y, torch.from_numpy(written["test_labels"]).long())
+
+
+def test_validation_split_depends_only_on_split_seed(mnist_files):
+    directory, _ = mnist_files
+    first = make_dm(directory, val_size=50, split_seed=3, seed=1)
+    second = make_dm(directory, val_size=50, split_seed=3, seed=2)
+    other = make_dm(directory, val_size=50, split_seed=4)
+    assert torch.equal(first.val_images, second.val_images)
+    assert not torch.equal(first.val_images, other.val_images)
+
+
+def test_val_size_beyond_training_split_is_an_error(mnist_files):
+    with pytest.raises(ValueError, match="val_size=300 must be in"):
+        make_dm(mnist_files[0], val_size=300)
+
+
+def test_subsets_limit_train_and_test(mnist_files):
+    dm = make_dm(mnist_files[0], val_size=50, train_subset=64, test_subset=30)
+    assert (len(dm.train_images), len(dm.val_images), len(dm.test_images)) == (64, 50, 30)
+
+
+def indices_seen(batches: TensorBatches) -> list[int]:
+    return [int(v) for _, labels in batches for v in labels]
+
+
+def counting_batches(n, batch_size, **kwargs):
+    """Labels are the image indices, so a batch says which images it holds."""
+    return TensorBatches(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), batch_size,
+                         **kwargs)
+
+
+def test_training_epoch_is_a_permutation_that_changes_each_epoch():
+    batches = counting_batches(100, 10, shuffle=True, drop_last=True, seed=0)
+    first, second = indices_seen(batches), indices_seen(batches)
+    assert sorted(first) == sorted(second) == list(range(100))
+    assert first != second
+
+
+def test_shuffle_order_is_reproducible_from_the_seed():
+    orders = [indices_seen(counting_batches(50, 8, shuffle=True, drop_last=True, seed=s))
+              for s in (5, 5, 6)]
+    assert orders[0] == orders[1] != orders[2]
+
+
+def test_drop_last_gives_only_full_batches():
+    batches = counting_batches(103, 10, shuffle=True, drop_last=True)
+    assert len(batches) == 10 and all(len(labels) == 10 for _, labels in batches)
+
+
+@pytest.mark.parametrize("n", [100, 103])
+def test_training_shards_are_disjoint_and_equal_length(n):
+    shards = [counting_batches(n, 8, shuffle=True, drop_last=True, seed=1, rank=r, world_size=2)
+              for r in (0, 1)]
+    seen = [indices_seen(shard) for shard in shards]
+    assert len(shards[0]) == len(shards[1]) and not set(seen[0]) & set(seen[1])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_shards_cover_every_image_once(world_size):
+    seen = []
+    for rank in range(world_size):
+        seen += indices_seen(counting_batches(103, 10, shuffle=False, drop_last=False, rank=rank,
+                                              world_size=world_size))
+    assert sorted(seen) == list(range(103))
+
+
+def test_dynamic_binarisation_samples_pixels_with_their_intensity():
+    torch.manual_seed(0)
+    images = torch.full((2000, 1, 4, 4), 64, dtype=torch.uint8)  # intensity 64/255
+    batches = TensorBatches(images, torch.zeros(2000), 2000, shuffle=False, drop_last=False,
+                            binarize=True)
+    x, _ = next(iter(batches))
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    assert x.mean().item() == pytest.approx(64 / 255, abs=0.01)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DEB.exists(), reason="Debian dataset-fashion-mnist missing")
+def test_real_fashion_mnist_has_its_published_size_and_range():
+    dm = ImageDataModule("fashion_mnist", val_size=0)
+    dm.prepare_data()
+    dm.setup()
+    assert (len(dm.train_images), len(dm.test_images)) == (60000, 10000)
+    assert dm.train_images.shape[1:] == (1, 28, 28) and dm.train_images.dtype == torch.uint8
+    assert (int(dm.train_images.min()), int(dm.train_images.max())) == (0, 255)
+    assert np.bincount(dm.test_labels.numpy()).tolist() == [1000] * 10  # balanced classes
