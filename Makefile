@@ -30,7 +30,7 @@ fashion-mnist:
 	  "or set GENBENCH_DATA to a directory with its IDX files, or use --download."; fi
 
 bench: setup
-	$(BIN)/bench run --suite default
+	$(BIN)/bench fit --model vae --data fashion_mnist --trainer.max_epochs 1 --trainer.default_root_dir results/fit
 
 test: setup
 	$(BIN)/python -m pytest

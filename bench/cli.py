@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bench", description="genbench: train and benchmark image autoencoders and "
         "generative models (AE, SAE, VAE, GAN) on MNIST, Fashion-MNIST and CIFAR-10.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("fit", add_help=False, help="train one model on one dataset "
+                        "(LightningCLI: bench fit --model vae --data fashion_mnist "
+                        "--trainer.max_epochs 1; bench fit --help for all options)")
 
     data = commands.add_parser("data", help="load a dataset as the harness does and describe it",
                                description="Load a dataset as the harness will and print where "
@@ -52,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "fit":  # LightningCLI parses its own arguments
+        from bench.fit import run_fit
+
+        try:
+            return run_fit(argv[1:])
+        except _user_errors() as err:
+            print(f"bench fit: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

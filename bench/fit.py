@@ -1,0 +1,66 @@
+"""`bench fit`: one family on one dataset through LightningCLI.
+
+    bench fit --model VAE --data fashion_mnist --trainer.max_epochs 1
+    bench fit --model sae --model.sparsity topk --model.k 8 --data mnist --data.download true
+
+Every LightningCLI option works (`bench fit --help`, `--print_config`, `--config FILE`); the two
+short forms above are ours: a model's short name (ae, sae, vae, gan) and a dataset name after
+`--data`. The model's `image_shape` follows the dataset.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def image_shape_of(dataset: str) -> tuple[int, int, int]:
+    from datamodules import get_spec
+
+    return get_spec(dataset).image_shape
+
+
+def expand_short_forms(argv: list[str]) -> list[str]:
+    """`--model vae` -> `--model VAE`; `--data fashion_mnist` -> `--data.dataset fashion_mnist`."""
+    from datamodules import DATASETS, get_spec
+    from modules import get_model_class
+
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        value = out[i + 1]
+        if arg == "--model" and not value.endswith((".yaml", ".yml", ".json")) and "{" not in value:
+            out[i + 1] = get_model_class(value).__name__  # raises with the choices when unknown
+        elif arg == "--data" and value.strip().lower().replace("-", "_") in DATASETS:
+            out[i], out[i + 1] = "--data.dataset", get_spec(value).name
+    return out
+
+
+def run_fit(argv: list[str]) -> int:
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    import modules  # noqa: F401  (registers the four families as LightningModule subclasses)
+    from datamodules import ImageDataModule
+
+    class BenchCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.dataset", "model.init_args.image_shape",
+                                  compute_fn=image_shape_of)
+
+    if not argv or argv[0] not in ("-h", "--help") and "--model" not in argv and not any(
+            a.startswith(("--model=", "--config")) for a in argv):
+        print("bench fit: error: give a model: --model ae|sae|vae|gan (see bench fit --help)",
+              file=sys.stderr)
+        return 2
+    try:
+        args = expand_short_forms(argv)
+    except ValueError as err:
+        print(f"bench fit: error: {err}", file=sys.stderr)
+        return 2
+    cli = BenchCLI(L.LightningModule, ImageDataModule, subclass_mode_model=True,
+                   args=["fit", *args], save_config_kwargs={"overwrite": True})
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if "/" in k}
+    if metrics and cli.trainer.is_global_zero:
+        print(f"\nfinal losses of {type(cli.model).__name__} on {cli.datamodule.spec.title}:")
+        for key in sorted(metrics):
+            print(f"  {key:<20} {metrics[key]:.5g}")
+    return 0

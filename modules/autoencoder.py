@@ -1,0 +1,124 @@
+"""Autoencoder (AE) with MSE or BCE reconstruction, and ex-post Gaussian-mixture sampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, distributions
+
+from modules.nets import as_tuple_shape, make_decoder, make_encoder
+from modules.steps import LossSteps, first_tensor
+
+RECON_LOSSES = ("mse", "bce")
+
+
+def reconstruction_loss(logits: Tensor, x: Tensor, kind: str = "mse") -> Tensor:
+    """Mean over images and pixels. `mse`: (x - sigmoid(logits))^2; `bce`: binary cross-entropy
+    of x against sigmoid(logits), computed on logits for stability (x in [0, 1])."""
+    if kind == "mse":
+        return F.mse_loss(torch.sigmoid(logits), x)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, x)
+    raise ValueError(f"unknown reconstruction loss {kind!r}; choose one of: {', '.join(RECON_LOSSES)}")
+
+
+class Autoencoder(LossSteps):
+    """Deterministic autoencoder x -> h = encode(x) -> x_hat = decode(h).
+
+    After training (`on_train_end`), a Gaussian mixture is fitted to the training codes so the
+    model can generate: `sample(n)` decodes draws from it (ex-post density estimation, Ghosh et
+    al. 2020, "From Variational to Deterministic Autoencoders"). The mixture lives in buffers,
+    so checkpoints carry it.
+    """
+
+    def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
+                 latent_dim: int = 32, hidden: int = 64, width: int = 32, loss: str = "mse",
+                 lr: float = 1e-3, gmm_components: int = 10, gmm_max_samples: int = 20000,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if loss not in RECON_LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(RECON_LOSSES)}")
+        self.image_shape = as_tuple_shape(image_shape)
+        self.encoder = make_encoder(backbone, self.image_shape, latent_dim, hidden, width)
+        self.decoder = make_decoder(backbone, self.image_shape, latent_dim, hidden, width)
+        k, d = gmm_components, latent_dim
+        self.register_buffer("gmm_logits", torch.zeros(k))
+        self.register_buffer("gmm_means", torch.zeros(k, d))
+        self.register_buffer("gmm_scale_tril", torch.eye(d).repeat(k, 1, 1))
+        self.register_buffer("gmm_fitted", torch.tensor(False))
+
+    # -- the common surface ------------------------------------------------------------------
+    def code_activation(self, pre_codes: Tensor) -> Tensor:
+        """Codes are the encoder's linear output; the sparse AE overrides this."""
+        return pre_codes
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.code_activation(self.encoder(x))
+
+    def decode_logits(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.decode_logits(z))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reconstruct(x)
+
+    # -- training ------------------------------------------------------------------------------
+    def losses(self, x: Tensor) -> dict[str, Tensor]:
+        """Named loss terms for a batch; "loss" is what the optimiser minimises."""
+        recon = reconstruction_loss(self.decode_logits(self.encode(x)), x, self.hparams.loss)
+        return {"loss": recon, "recon": recon}
+
+    # -- ex-post density estimation ------------------------------------------------------------
+    def on_train_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            self.fit_latent_density(datamodule.train_dataloader())
+
+    @torch.no_grad()
+    def fit_latent_density(self, batches) -> None:
+        """Fit a full-covariance Gaussian mixture (scikit-learn's EM) to the codes of up to
+        `gmm_max_samples` training images. Under DDP the codes are gathered first, so every rank
+        fits the same mixture from the same data and seed."""
+        from sklearn.mixture import GaussianMixture
+
+        was_training = self.training
+        self.eval()
+        codes, n = [], 0
+        for batch in batches:
+            x = first_tensor(batch).to(self.device)
+            codes.append(self.encode(x).float())
+            n += len(x)
+            if n >= self.hparams.gmm_max_samples:
+                break
+        local = torch.cat(codes)[: self.hparams.gmm_max_samples]
+        if self._trainer is not None and self.trainer.world_size > 1:  # .trainer raises if unset
+            local = self.all_gather(local).flatten(0, 1)
+        gmm = GaussianMixture(self.hparams.gmm_components, covariance_type="full",
+                              reg_covar=1e-5, random_state=self.hparams.seed)
+        gmm.fit(local.double().cpu().numpy())
+        as_buffer = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa
+        self.gmm_logits.copy_(as_buffer(gmm.weights_).log())
+        self.gmm_means.copy_(as_buffer(gmm.means_))
+        self.gmm_scale_tril.copy_(torch.linalg.cholesky(as_buffer(gmm.covariances_)))
+        self.gmm_fitted.fill_(True)
+        self.train(was_training)
+
+    def latent_prior(self) -> distributions.Distribution:
+        if not bool(self.gmm_fitted):
+            raise RuntimeError("this autoencoder has no latent density yet: train it with a "
+                               "Lightning Trainer and a datamodule, or call "
+                               "fit_latent_density(train_batches) first")
+        return distributions.MixtureSameFamily(
+            distributions.Categorical(logits=self.gmm_logits),
+            distributions.MultivariateNormal(self.gmm_means, scale_tril=self.gmm_scale_tril))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """n images in [0, 1] decoded from draws of the fitted latent mixture (global RNG)."""
+        return self.decode(self.latent_prior().sample((n,)))

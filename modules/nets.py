@@ -1,0 +1,111 @@
+"""Backbones shared by the four families: an MLP (784-64-32 for 28x28, the classic tutorial shape)
+and a DCGAN-style conv net for 28x28 and 32x32 images with 1 or 3 channels.
+
+Encoders map images to `out_dim` features (codes, posterior parameters or a critic score);
+decoders map a latent vector to image logits (pre-sigmoid, or pre-tanh for the GAN).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+BACKBONES = ("mlp", "conv")
+
+
+def check_backbone(backbone: str, image_shape: tuple[int, int, int]) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
+    channels, height, width = image_shape
+    if backbone == "conv" and (height != width or height not in (28, 32)):
+        raise ValueError(f"the conv backbone takes 28x28 or 32x32 images, got {height}x{width}; "
+                         "use backbone='mlp' for other sizes")
+    if channels not in (1, 3):
+        raise ValueError(f"images need 1 or 3 channels, got {channels}")
+
+
+def _conv_grid(image_shape: tuple[int, int, int]) -> int:
+    """Side of the feature map after two stride-2 convs: 7 for 28x28, 8 for 32x32."""
+    return image_shape[1] // 4
+
+
+def mlp_encoder(image_shape: tuple[int, int, int], hidden: int, out_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(image_shape), hidden), nn.ReLU(),
+                         nn.Linear(hidden, out_dim))
+
+
+def mlp_decoder(image_shape: tuple[int, int, int], hidden: int, latent_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(),
+                         nn.Linear(hidden, math.prod(image_shape)), nn.Unflatten(1, image_shape))
+
+
+def conv_encoder(image_shape: tuple[int, int, int], width: int, out_dim: int,
+                 batch_norm: bool = True) -> nn.Module:
+    """DCGAN discriminator body: two 4x4 stride-2 convs with LeakyReLU(0.2), then a linear head.
+    `batch_norm=False` for a WGAN-GP critic, whose penalty is per-sample (Gulrajani et al. 2017)."""
+    side = _conv_grid(image_shape)
+    return nn.Sequential(
+        nn.Conv2d(image_shape[0], width, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(width, 2 * width, 4, 2, 1, bias=not batch_norm),
+        nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity(), nn.LeakyReLU(0.2),
+        nn.Flatten(), nn.Linear(2 * width * side * side, out_dim),
+    )
+
+
+def conv_decoder(image_shape: tuple[int, int, int], width: int, latent_dim: int) -> nn.Module:
+    """DCGAN generator: a linear projection to a 2w x s x s map, then two 4x4 stride-2
+    transposed convs (s -> 2s -> 4s, i.e. 7 -> 28 or 8 -> 32) with BatchNorm and ReLU."""
+    side = _conv_grid(image_shape)
+    return nn.Sequential(
+        nn.Linear(latent_dim, 2 * width * side * side, bias=False),
+        nn.Unflatten(1, (2 * width, side, side)), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.ConvTranspose2d(width, image_shape[0], 4, 2, 1),
+    )
+
+
+def make_encoder(backbone: str, image_shape: tuple[int, int, int], out_dim: int, hidden: int,
+                 width: int, batch_norm: bool = True) -> nn.Module:
+    check_backbone(backbone, image_shape)
+    if backbone == "mlp":
+        return mlp_encoder(image_shape, hidden, out_dim)
+    return conv_encoder(image_shape, width, out_dim, batch_norm)
+
+
+def make_decoder(backbone: str, image_shape: tuple[int, int, int], latent_dim: int, hidden: int,
+                 width: int) -> nn.Module:
+    check_backbone(backbone, image_shape)
+    if backbone == "mlp":
+        return mlp_decoder(image_shape, hidden, latent_dim)
+    return conv_decoder(image_shape, width, latent_dim)
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """N(0, 0.02) for conv weights, N(1, 0.02) for BatchNorm scales (Radford et al. 2016)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def as_tuple_shape(image_shape) -> tuple[int, int, int]:
+    """Hyper-parameters come back from YAML and checkpoints as lists; nets want a tuple."""
+    shape = tuple(int(v) for v in image_shape)
+    if len(shape) != 3:
+        raise ValueError(f"image_shape must be (channels, height, width), got {image_shape}")
+    return shape  # type: ignore[return-value]
+
+
+def flat_dim(image_shape: tuple[int, int, int]) -> int:
+    return math.prod(image_shape)
+
+
+__all__ = ["BACKBONES", "as_tuple_shape", "count_parameters", "flat_dim", "init_dcgan_weights",
+           "make_decoder", "make_encoder"]

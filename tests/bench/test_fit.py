@@ -1,0 +1,29 @@
+import pytest
+
+from bench.cli import main
+from bench.fit import expand_short_forms
+from tests.data_files import write_mnist_dir
+
+
+def test_short_forms_expand_to_lightning_cli_arguments():
+    assert expand_short_forms(["--model", "vae", "--data", "Fashion-MNIST"]) == [
+        "--model", "VAE", "--data.dataset", "fashion_mnist"]
+
+
+def test_unknown_model_lists_the_choices(capsys):
+    assert main(["fit", "--model", "flow", "--data", "mnist"]) == 2
+    assert "choose one of: ae (Autoencoder)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["sae", "gan"])
+def test_bench_fit_trains_and_prints_final_losses(tmp_path, capsys, model):
+    write_mnist_dir(tmp_path / "data", n_train=200, n_test=50)
+    code = main(["fit", "--model", model, "--data", "mnist",
+                 "--data.data_dir", str(tmp_path / "data"), "--data.val_size", "40",
+                 "--data.batch_size", "32", "--model.width", "4",
+                 "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(tmp_path / "runs")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "final losses of" in out and "on MNIST" in out
+    assert ("train/d_loss" if model == "gan" else "train/recon") in out

@@ -1,0 +1,50 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules.autoencoder import reconstruction_loss
+from tests.modules.conftest import prototype_images, tiny_model
+
+
+def test_mse_loss_is_mean_squared_error_of_the_sigmoid_output():
+    logits, x = torch.randn(3, 1, 28, 28), torch.rand(3, 1, 28, 28)
+    expected = ((x - torch.sigmoid(logits)) ** 2).mean()
+    assert torch.allclose(reconstruction_loss(logits, x, "mse"), expected)
+
+
+def test_bce_loss_is_binary_cross_entropy_of_the_sigmoid_output():
+    logits, x = torch.randn(3, 1, 28, 28), torch.rand(3, 1, 28, 28)
+    p = torch.sigmoid(logits)
+    expected = -(x * p.log() + (1 - x) * (1 - p).log()).mean()
+    assert torch.allclose(reconstruction_loss(logits, x, "bce"), expected, atol=1e-5)
+
+
+def test_unknown_loss_lists_the_choices():
+    with pytest.raises(ValueError, match="choose one of: mse, bce"):
+        tiny_model("ae", loss="l1")
+
+
+@pytest.mark.parametrize("family", ["ae", "sae"])
+def test_sampling_before_fitting_the_mixture_says_what_to_do(family):
+    with pytest.raises(RuntimeError, match="fit_latent_density"):
+        tiny_model(family).sample(2)
+
+
+def test_latent_mixture_reproduces_the_code_distribution():
+    torch.manual_seed(0)
+    model = tiny_model("ae", gmm_components=3).eval()
+    images = prototype_images(2000).float() / 255
+    model.fit_latent_density(images.split(250))
+    codes = model.encode(images)
+    drawn = model.latent_prior().sample((20000,))
+    scale = codes.std(0).mean().item()
+    assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.05 * scale)
+    assert torch.allclose(drawn.std(0), codes.std(0), rtol=0.1)
+
+
+def test_mixture_uses_at_most_gmm_max_samples_codes():
+    model = tiny_model("ae", gmm_components=2, gmm_max_samples=100).eval()
+    model.fit_latent_density(iter([torch.rand(64, 1, 28, 28)] * 2 + [None]))  # stops at 128
+    assert bool(model.gmm_fitted)
+    probs = F.softmax(model.gmm_logits, 0)
+    assert torch.isclose(probs.sum(), torch.tensor(1.0))

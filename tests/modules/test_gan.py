@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from modules.gan import (gradient_penalty, ns_discriminator_loss, ns_generator_loss,
+                         wasserstein_critic_loss, wasserstein_generator_loss)
+from tests.modules.conftest import prototype_batches, quiet_trainer, tiny_model
+
+REAL, FAKE = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+
+
+def softplus(v):
+    return math.log1p(math.exp(v))
+
+
+def test_ns_discriminator_loss_matches_hand_computation():
+    # -log sigmoid(r) = softplus(-r); -log(1 - sigmoid(f)) = softplus(f)
+    expected = (softplus(-2) + softplus(1)) / 2 + (softplus(0.5) + softplus(-3)) / 2
+    assert ns_discriminator_loss(REAL, FAKE).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ns_generator_loss_matches_hand_computation():
+    expected = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(3)))) / 2
+    assert ns_generator_loss(FAKE).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_wasserstein_losses_match_hand_computation():
+    assert wasserstein_critic_loss(REAL, FAKE).item() == pytest.approx(-1.25 - 0.5)
+    assert wasserstein_generator_loss(FAKE).item() == pytest.approx(1.25)
+
+
+def linear_critic(norm: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(784, 1)
+    with torch.no_grad():
+        linear.weight.mul_(norm / linear.weight.norm())
+    return torch.nn.Sequential(torch.nn.Flatten(), linear)
+
+
+def test_gradient_penalty_is_zero_for_unit_norm_linear_critic():
+    real, fake = torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
+    assert gradient_penalty(linear_critic(1.0), real, fake).item() < 1e-10
+
+
+def test_gradient_penalty_is_squared_excess_norm():
+    real, fake = torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
+    assert gradient_penalty(linear_critic(3.0), real, fake).item() == pytest.approx(4.0, rel=1e-5)
+
+
+def test_wgan_gp_critic_has_no_batch_norm():
+    model = tiny_model("gan", "conv", loss="wgan-gp")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.discriminator.modules())
+
+
+@pytest.mark.parametrize("n_critic", [1, 5])
+def test_generator_updates_every_n_critic_batches(n_critic):
+    model = tiny_model("gan", "mlp", loss="wgan-gp", n_critic=n_critic)
+    before = [p.detach().clone() for p in model.generator.parameters()]
+    quiet_trainer(max_epochs=1, limit_train_batches=n_critic - 1 or 1).fit(
+        model, train_dataloaders=prototype_batches(256, 16))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.generator.parameters()))
+    assert unchanged == (n_critic > 1)
+
+
+def test_fixed_noise_gives_the_same_samples():
+    model = tiny_model("gan", "conv").eval()
+    assert torch.equal(model.sample(4, fixed=True), model.sample(4, fixed=True))
+    with pytest.raises(ValueError, match="fixed noise"):
+        model.sample(100, fixed=True)
+
+
+def test_unknown_gan_loss_lists_choices():
+    with pytest.raises(ValueError, match="choose one of: ns, wgan-gp"):
+        tiny_model("gan", loss="hinge")

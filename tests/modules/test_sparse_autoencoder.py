@@ -1,0 +1,76 @@
+import pytest
+import torch
+from torch import distributions
+
+from modules.sparse_autoencoder import (SparseAutoencoder, kl_sparsity_penalty, l1_penalty,
+                                        mask_inputs, topk_activation)
+from tests.modules.conftest import TINY, tiny_model
+
+
+def test_topk_keeps_exactly_k_nonzeros_per_image():
+    pre_codes = torch.randn(50, 32).abs() + 0.1  # positive, so ReLU removes none of the k
+    codes = topk_activation(pre_codes, k=5)
+    assert ((codes != 0).sum(dim=1) == 5).all()
+    kept = codes.topk(5, dim=1).values
+    assert torch.equal(kept, pre_codes.topk(5, dim=1).values)
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "conv"])
+def test_topk_model_codes_have_at_most_k_nonzeros(unit_images, backbone):
+    """ReLU after the selection (Gao et al.) can zero a selected unit with a negative input."""
+    model = tiny_model("sae", backbone, sparsity="topk", k=3).eval()
+    assert ((model.encode(unit_images) != 0).sum(dim=1) <= 3).all()
+
+
+def test_kl_penalty_is_zero_when_mean_activation_equals_rho():
+    assert kl_sparsity_penalty(torch.full((10, 6), 0.05), rho=0.05).abs() < 1e-6
+
+
+def test_kl_penalty_matches_bernoulli_kl_from_torch_distributions():
+    codes = torch.rand(40, 6)
+    reference = distributions.kl_divergence(distributions.Bernoulli(torch.tensor(0.1)),
+                                            distributions.Bernoulli(codes.mean(0))).sum()
+    assert torch.allclose(kl_sparsity_penalty(codes, rho=0.1), reference, atol=1e-5)
+
+
+def test_l1_penalty_is_mean_absolute_activation():
+    assert l1_penalty(torch.tensor([[1.0, -3.0], [0.0, 2.0]])) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_input_mask_zeroes_the_expected_fraction_of_pixels(channels):
+    torch.manual_seed(0)
+    masked = mask_inputs(torch.ones(500, channels, 28, 28), fraction=0.25)
+    zero = masked == 0
+    assert zero.float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert (zero == zero[:, :1]).all()  # a masked pixel is masked in every channel
+
+
+def test_input_mask_applies_only_in_training(unit_images):
+    model = tiny_model("sae", sparsity="input_mask", mask_fraction=0.9)
+    model.eval()
+    evaluated = model.losses(unit_images)["recon"]
+    assert torch.allclose(evaluated, model.losses(unit_images)["recon"])  # deterministic
+
+
+def test_kl_sparsity_uses_sigmoid_codes(unit_images):
+    codes = tiny_model("sae", sparsity="kl").encode(unit_images)
+    assert (codes > 0).all() and (codes < 1).all()
+
+
+def test_mechanisms_combine_and_unknown_ones_list_the_choices():
+    model = tiny_model("sae", sparsity="topk,input_mask", k=4)
+    assert model.mechanisms == ("topk", "input_mask")
+    with pytest.raises(ValueError, match="choose one or more of: l1, kl, topk, input_mask"):
+        SparseAutoencoder(sparsity="l2", **TINY)
+
+
+def test_aux_k_loss_trains_dead_latents(unit_images):
+    torch.manual_seed(0)
+    model = tiny_model("sae", sparsity="topk", k=2, aux_k=4, dead_after_images=0).train()
+    model.images_since_active.fill_(10**6)  # every latent counts as dead ...
+    terms = model.losses(unit_images)  # ... except those this batch activates
+    assert terms["aux_k"] > 0
+    terms["aux_k"].backward()
+    encoder_out = [m for m in model.encoder if isinstance(m, torch.nn.Linear)][-1]
+    assert encoder_out.weight.grad.abs().sum() > 0
