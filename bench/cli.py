@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -12,9 +13,10 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from bench.suite import SuiteError
     from datamodules import CorruptDataError, DataNotFoundError, UnknownDatasetError
 
-    return (UserError, CorruptDataError, DataNotFoundError, UnknownDatasetError)
+    return (UserError, SuiteError, CorruptDataError, DataNotFoundError, UnknownDatasetError)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -27,6 +29,103 @@ def cmd_data(args: argparse.Namespace) -> int:
     for key, value in dm.describe().items():
         print(f"{key:>12}: {value}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    suite = load_suite(args.suite, seeds=args.seeds)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    try:
+        run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
+                  accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
+                  progress=not args.no_progress)
+    except ValueError as err:  # bad --only, eval settings, W&B mode: all the user's to fix
+        raise UserError(str(err)) from err
+    return 0
+
+
+def _read_table(path: str):
+    from bench.results import read_rows
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such results table (bench run writes <out>/runs.csv)")
+    try:
+        rows = read_rows(Path(path))
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if rows.empty:
+        raise UserError(f"{path}: the table has no rows")
+    return rows
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from bench.results import format_table
+
+    try:
+        print(format_table(_read_table(args.runs), args.format))
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.results import compare
+
+    tolerances = {}
+    for item in args.tol:
+        name, _, value = item.partition("=")
+        try:
+            tolerances[name] = float(value)
+        except ValueError:
+            raise UserError(f"--tol {item!r}: expected METRIC=RELATIVE_TOLERANCE, "
+                            "e.g. fid=0.05") from None
+    metrics = args.metrics.split(",") if args.metrics else None
+    try:
+        report = compare(_read_table(args.baseline), _read_table(args.current), tolerances,
+                         metrics)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if report.empty:
+        raise UserError("the two tables share no run (model, variant, dataset, seed) with "
+                        "a common metric")
+    shown = report.assign(change=(report["change"] * 100).map("{:+.2f}%".format),
+                          regression=report["regression"].map({True: "REGRESSION", False: ""}))
+    print(shown.to_markdown(index=False, floatfmt=".5g"))
+    n_bad = int(report["regression"].sum())
+    print(f"\n{n_bad} regression(s) in {len(report)} comparisons" if n_bad else
+          f"\nno regression in {len(report)} comparisons")
+    return 1 if n_bad else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    # Reads the suite files as plain YAML: no torch import, so this answers at once.
+    import yaml
+
+    from bench.suite import SUITES_DIR, available_suites
+
+    print("models (bench run suites use the short name; bench fit takes either):")
+    for short, cls, what in MODEL_SUMMARY:
+        print(f"  {short:<5} {cls:<18} {what}")
+    print("variants: set per run in a suite (backbone mlp|conv; sae sparsity l1|kl|topk|"
+          "input_mask, combinable; vae likelihood bernoulli|gaussian; gan loss ns|wgan-gp)")
+    print("datasets: mnist, fashion_mnist, cifar10")
+    print("suites:")
+    for name in available_suites():
+        raw = yaml.safe_load((SUITES_DIR / f"{name}.yaml").read_text())
+        runs = raw.get("runs", [])
+        variants = ", ".join(f"{r.get('model')}/{r.get('variant', '')}" for r in runs)
+        print(f"  {name:<8} {len(runs)} runs: {variants}")
+    return 0
+
+
+MODEL_SUMMARY = [
+    ("ae", "Autoencoder", "MSE or BCE reconstruction; samples via a latent Gaussian mixture"),
+    ("sae", "SparseAutoencoder", "AE + l1 / kl / topk (AuxK) / input_mask sparsity"),
+    ("vae", "VAE", "Gaussian posterior; ELBO and importance-weighted NLL"),
+    ("gan", "GAN", "DCGAN, non-saturating or WGAN-GP loss"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +149,44 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-size", type=int, default=5000,
                       help="training images held out for validation (default 5000)")
     data.set_defaults(func=cmd_data)
+
+    run = commands.add_parser("run", help="run a suite (models x datasets x seeds)",
+                              description="Train and evaluate every run of a suite, appending "
+                              "one row per run to <out>/runs.csv and runs.parquet, then write "
+                              "summary.md and plots. Runs already in the table are skipped.")
+    run.add_argument("--suite", required=True, help="a shipped suite name (bench list) or a "
+                     "path to a suite YAML file")
+    run.add_argument("--out", help="output directory (default results/<suite>)")
+    run.add_argument("--seeds", type=int, nargs="+", help="replace the suite's seeds")
+    run.add_argument("--only", metavar="REGEX", help="run only specs whose id "
+                     "(model-variant-dataset-sSEED) matches")
+    run.add_argument("--force", action="store_true", help="redo runs already in the table")
+    run.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning's names)")
+    run.add_argument("--devices", default="1", help="devices per run (default 1)")
+    run.add_argument("--wandb", choices=["online", "offline", "disabled"],
+                     help="W&B mode (default: online if an account is configured, else offline)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    table = commands.add_parser("table", help="mean ± std over seeds of a results table")
+    table.add_argument("runs", help="a runs.csv written by bench run")
+    table.add_argument("--format", choices=["md", "latex", "csv"], default="md")
+    table.set_defaults(func=cmd_table)
+
+    comp = commands.add_parser("compare", help="check a results table against a baseline; exit "
+                               "1 on a regression", description="Compare each metric of the "
+                               "runs both tables hold, in the metric's better direction; a "
+                               "worsening beyond the relative tolerance is a regression "
+                               "(default 2%%, 50%% for timings).")
+    comp.add_argument("baseline")
+    comp.add_argument("current")
+    comp.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL",
+                      help="relative tolerances, e.g. fid=0.05 recon_mse=0.01")
+    comp.add_argument("--metrics", help="comma-separated metrics to compare (default: all)")
+    comp.set_defaults(func=cmd_compare)
+
+    listing = commands.add_parser("list", help="models, variants, datasets and suites")
+    listing.set_defaults(func=cmd_list)
     return parser
 
 

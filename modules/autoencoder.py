@@ -105,7 +105,10 @@ class Autoencoder(LossSteps):
         as_buffer = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa
         self.gmm_logits.copy_(as_buffer(gmm.weights_).log())
         self.gmm_means.copy_(as_buffer(gmm.means_))
-        self.gmm_scale_tril.copy_(torch.linalg.cholesky(as_buffer(gmm.covariances_)))
+        # Cholesky in float64: sklearn's covariances are positive definite there, and a nearly
+        # singular one (collapsed codes) can stop being so once rounded to float32.
+        scale_tril = torch.linalg.cholesky(torch.as_tensor(gmm.covariances_, dtype=torch.float64))
+        self.gmm_scale_tril.copy_(as_buffer(scale_tril))
         self.gmm_fitted.fill_(True)
         self.train(was_training)
 

@@ -1,0 +1,220 @@
+"""Evaluation on the test split: reconstruction, code sparsity, likelihood bounds and generation
+metrics, each defined as in DESIGN.md and computed by the library that owns it (torchmetrics for
+running means, MSE, PSNR and SSIM; torch-fidelity for FID, IS, KID and precision-recall)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric, MeanSquaredError, Metric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+
+@dataclass
+class EvalSettings:
+    """The `eval:` section of a suite."""
+
+    n_fake: int = 10000  # generated images for FID / IS / KID / PRC
+    n_real: int | None = None  # test images they are compared with (None: the whole test split)
+    features: str = "auto"  # auto | inception | classifier (see bench.extractor)
+    extractor_epochs: int = 2
+    inception_weights: str | None = None  # a local inception-v3-compat weights file
+    iw_k: int = 100  # importance samples per image for iw_nll (5000 in the literature, on a GPU)
+    iw_images: int | None = 1000  # test images for iw_nll (None: all)
+    batch_size: int = 500
+    kid_subset_size: int = 1000
+    prc_neighborhood: int = 3
+    generation: bool = True  # compute FID and friends for families that sample
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EvalSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown eval setting(s) {sorted(unknown)}; allowed: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**values)
+
+
+# -- sparsity of codes ---------------------------------------------------------------------------
+def l0_count(codes: Tensor) -> Tensor:
+    """Number of code units with |h| > 0, per image."""
+    return (codes != 0).sum(dim=-1).float()
+
+
+def hoyer_sparsity(codes: Tensor) -> Tensor:
+    """Hoyer (2004) sparsity per image: (sqrt(n) - ||h||_1 / ||h||_2) / (sqrt(n) - 1), in [0, 1];
+    0 when all units are equal in magnitude, 1 when one unit is non-zero. An all-zero code
+    counts as 1 (nothing is active)."""
+    n = codes.shape[-1]
+    l1, l2 = codes.abs().sum(-1), codes.norm(dim=-1)
+    ratio = torch.where(l2 > 0, l1 / l2.clamp_min(1e-12), torch.ones_like(l1))
+    return (math.sqrt(n) - ratio) / (math.sqrt(n) - 1)
+
+
+class DeadFraction(Metric):
+    """Fraction of code units that are zero for every image seen: torchmetrics has no such
+    metric, and it must reduce across processes with a max, not a mean."""
+
+    full_state_update = False
+
+    def __init__(self, num_units: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("ever_active", torch.zeros(num_units), dist_reduce_fx="max")
+
+    def update(self, codes: Tensor) -> None:
+        self.ever_active = torch.maximum(self.ever_active, (codes != 0).any(dim=0).float())
+
+    def compute(self) -> Tensor:
+        return 1.0 - self.ever_active.mean()
+
+
+# -- the parts ---------------------------------------------------------------------------------
+@torch.inference_mode()
+def reconstruction_metrics(model, batches) -> dict[str, float]:
+    """recon_mse (mean over images and pixels of (x - x_hat)^2), psnr (mean over images of the
+    per-image PSNR, data_range 1), ssim (data_range 1), and code sparsity: l0, dead_fraction,
+    hoyer."""
+    device = model.device
+    mse = MeanSquaredError().to(device)
+    psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    l0, hoyer, dead = MeanMetric().to(device), MeanMetric().to(device), None
+    for x, _ in batches:
+        x = x.to(device)
+        codes = model.encode(x)
+        x_hat = model.decode(codes)
+        mse.update(x_hat, x)
+        psnr.update(x_hat, x)
+        ssim.update(x_hat, x)
+        l0.update(l0_count(codes))
+        hoyer.update(hoyer_sparsity(codes))
+        if dead is None:
+            dead = DeadFraction(codes.shape[-1]).to(device)
+        dead.update(codes)
+    return {"recon_mse": mse.compute().item(), "psnr": psnr.compute().item(),
+            "ssim": ssim.compute().item(), "l0": l0.compute().item(),
+            "dead_fraction": dead.compute().item(), "hoyer": hoyer.compute().item()}
+
+
+@torch.inference_mode()
+def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None) -> dict[str, float]:
+    """elbo over the whole test split and iw_nll over its first `iw_images` images, both in
+    nats per image; records K and the image count next to them."""
+    device = model.device
+    elbo, iw_nll = MeanMetric().to(device), MeanMetric().to(device)
+    seen = 0
+    for x, _ in batches:
+        x = x.to(device)
+        elbo.update(model.elbo(x))
+        budget = len(x) if iw_images is None else min(len(x), iw_images - seen)
+        if budget > 0 and iw_k > 0:
+            # chunk so that chunk x batch decoder outputs stay near 50k images of memory
+            iw_nll.update(model.iw_nll(x[:budget], iw_k, chunk=max(1, 50_000 // budget)))
+            seen += budget
+    out = {"elbo": elbo.compute().item(), "iw_k": iw_k, "iw_images": seen}
+    out["iw_nll"] = iw_nll.compute().item() if seen else float("nan")
+    return out
+
+
+def to_uint8_rgb(images: Tensor) -> Tensor:
+    """[0, 1] floats or uint8, N x C x H x W -> uint8 N x 3 x H x W on the CPU, as torch-fidelity
+    takes them (grayscale repeated to three channels)."""
+    if images.dtype != torch.uint8:
+        images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images.cpu()
+
+
+@torch.inference_mode()
+def generate(model, n: int, batch_size: int) -> tuple[Tensor, float]:
+    """n samples as uint8 RGB, and the sampling throughput in images per second (model time
+    only, synchronised on GPU)."""
+    chunks, seconds = [], 0.0
+    for start in range(0, n, batch_size):
+        begin = time.perf_counter()
+        images = model.sample(min(batch_size, n - start))
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - begin
+        chunks.append(to_uint8_rgb(images))
+    return torch.cat(chunks), n / max(seconds, 1e-9)
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """The dataset form torch-fidelity reads: one uint8 3 x H x W tensor per item."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[i]
+
+
+def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str,
+                     settings: EvalSettings, cuda: bool) -> dict[str, float]:
+    """FID, IS, KID and precision/recall from torch-fidelity, generated vs real uint8 RGB images.
+    The real images' features are cached by torch-fidelity under `real_cache_name`."""
+    import torch_fidelity
+
+    from bench.extractor import cache_root
+
+    subset = min(settings.kid_subset_size, len(fake), len(real))
+    kwargs = dict(input1=UInt8Images(fake), input2=UInt8Images(real), cuda=cuda, fid=True,
+                  isc=True, kid=True, prc=True, verbose=False, kid_subset_size=subset,
+                  prc_neighborhood=settings.prc_neighborhood, batch_size=settings.batch_size,
+                  feature_extractor=extractor.name, cache=True,
+                  cache_root=str(cache_root() / "fidelity"), input2_cache_name=real_cache_name,
+                  save_cpu_ram=True)
+    if extractor.weights_path:
+        kwargs["feature_extractor_weights_path"] = extractor.weights_path
+    raw = torch_fidelity.calculate_metrics(**kwargs)
+    return {"fid": raw["frechet_inception_distance"],
+            "isc_mean": raw["inception_score_mean"], "isc_std": raw["inception_score_std"],
+            "kid_mean": raw["kernel_inception_distance_mean"],
+            "kid_std": raw["kernel_inception_distance_std"],
+            "precision": raw["precision"], "recall": raw["recall"]}
+
+
+def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
+             log=print) -> tuple[dict[str, float | int | str], dict[str, Tensor]]:
+    """All metrics that apply to `model` on dm's test split, and the image grids to save:
+    `samples` (the first 64 generated) and `reconstructions` (32 test images over their
+    reconstructions)."""
+    model.eval()
+    metrics: dict[str, float | int | str] = {}
+    grids: dict[str, Tensor] = {}
+    start = time.perf_counter()
+    test = dm.test_dataloader()
+    if hasattr(model, "encode"):
+        metrics |= reconstruction_metrics(model, test)
+        with torch.inference_mode():
+            x = dm.test_images[:32].to(model.device).float() / 255
+            grids["reconstructions"] = torch.cat([x, model.reconstruct(x)]).cpu()
+    if hasattr(model, "iw_nll"):
+        metrics |= likelihood_metrics(model, test, settings.iw_k, settings.iw_images)
+    if hasattr(model, "sample") and settings.generation and extractor is not None:
+        torch.manual_seed(seed)
+        fake, metrics["sample_img_per_s"] = generate(model, settings.n_fake, settings.batch_size)
+        grids["samples"] = fake[:64]
+        n_real = settings.n_real or len(dm.test_images)
+        real = to_uint8_rgb(dm.test_images[:n_real])
+        log(f"  FID/IS/KID/PRC: {len(fake)} generated vs {len(real)} test images, "
+            f"features {extractor.name}")
+        metrics |= fidelity_metrics(fake, real, extractor,
+                                    f"genbench-{dm.spec.name}-test{len(real)}-{extractor.name}",
+                                    settings, cuda=model.device.type == "cuda")
+        metrics |= {"n_fake": len(fake), "n_real": len(real), "features": extractor.name}
+        if extractor.accuracy is not None:
+            metrics["features_acc"] = extractor.accuracy
+    metrics["eval_s"] = time.perf_counter() - start
+    return metrics, grids

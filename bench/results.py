@@ -1,0 +1,156 @@
+"""Result rows: atomic appends to runs.csv / runs.parquet, the seed-pivot table, and the
+regression comparison against a baseline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+from filelock import FileLock
+
+# Direction of each metric: +1 higher is better, -1 lower is better.
+DIRECTIONS: dict[str, int] = {
+    "recon_mse": -1, "psnr": +1, "ssim": +1, "elbo": +1, "iw_nll": -1, "fid": -1,
+    "kid_mean": -1, "isc_mean": +1, "precision": +1, "recall": +1, "l0": -1,
+    "dead_fraction": -1, "hoyer": +1, "train_img_per_s": +1, "sample_img_per_s": +1,
+    "eval_s": -1, "wall_s": -1, "peak_mem_mb": -1,
+}
+TIMING_METRICS = {"train_img_per_s", "sample_img_per_s", "eval_s", "wall_s", "peak_mem_mb"}
+# Relative tolerances before a change counts as a regression. Timings are noisy on shared CPUs.
+DEFAULT_TOLERANCE = 0.02
+DEFAULT_TIMING_TOLERANCE = 0.5
+HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "iw_nll", "fid",
+            "kid_mean", "isc_mean", "precision", "recall", "train_img_per_s"]
+KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
+
+
+def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
+    """Write CSV and parquet to temporary files, then rename: a crash leaves the old table."""
+    tmp_csv = csv_path.with_suffix(".csv.tmp")
+    df.to_csv(tmp_csv, index=False)
+    parquet = csv_path.with_suffix(".parquet")
+    tmp_parquet = parquet.with_suffix(".parquet.tmp")
+    # parquet needs one type per column; object columns holding mixed values become strings
+    df.astype({c: "string" for c in df.columns if df[c].dtype == object}).to_parquet(
+        tmp_parquet, index=False)
+    os.replace(tmp_csv, csv_path)
+    os.replace(tmp_parquet, parquet)
+
+
+def append_row(csv_path: Path, row: dict) -> None:
+    """Append one run's row. The file lock makes concurrent appends from several processes
+    safe; the table is rewritten whole (new columns may appear) but atomically, and earlier
+    rows are carried over unchanged."""
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(csv_path) + ".lock"):
+        existing = read_rows(csv_path)
+        new = pd.DataFrame([row])
+        table = new if existing.empty else pd.concat([existing, new], ignore_index=True)
+        _write_atomic(table, csv_path)
+
+
+def read_rows(csv_path: Path) -> pd.DataFrame:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{csv_path}: not a readable results table ({err})") from err
+
+
+def done_hashes(csv_path: Path) -> set[str]:
+    rows = read_rows(csv_path)
+    return set(rows["config_hash"].astype(str)) if "config_hash" in rows else set()
+
+
+def metric_columns(rows: pd.DataFrame) -> list[str]:
+    return [m for m in DIRECTIONS if m in rows.columns and rows[m].notna().any()]
+
+
+def seed_table(rows: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Mean and std over seeds: one row per model/variant, columns (dataset, metric, mean|std|n).
+    Diverged runs are left out of the statistics."""
+    if rows.empty:
+        return pd.DataFrame()
+    if "status" in rows:
+        rows = rows[rows["status"] == "ok"]
+    metrics = [m for m in (metrics or HEADLINE) if m in metric_columns(rows)]
+    grouped = rows.groupby(["model", "variant", "dataset"], sort=False)[metrics]  # suite order
+    stats = grouped.agg(["mean", "std", "count"])
+    stats = stats.unstack("dataset")  # columns: metric, stat, dataset
+    stats.columns = stats.columns.reorder_levels([2, 0, 1])
+    return stats.sort_index(axis=1, level=0, sort_remaining=False)
+
+
+def _cell(mean: float, std: float, count: int) -> str:
+    if pd.isna(mean):
+        return ""
+    digits = 4 if abs(mean) < 1 else (2 if abs(mean) < 1000 else 0)
+    text = f"{mean:.{digits}f}"
+    return f"{text} ± {std:.{digits}f}" if count > 1 and not pd.isna(std) else text
+
+
+def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None = None) -> str:
+    """The pivot as Markdown, LaTeX or CSV: `mean ± std` over seeds (`mean` alone for one seed)."""
+    stats = seed_table(rows, metrics)
+    if stats.empty:
+        return "(no finished runs)"
+    datasets = list(dict.fromkeys(stats.columns.get_level_values(0)))
+    cells = {}
+    for dataset in datasets:
+        for metric in dict.fromkeys(stats[dataset].columns.get_level_values(0)):
+            block = stats[dataset][metric]
+            column = f"{metric} ({dataset})" if len(datasets) > 1 else metric
+            cells[column] = [_cell(m, s, c) for m, s, c in zip(block["mean"], block["std"],
+                                                                 block["count"])]
+    out = pd.DataFrame(cells, index=[f"{m} / {v}" for m, v in stats.index])
+    out.index.name = "model / variant"
+    if fmt == "md":
+        return out.to_markdown()
+    if fmt == "latex":
+        return out.to_latex()
+    if fmt == "csv":
+        return out.to_csv()
+    raise ValueError(f"unknown format {fmt!r}; choose one of: md, latex, csv")
+
+
+def compare(baseline: pd.DataFrame, current: pd.DataFrame,
+            tolerances: dict[str, float] | None = None,
+            metrics: list[str] | None = None) -> pd.DataFrame:
+    """Per-run, per-metric comparison on the runs both tables hold (matched on model, variant,
+    dataset and seed). `delta` is current - baseline; `change` is the relative change in the
+    metric's better direction (negative = worse); `regression` marks a worsening beyond the
+    metric's relative tolerance."""
+    tolerances = tolerances or {}
+    keys = [k for k in KEY_COLUMNS if k != "suite"]
+    for name, table in (("baseline", baseline), ("current", current)):
+        missing = [k for k in keys if k not in table.columns]
+        if missing:
+            raise ValueError(f"{name} table lacks the column(s) {missing}")
+    ok = lambda t: t[t["status"] == "ok"] if "status" in t else t  # noqa: E731
+    merged = ok(baseline).merge(ok(current), on=keys, suffixes=("_base", "_cur"))
+    shared = [m for m in (metrics or DIRECTIONS)
+              if f"{m}_base" in merged.columns and f"{m}_cur" in merged.columns]
+    unknown = set(tolerances) - set(DIRECTIONS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) in --tol: {sorted(unknown)}; choose from: "
+                         f"{', '.join(DIRECTIONS)}")
+    records = []
+    for _, row in merged.iterrows():
+        for metric in shared:
+            base, cur = row[f"{metric}_base"], row[f"{metric}_cur"]
+            if pd.isna(base) and pd.isna(cur):
+                continue
+            tol = tolerances.get(metric, DEFAULT_TIMING_TOLERANCE if metric in TIMING_METRICS
+                                 else DEFAULT_TOLERANCE)
+            change = DIRECTIONS[metric] * (cur - base) / max(abs(base), 1e-12)
+            records.append({**{k: row[k] for k in keys}, "metric": metric, "baseline": base,
+                            "current": cur, "delta": cur - base, "change": change,
+                            "tolerance": tol,
+                            "regression": bool(pd.isna(cur) or change < -tol)})
+    return pd.DataFrame(records)

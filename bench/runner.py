@@ -1,0 +1,256 @@
+"""Run a suite: for each spec, train with a Lightning Trainer, evaluate, append one row."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+import resource
+import subprocess
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+
+from bench.evaluate import EvalSettings, evaluate
+from bench.extractor import get_extractor
+from bench.plots import metric_bar_charts, save_run_grids
+from bench.results import append_row, done_hashes, format_table, read_rows
+from bench.suite import RunSpec, Suite
+from bench.tracking import choose_wandb_mode, finish_run_logging, log_suite_summary, make_logger
+from datamodules import ImageDataModule
+from modules import MODELS
+from modules.nets import count_parameters
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, values: dict[str, float]) -> None:
+        super().__init__(f"non-finite training loss at step {step}: {values}")
+        self.step = step
+
+
+class DivergenceGuard(L.Callback):
+    """Stops a run whose logged training losses turn NaN or infinite. It looks every
+    `every_n_batches` batches and at each epoch's end: one host sync per look, not per step."""
+
+    def __init__(self, every_n_batches: int = 50) -> None:
+        self.every_n_batches = every_n_batches
+
+    def _check(self, trainer: L.Trainer) -> None:
+        losses = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        if losses and not torch.isfinite(torch.stack([v.float() for v in losses.values()])).all():
+            raise Diverged(trainer.global_step, {k: float(v) for k, v in losses.items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.every_n_batches == 0:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer)
+
+
+class TrainThroughput(L.Callback):
+    """Training images per second after `warmup_batches`, validation time excluded.
+    Hand-written: Lightning's ThroughputMonitor synchronises the device and logs every step,
+    and we want one number per run from two synchronisations."""
+
+    def __init__(self, warmup_batches: int = 20) -> None:
+        self.warmup_batches = warmup_batches
+        self.batches = self.images = 0
+        self.start: float | None = None
+        self.end: float | None = None  # stays None when training stops on an exception
+        self.paused = 0.0
+        self._pause_start: float | None = None
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.batches == self.warmup_batches and self.start is None:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        if self.start is not None:
+            self.images += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.start is not None and not trainer.sanity_checking:
+            self._sync(pl_module)
+            self._pause_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._pause_start is not None:
+            self.paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self.end = time.perf_counter()
+
+    @property
+    def images_per_second(self) -> float:
+        if self.start is None or self.end is None or not self.images:
+            return float("nan")
+        return self.images / (self.end - self.start - self.paused)
+
+
+def git_commit() -> str:
+    """The commit of the genbench checkout, with -dirty when it has uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if commit and dirty.strip() else (commit or "unknown")
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import torch_fidelity
+    import torchmetrics
+
+    return {"torch": torch.__version__, "lightning": lightning.__version__,
+            "torchmetrics": torchmetrics.__version__, "torch_fidelity": torch_fidelity.__version__}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """GPU: peak allocated by torch on the device during this run. CPU: the process's peak
+    resident set so far (Linux reports KiB), which covers earlier runs of the same process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(spec: RunSpec, image_shape):
+    cls = MODELS[spec.model]
+    kwargs = {**spec.params, "image_shape": image_shape}
+    if "seed" in inspect.signature(cls.__init__).parameters:
+        kwargs.setdefault("seed", spec.seed)
+    return cls(**kwargs)
+
+
+def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
+    """Epochs, or steps as training batches. Lightning's max_steps counts optimiser steps, and
+    the GAN takes one discriminator step per batch plus a generator step every n_critic."""
+    if "epochs" in spec.budget:
+        return {"max_epochs": spec.budget["epochs"]}
+    batches = spec.budget["steps"]
+    if spec.model == "gan":
+        return {"max_steps": batches + batches // model.n_critic, "max_epochs": -1}
+    return {"max_steps": batches, "max_epochs": -1}
+
+
+def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto",
+            devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = True,
+            commit: str = "unknown", log=print) -> dict:
+    """Train and evaluate one spec; returns its result row (status ok or diverged)."""
+    start = time.perf_counter()
+    settings = EvalSettings.from_dict(spec.eval)
+    L.seed_everything(spec.seed, verbose=False)
+    dm = ImageDataModule(spec.dataset, seed=spec.seed, **spec.data)
+    model = build_model(spec, dm.image_shape)
+    throughput, guard = TrainThroughput(), DivergenceGuard()
+    project = suite.wandb.get("project", "genbench")
+    group = suite.wandb.get("group", suite.name)
+    logger = make_logger(project, group, spec.run_id, out_dir, wandb_mode,
+                         {**spec.config(), "suite": suite.name, "config_hash": spec.config_hash})
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=logger or False,
+                        callbacks=[throughput, guard], enable_checkpointing=False,
+                        enable_progress_bar=progress, enable_model_summary=False,
+                        num_sanity_val_steps=0, log_every_n_steps=50,
+                        **trainer_budget(spec, model), **spec.trainer)
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+    row: dict = {"suite": suite.name, "model": spec.model, "variant": spec.variant,
+                 "dataset": spec.dataset, "seed": spec.seed, "config_hash": spec.config_hash,
+                 "status": "ok", "diverged_step": None}
+    metrics: dict = {}
+    images: dict[str, Path] = {}
+    try:
+        trainer.fit(model, dm)
+    except Diverged as err:
+        log(f"  diverged: {err}")
+        row |= {"status": "diverged", "diverged_step": err.step}
+    if row["status"] == "ok":
+        extractor = None
+        if hasattr(model, "sample") and settings.generation:
+            extractor = get_extractor(settings.features, dm, seed=0,
+                                      epochs=settings.extractor_epochs, device=model.device,
+                                      inception_weights=settings.inception_weights, log=log)
+        metrics, grids = evaluate(model, dm, settings, extractor, seed=spec.seed, log=log)
+        images = save_run_grids(grids, out_dir / "plots", spec.run_id)
+    device = trainer.strategy.root_device
+    row |= metrics
+    row |= {"train_img_per_s": throughput.images_per_second, "steps": throughput.batches,
+            "epochs": trainer.current_epoch, "params": count_parameters(model),
+            "wall_s": time.perf_counter() - start, "peak_mem_mb": peak_memory_mb(device),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "devices": trainer.world_size, **versions(), "git_commit": commit,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": json.dumps(spec.config(), sort_keys=True)}
+    finish_run_logging(logger, row, images)
+    return row
+
+
+def one_line(row: dict) -> str:
+    """The per-run line printed after each run: the metrics that apply, in a fixed order."""
+    shown = ["recon_mse", "l0", "dead_fraction", "elbo", "iw_nll", "fid", "isc_mean",
+             "precision", "recall", "train_img_per_s"]
+    parts = [f"{k}={row[k]:.4g}" for k in shown if isinstance(row.get(k), (int, float))
+             and not pd.isna(row.get(k))]
+    status = "" if row["status"] == "ok" else f" [{row['status']} at step {row['diverged_step']}]"
+    return f"  {row['model']}/{row['variant']} on {row['dataset']} seed {row['seed']}: " + \
+        " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
+
+
+def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
+              force: bool = False, accelerator: str = "auto", devices: int | str = 1,
+              wandb_mode: str | None = None, progress: bool = True, log=print) -> pd.DataFrame:
+    """Run every spec not already in <out_dir>/runs.csv, then write the summary table and
+    plots. Returns this suite's rows."""
+    out_dir = Path(out_dir or Path("results") / suite.name)
+    csv_path = out_dir / "runs.csv"
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run device banner
+    for noise in (".*smaller than the logging interval.*", ".*LeafSpec.*is deprecated.*",
+                  ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=noise)
+    mode = choose_wandb_mode(wandb_mode)
+    specs = [s for s in suite.specs if not only or re.search(only, s.run_id)]
+    if not specs:
+        raise ValueError(f"--only {only!r} matches none of: "
+                         f"{', '.join(s.run_id for s in suite.specs)}")
+    done = set() if force else done_hashes(csv_path)
+    commit = git_commit()
+    suite_start = time.perf_counter()
+    log(f"suite {suite.name}: {len(specs)} runs -> {csv_path} (W&B {mode})")
+    for i, spec in enumerate(specs, 1):
+        if spec.config_hash in done:
+            log(f"[{i}/{len(specs)}] {spec.run_id}: already in {csv_path.name} "
+                f"(config {spec.config_hash}), skipped; --force redoes it")
+            continue
+        log(f"[{i}/{len(specs)}] {spec.run_id} (config {spec.config_hash})")
+        row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit, log)
+        append_row(csv_path, row)
+        log(one_line(row))
+    rows = read_rows(csv_path)
+    rows = rows[rows["config_hash"].isin({s.config_hash for s in specs})]
+    summary = format_table(rows)
+    (out_dir / "summary.md").write_text(f"# {suite.name}\n\n{summary}\n")
+    metric_bar_charts(rows, out_dir / "plots")
+    log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
+                      suite.name, rows, out_dir, mode)
+    log(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
+        f"rows in {csv_path}, table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
+    return rows

@@ -1,0 +1,227 @@
+"""Suite files: YAML lists of runs, expanded over datasets and seeds into run specs.
+
+    name: default
+    wandb: {project: genbench}
+    defaults:                      # merged into every run (a run's own keys win)
+      datasets: [fashion_mnist]
+      seeds: [0]
+      budget: {epochs: 3}          # or {steps: N}
+      data: {batch_size: 128}      # ImageDataModule arguments
+      trainer: {}                  # extra lightning.Trainer arguments (precision, ...)
+      eval: {n_fake: 10000}        # see bench.evaluate.EvalSettings
+    runs:
+      - {model: vae, variant: conv, params: {backbone: conv}}
+
+Each run x dataset x seed becomes one RunSpec with a stable config hash, which is how a rerun
+knows what is already done.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUITES_DIR = Path(__file__).parent / "suites"
+RUN_KEYS = {"model", "variant", "params", "datasets", "seeds", "budget", "data", "trainer", "eval"}
+TOP_KEYS = {"name", "description", "wandb", "defaults", "runs"}
+BUDGET_KEYS = {"epochs", "steps"}
+
+
+class SuiteError(ValueError):
+    """A malformed suite file: the message names the file, line and key."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    suite: str
+    model: str
+    variant: str
+    dataset: str
+    seed: int
+    params: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, int] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the result (the suite's name does not)."""
+        return {"model": self.model, "variant": self.variant, "dataset": self.dataset,
+                "seed": self.seed, "params": self.params, "budget": self.budget,
+                "data": self.data, "trainer": self.trainer, "eval": self.eval}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.config(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}-{self.variant}-{self.dataset}-s{self.seed}"
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    description: str
+    wandb: dict[str, Any]
+    specs: list[RunSpec]
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def resolve_suite_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SuiteError(f"suite file {path} does not exist")
+        return path
+    shipped = SUITES_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise SuiteError(f"unknown suite {name_or_path!r}; choose one of: "
+                         f"{', '.join(available_suites())}, or give a path to a YAML file")
+    return shipped
+
+
+class _Located:
+    """Line numbers of keys in a YAML document, for error messages."""
+
+    def __init__(self, text: str) -> None:
+        self.root = yaml.compose(text)
+
+    def line(self, *keys: str | int) -> int | None:
+        node, line = self.root, None
+        for key in keys:
+            if isinstance(node, yaml.MappingNode):
+                match = [(k, v) for k, v in node.value if k.value == key]
+                if not match:
+                    return line
+                key_node, node = match[0]
+                line = key_node.start_mark.line + 1
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(
+                    node.value):
+                node = node.value[key]
+                line = node.start_mark.line + 1
+            else:
+                return line
+        return line
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Dicts merge one level deep (a run's `eval: {n_fake: 500}` keeps the other defaults),
+    except `budget`, which a run replaces whole (epochs and steps exclude each other)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "budget":
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
+    """Parse and check a suite; `seeds` replaces every run's seeds (the --seeds option)."""
+    from datamodules import get_spec
+    from modules import get_model_class
+
+    path = resolve_suite_path(name_or_path)
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+        where = _Located(text)
+    except yaml.YAMLError as err:
+        raise SuiteError(f"{path}: not valid YAML: {err}") from err
+
+    def fail(message: str, *keys: str | int) -> SuiteError:
+        line = where.line(*keys)
+        at = f"{path}, line {line}" if line else f"{path}"
+        key = ".".join(str(k) for k in keys)
+        return SuiteError(f"{at}, key '{key}': {message}" if key else f"{at}: {message}")
+
+    if not isinstance(raw, dict):
+        raise fail("a suite is a mapping with 'name' and 'runs'")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise fail(f"unknown key; allowed: {', '.join(sorted(TOP_KEYS))}", key)
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise fail("must be a mapping", "defaults")
+    runs = raw.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise fail("must be a non-empty list of runs", "runs")
+    name = str(raw.get("name") or path.stem)
+
+    specs: list[RunSpec] = []
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise fail("each run is a mapping with at least 'model'", "runs", i)
+        for key in run:
+            if key not in RUN_KEYS:
+                raise fail(f"unknown key; allowed: {', '.join(sorted(RUN_KEYS))}", "runs", i, key)
+        merged = _merge(defaults, run)
+        if "model" not in merged:
+            raise fail("missing 'model' (ae, sae, vae or gan)", "runs", i)
+        try:
+            model_cls = get_model_class(str(merged["model"]))
+        except ValueError as err:
+            raise fail(str(err), "runs", i, "model") from err
+        params = merged.get("params") or {}
+        if not isinstance(params, dict):
+            raise fail("must be a mapping of model arguments", "runs", i, "params")
+        budget = merged.get("budget") or {"epochs": 1}
+        if (not isinstance(budget, dict) or len(budget) != 1 or not set(budget) <= BUDGET_KEYS
+                or not isinstance(next(iter(budget.values())), int)):
+            raise fail("must be {epochs: N} or {steps: N}", "runs", i, "budget")
+        datasets = merged.get("datasets") or ["fashion_mnist"]
+        if isinstance(datasets, str):
+            datasets = [datasets]
+        run_seeds = seeds if seeds is not None else (merged.get("seeds") or [0])
+        if not all(isinstance(s, int) for s in run_seeds):
+            raise fail("must be a list of integers", "runs", i, "seeds")
+        for section in ("data", "trainer", "eval"):
+            if not isinstance(merged.get(section) or {}, dict):
+                raise fail("must be a mapping", "runs", i, section)
+        for dataset in datasets:
+            try:
+                dataset_name = get_spec(str(dataset)).name
+            except KeyError as err:
+                raise fail(str(err), "runs", i, "datasets") from err
+            for seed in run_seeds:
+                specs.append(RunSpec(
+                    suite=name, model=_short_name(model_cls),
+                    variant=str(merged.get("variant") or params.get("backbone") or "default"),
+                    dataset=dataset_name, seed=int(seed), params=dict(params),
+                    budget=dict(budget), data=dict(merged.get("data") or {}),
+                    trainer=dict(merged.get("trainer") or {}), eval=dict(merged.get("eval") or {})))
+    _check_model_params(specs, fail)
+    return Suite(name=name, path=path, description=str(raw.get("description") or ""),
+                 wandb=dict(raw.get("wandb") or {}), specs=specs)
+
+
+def _short_name(model_cls) -> str:
+    from modules import MODELS
+
+    return next(short for short, cls in MODELS.items() if cls is model_cls)
+
+
+def _check_model_params(specs: list[RunSpec], fail) -> None:
+    """Catch a misspelt model argument now rather than after an hour of earlier runs."""
+    import inspect
+
+    from modules import MODELS
+
+    for spec in specs:
+        accepted = set(inspect.signature(MODELS[spec.model].__init__).parameters) - {"self"}
+        for key in spec.params:
+            if key not in accepted:
+                raise fail(f"{MODELS[spec.model].__name__} has no argument {key!r}; it takes: "
+                           f"{', '.join(sorted(accepted - {'image_shape'}))}", "runs")

@@ -1,0 +1,118 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch_fidelity
+
+from bench.evaluate import (DeadFraction, EvalSettings, fidelity_metrics, hoyer_sparsity,
+                            l0_count, likelihood_metrics, reconstruction_metrics, to_uint8_rgb)
+from bench.extractor import ClassifierNet, Extractor, make_fidelity_extractor_class
+from tests.modules.conftest import prototype_images, tiny_model
+
+_names = itertools.count()
+
+
+def test_hoyer_is_one_for_a_single_active_unit_and_zero_for_equal_magnitudes():
+    codes = torch.tensor([[0.0, 3.0, 0.0, 0.0], [1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert hoyer_sparsity(codes).tolist() == pytest.approx([1.0, 0.0, 1.0])
+
+
+def test_hoyer_matches_its_formula():
+    codes = torch.randn(5, 16)
+    n, l1, l2 = 16, codes.abs().sum(1), codes.norm(dim=1)
+    expected = (math.sqrt(n) - l1 / l2) / (math.sqrt(n) - 1)
+    assert torch.allclose(hoyer_sparsity(codes), expected)
+
+
+def test_l0_and_dead_fraction_count_active_units():
+    codes = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 1.0, -1.0, 0.0]])
+    assert l0_count(codes).tolist() == [1.0, 2.0]
+    dead = DeadFraction(4)
+    dead.update(codes[:1])
+    dead.update(codes[1:])
+    assert dead.compute().item() == pytest.approx(0.5)  # units 0 and 3 never fire
+
+
+def test_reconstruction_metrics_match_direct_computation():
+    model = tiny_model("sae", sparsity="topk", k=3).eval()
+    x = prototype_images(40).float() / 255
+    metrics = reconstruction_metrics(model, [(x[:25], None), (x[25:], None)])
+    with torch.no_grad():
+        x_hat = model.reconstruct(x)
+        codes = model.encode(x)
+    per_image_mse = ((x - x_hat) ** 2).flatten(1).mean(1)
+    assert metrics["recon_mse"] == pytest.approx(per_image_mse.mean().item(), rel=1e-5)
+    assert metrics["psnr"] == pytest.approx((10 * torch.log10(1 / per_image_mse)).mean().item(),
+                                            rel=1e-4)
+    assert metrics["l0"] == pytest.approx((codes != 0).sum(1).float().mean().item())
+    assert metrics["dead_fraction"] == pytest.approx(1 - (codes != 0).any(0).float().mean().item())
+
+
+def test_likelihood_metrics_record_k_and_image_count():
+    model = tiny_model("vae").eval()
+    x = prototype_images(30).float() / 255
+    metrics = likelihood_metrics(model, [(x[:20], None), (x[20:], None)], iw_k=5, iw_images=25)
+    assert (metrics["iw_k"], metrics["iw_images"]) == (5, 25)
+    assert metrics["elbo"] < 0 and metrics["iw_nll"] > 0
+
+
+def test_to_uint8_rgb_repeats_grayscale():
+    images = to_uint8_rgb(torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3))
+    assert images.dtype == torch.uint8 and images.shape == (1, 3, 1, 3)
+    assert images[0, :, 0].tolist() == [[0, 128, 255]] * 3
+
+
+def registered_random_extractor():
+    torch.manual_seed(0)
+    net = ClassifierNet(1, 28, 10).eval()
+    name = f"test-cnn-{next(_names)}"
+    torch_fidelity.register_feature_extractor(name, make_fidelity_extractor_class(net))
+    return Extractor(name, net=net)
+
+
+def test_fid_agrees_with_torchmetrics_on_the_same_features(tmp_path, monkeypatch):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    extractor = registered_random_extractor()
+    real = to_uint8_rgb(prototype_images(300, seed=1))
+    fake = to_uint8_rgb(prototype_images(300, n_prototypes=2, seed=2))
+    ours = fidelity_metrics(fake, real, extractor, "real-test", EvalSettings(
+        kid_subset_size=100), cuda=False)
+
+    class Features(torch.nn.Module):
+        num_features = 128
+
+        def forward(self, x):
+            return extractor.net(x[:, :1].float() / 255)[0]
+
+    reference = FrechetInceptionDistance(feature=Features())
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    assert ours["fid"] == pytest.approx(reference.compute().item(), rel=1e-3)
+
+
+def test_identical_sets_have_zero_fid_and_full_precision_recall(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    images = to_uint8_rgb(prototype_images(200, seed=3))
+    metrics = fidelity_metrics(images, images, registered_random_extractor(), "same",
+                               EvalSettings(kid_subset_size=100), cuda=False)
+    assert abs(metrics["fid"]) < 1e-3
+    assert metrics["precision"] == metrics["recall"] == 1.0
+
+
+def test_inception_score_is_one_for_a_constant_classifier(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    extractor = registered_random_extractor()
+    with torch.no_grad():
+        extractor.net.head.weight.zero_()  # same logits for every image: p(y|x) = p(y)
+    images = to_uint8_rgb(prototype_images(100, seed=4))
+    metrics = fidelity_metrics(images, images, extractor, "const", EvalSettings(
+        kid_subset_size=50), cuda=False)
+    assert metrics["isc_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unknown_eval_setting_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown eval setting\(s\) \['nfake'\]; allowed: .*n_fake"):
+        EvalSettings.from_dict({"nfake": 10})

@@ -1,0 +1,74 @@
+import multiprocessing
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.results import append_row, compare, format_table, read_rows, seed_table
+
+
+def row(model="ae", variant="mlp", dataset="mnist", seed=0, **metrics):
+    return {"suite": "t", "model": model, "variant": variant, "dataset": dataset, "seed": seed,
+            "config_hash": f"{model}{variant}{dataset}{seed}", "status": "ok", **metrics}
+
+
+def test_append_keeps_earlier_rows_unchanged_and_writes_parquet(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_row(path, row(recon_mse=0.1))
+    before = path.read_text()
+    append_row(path, row(seed=1, recon_mse=0.2, fid=3.0))  # a new column appears
+    rows = read_rows(path)
+    assert rows["recon_mse"].tolist() == [0.1, 0.2]
+    assert path.read_text().splitlines()[1].startswith(before.splitlines()[1].split(",fid")[0])
+    parquet = pd.read_parquet(tmp_path / "runs.parquet")
+    assert parquet["recon_mse"].tolist() == [0.1, 0.2] and len(parquet.columns) == len(rows.columns)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _append_many(args):
+    path, worker = args
+    for i in range(15):
+        append_row(path, row(variant=f"w{worker}", seed=i, recon_mse=float(i)))
+
+
+def test_concurrent_appends_lose_no_row(tmp_path):
+    path = tmp_path / "runs.csv"
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        pool.map(_append_many, [(path, w) for w in range(3)])
+    rows = read_rows(path)
+    assert len(rows) == 45 and rows["config_hash"].is_unique
+
+
+def test_seed_table_is_mean_and_std_over_seeds_without_diverged_runs():
+    rows = pd.DataFrame([row(seed=0, fid=10.0), row(seed=1, fid=14.0), row(seed=2, fid=30.0),
+                         {**row(seed=3, fid=999.0), "status": "diverged"}])
+    stats = seed_table(rows, ["fid"])
+    assert stats[("mnist", "fid", "mean")].item() == pytest.approx(18.0)
+    assert stats[("mnist", "fid", "std")].item() == pytest.approx(np.std([10, 14, 30], ddof=1))
+    assert stats[("mnist", "fid", "count")].item() == 3
+
+
+def test_table_formats_mean_plus_minus_std(tmp_path):
+    rows = pd.DataFrame([row(seed=0, fid=10.0), row(seed=1, fid=14.0),
+                         row(model="vae", seed=0, fid=20.0)])
+    markdown = format_table(rows, "md")
+    assert "ae / mlp" in markdown and "12.00 ± 2.83" in markdown and "| 20.00" in markdown
+    assert "\\begin{tabular}" in format_table(rows, "latex")
+    assert format_table(rows, "csv").splitlines()[0] == "model / variant,fid"
+    with pytest.raises(ValueError, match="choose one of: md, latex, csv"):
+        format_table(rows, "html")
+
+
+def test_compare_marks_worsening_beyond_tolerance_in_the_metric_direction():
+    base = pd.DataFrame([row(fid=10.0, psnr=20.0, recon_mse=0.010)])
+    cur = pd.DataFrame([row(fid=10.5, psnr=21.0, recon_mse=0.0101)])
+    report = compare(base, cur, {"fid": 0.02}).set_index("metric")
+    assert bool(report.loc["fid", "regression"])  # 5% higher FID is worse
+    assert not report.loc["psnr", "regression"]  # higher PSNR is better
+    assert not report.loc["recon_mse", "regression"]  # 1% worse, within the 2% default
+    assert report.loc["fid", "delta"] == pytest.approx(0.5)
+
+
+def test_compare_rejects_unknown_metric_tolerances():
+    with pytest.raises(ValueError, match="unknown metric.*fidd"):
+        compare(pd.DataFrame([row(fid=1.0)]), pd.DataFrame([row(fid=1.0)]), {"fidd": 0.1})

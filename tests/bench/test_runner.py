@@ -1,0 +1,109 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import bench.runner
+from bench.cli import main
+from bench.results import read_rows
+from bench.runner import run_suite
+from bench.suite import load_suite
+from modules import Autoencoder
+from tests.data_files import write_mnist_dir
+
+REPO = Path(__file__).resolve().parents[2]
+BASELINE = REPO / "results" / "baselines" / "smoke.csv"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+# Everything in a row that a fixed seed fixes on CPU: all metrics but the timings.
+DETERMINISTIC = ("recon_mse,psnr,ssim,l0,dead_fraction,hoyer,elbo,iw_nll,fid,kid_mean,isc_mean,"
+                 "precision,recall")
+
+
+@pytest.fixture
+def tiny_suite(tmp_path, monkeypatch):
+    """Two AE runs on a small synthetic MNIST; the first has lr 10, the second lr 0.001."""
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    write_mnist_dir(tmp_path / "data", n_train=300, n_test=100)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""\
+name: tiny
+defaults:
+  datasets: [mnist]
+  budget: {{epochs: 2}}
+  data: {{data_dir: {tmp_path / 'data'}, val_size: 50, batch_size: 10}}
+  eval: {{generation: false}}
+runs:
+  - {{model: ae, variant: hot, params: {{hidden: 16, latent_dim: 4, lr: 10.0}}}}
+  - {{model: ae, variant: cool, params: {{hidden: 16, latent_dim: 4, lr: 0.001}}}}
+""")
+    return load_suite(str(path))
+
+
+def run_quietly(suite, out, **kwargs):
+    return run_suite(suite, out, wandb_mode="disabled", progress=False, log=lambda m: None,
+                     **kwargs)
+
+
+def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tiny_suite, tmp_path, monkeypatch):
+    honest_losses = Autoencoder.losses
+
+    def nan_when_hot(self, x):  # fault injection: the lr-10 run's loss turns NaN at once
+        terms = honest_losses(self, x)
+        if self.hparams.lr > 1:
+            terms = {k: v * float("nan") for k, v in terms.items()}
+        return terms
+
+    monkeypatch.setattr(Autoencoder, "losses", nan_when_hot)
+    rows = run_quietly(tiny_suite, tmp_path / "out").set_index("variant")
+    assert rows.loc["hot", "status"] == "diverged" and rows.loc["hot", "diverged_step"] >= 0
+    assert rows.loc["cool", "status"] == "ok" and rows.loc["cool", "recon_mse"] > 0
+
+
+def test_an_interrupted_suite_keeps_finished_rows_and_resumes(tiny_suite, tmp_path, monkeypatch):
+    real_run_one = bench.runner.run_one
+
+    def interrupted_second(spec, *args, **kwargs):
+        if spec.variant == "cool":
+            raise KeyboardInterrupt
+        return real_run_one(spec, *args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "run_one", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_quietly(tiny_suite, tmp_path / "out")
+    first = read_rows(tmp_path / "out" / "runs.csv")
+    assert first["variant"].tolist() == ["hot"]
+
+    monkeypatch.setattr(bench.runner, "run_one", real_run_one)
+    rows = read_rows(tmp_path / "out" / "runs.csv")
+    run_quietly(tiny_suite, tmp_path / "out")
+    rows = read_rows(tmp_path / "out" / "runs.csv")
+    assert rows["variant"].tolist() == ["hot", "cool"]
+    pd.testing.assert_frame_equal(rows.iloc[:1], first, check_dtype=False)
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="Debian dataset-fashion-mnist missing")
+def test_smoke_suite_matches_the_committed_baseline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "smoke"
+    assert main(["run", "--suite", "smoke", "--out", str(out), "--wandb", "offline",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = read_rows(out / "runs.csv")
+    assert rows["model"].tolist() == ["ae", "sae", "vae", "gan"]
+    assert (rows["status"] == "ok").all() and rows["git_commit"].notna().all()
+    assert rows.loc[rows["model"] != "ae", "fid"].gt(0).all() and (rows["n_fake"] == 1000).all()
+    assert (out / "runs.parquet").is_file() and (out / "summary.md").read_text().count("|") > 20
+    assert {p.name for p in (out / "plots").glob("*.png")} >= {
+        "ae-mlp-fashion_mnist-s0-samples.png", "ae-mlp-fashion_mnist-s0-reconstructions.png",
+        "metric-fid.png", "metric-recon_mse.png"}
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 5  # 4 runs and the summary
+    assert "| model / variant" in printed  # the summary table at the end
+
+    assert main(["compare", str(BASELINE), str(out / "runs.csv"),
+                 "--metrics", DETERMINISTIC]) == 0, capsys.readouterr().out
+
+    capsys.readouterr()
+    assert main(["run", "--suite", "smoke", "--out", str(out), "--wandb", "disabled",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("skipped") == 4
+    assert len(read_rows(out / "runs.csv")) == 4

@@ -1,0 +1,90 @@
+import pytest
+
+from bench.suite import SuiteError, load_suite
+
+SUITE = """\
+name: t
+defaults:
+  datasets: [mnist, fashion_mnist]
+  seeds: [0, 1]
+  budget: {epochs: 1}
+runs:
+  - {model: ae, variant: mlp, params: {backbone: mlp}}
+  - {model: VAE, variant: conv, params: {backbone: conv}, budget: {steps: 10}}
+"""
+
+
+def write(tmp_path, text, name="suite.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_runs_expand_over_datasets_and_seeds(tmp_path):
+    suite = load_suite(write(tmp_path, SUITE))
+    assert len(suite.specs) == 2 * 2 * 2
+    vae = [s for s in suite.specs if s.model == "vae"]
+    assert {(s.dataset, s.seed) for s in vae} == {("mnist", 0), ("mnist", 1),
+                                                  ("fashion_mnist", 0), ("fashion_mnist", 1)}
+    assert vae[0].budget == {"steps": 10}  # a run's own keys win over the defaults
+
+
+def test_seeds_option_replaces_the_suite_seeds(tmp_path):
+    suite = load_suite(write(tmp_path, SUITE), seeds=[7])
+    assert {s.seed for s in suite.specs} == {7}
+
+
+def test_config_hash_is_stable_and_follows_the_config(tmp_path):
+    first = load_suite(write(tmp_path, SUITE)).specs
+    again = load_suite(write(tmp_path, SUITE.replace("name: t", "name: renamed"))).specs
+    changed = load_suite(write(tmp_path, SUITE.replace("backbone: mlp", "backbone: conv"))).specs
+    assert [s.config_hash for s in first] == [s.config_hash for s in again]
+    assert first[0].config_hash != changed[0].config_hash
+    assert len({s.config_hash for s in first}) == len(first)
+
+
+@pytest.mark.parametrize("name, families", [
+    ("smoke", {"ae", "sae", "vae", "gan"}), ("default", {"ae", "sae", "vae", "gan"}),
+    ("paper", {"ae", "sae", "vae", "gan"})])
+def test_shipped_suites_load_and_cover_every_family(name, families):
+    suite = load_suite(name)
+    assert {s.model for s in suite.specs} == families
+
+
+def test_default_suite_is_conv_ae_sae_variants_vae_gan_on_fashion_mnist():
+    specs = load_suite("default").specs
+    assert {s.dataset for s in specs} == {"fashion_mnist"}
+    assert all(s.params["backbone"] == "conv" for s in specs)
+    assert {s.params.get("sparsity") for s in specs if s.model == "sae"} == {"l1", "kl", "topk"}
+
+
+def test_paper_suite_is_three_datasets_by_three_seeds():
+    specs = load_suite("paper").specs
+    assert {s.dataset for s in specs} == {"mnist", "fashion_mnist", "cifar10"}
+    assert {s.seed for s in specs} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: t\nrunz: []\n", r"line 2, key 'runz': unknown key"),
+    ("name: t\nruns:\n  - {model: ae}\n  - {model: flow}\n",
+     r"line 4, key 'runs.1.model': unknown model 'flow'; choose one of: ae"),
+    ("name: t\nruns:\n  - model: ae\n    datasets: [svhn]\n",
+     r"line 4, key 'runs.0.datasets': unknown dataset 'svhn'; choose one of: mnist"),
+    ("name: t\nruns:\n  - {model: ae, budget: {hours: 2}}\n",
+     r"key 'runs.0.budget': must be \{epochs: N\} or \{steps: N\}"),
+    ("name: t\nruns:\n  - {model: ae, colour: red}\n", r"line 3, key 'runs.0.colour'"),
+    ("name: t\nruns:\n  - {model: sae, params: {sparsity: l1, lamda: 2}}\n",
+     r"SparseAutoencoder has no argument 'lamda'; it takes: .*l1_weight"),
+    ("name: t\nruns: [\n", r"not valid YAML"),
+    ("- just\n- a list\n", r"a suite is a mapping"),
+])
+def test_malformed_suites_name_file_line_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(SuiteError, match=message) as info:
+        load_suite(path)
+    assert str(info.value).startswith(path)
+
+
+def test_unknown_suite_lists_the_shipped_ones():
+    with pytest.raises(SuiteError, match="choose one of: default, paper, smoke"):
+        load_suite("nightly")
