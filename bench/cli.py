@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
                   accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
-                  progress=not args.no_progress)
+                  progress=False if args.no_progress else None)
     except ValueError as err:  # bad --only, eval settings, W&B mode: all the user's to fix
         raise UserError(str(err)) from err
     return 0
@@ -97,6 +97,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"\n{n_bad} regression(s) in {len(report)} comparisons" if n_bad else
           f"\nno regression in {len(report)} comparisons")
     return 1 if n_bad else 0
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from bench.perf import run_perf
+
+    table = run_perf(args.families, args.backbones, dataset=args.dataset,
+                     batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                     repeats=args.repeats, accelerator=args.accelerator,
+                     progress_bar=not args.no_progress)
+    print()
+    print(table.to_markdown(index=False, floatfmt=",.3f"))
+    if args.out:
+        table.to_csv(args.out, index=False)
+    below = table[table["harness_vs_plain"] < args.target]
+    if len(below):
+        print(f"\nbelow the {args.target} target: "
+              + ", ".join(f"{r.family}/{r.backbone}" for r in below.itertuples()))
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -165,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", default="1", help="devices per run (default 1)")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars (they are on when stderr is a terminal)")
     run.set_defaults(func=cmd_run)
 
     table = commands.add_parser("table", help="mean ± std over seeds of a results table")
@@ -184,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="relative tolerances, e.g. fid=0.05 recon_mse=0.01")
     comp.add_argument("--metrics", help="comma-separated metrics to compare (default: all)")
     comp.set_defaults(func=cmd_compare)
+
+    perf = commands.add_parser("perf", help="training throughput: harness vs a plain PyTorch "
+                               "loop vs a DataLoader feed", description="Train each family and "
+                               "backbone for N steps three ways and print images per second and "
+                               "the ratios (a benchmark, not a test).")
+    perf.add_argument("--families", nargs="+", default=["ae", "sae", "vae", "gan"])
+    perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"])
+    perf.add_argument("--dataset", default="fashion_mnist")
+    perf.add_argument("--batch-size", type=int, default=128)
+    perf.add_argument("--steps", type=int, default=200)
+    perf.add_argument("--warmup", type=int, default=20)
+    perf.add_argument("--repeats", type=int, default=3)
+    perf.add_argument("--accelerator", default="auto")
+    perf.add_argument("--no-progress", action="store_true", help="time without progress bars")
+    perf.add_argument("--target", type=float, default=0.95)
+    perf.add_argument("--out", help="also write the table to this CSV")
+    perf.set_defaults(func=cmd_perf)
 
     listing = commands.add_parser("list", help="models, variants, datasets and suites")
     listing.set_defaults(func=cmd_list)

@@ -8,12 +8,14 @@ import logging
 import re
 import resource
 import subprocess
+import sys
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import pandas as pd
 import torch
 
@@ -28,6 +30,9 @@ from modules import MODELS
 from modules.nets import count_parameters
 
 
+PROGRESS_REFRESH_STEPS = 20
+
+
 class Diverged(RuntimeError):
     def __init__(self, step: int, values: dict[str, float]) -> None:
         super().__init__(f"non-finite training loss at step {step}: {values}")
@@ -35,18 +40,22 @@ class Diverged(RuntimeError):
 
 
 class DivergenceGuard(L.Callback):
-    """Stops a run whose logged training losses turn NaN or infinite. It looks every
-    `every_n_batches` batches and at each epoch's end: one host sync per look, not per step."""
+    """Stops a run whose training loss turns NaN or infinite. It looks at the loss the training
+    step returned every `every_n_batches` batches and at each epoch's end: one host sync per
+    look, not per step."""
 
     def __init__(self, every_n_batches: int = 50) -> None:
         self.every_n_batches = every_n_batches
+        self.last_loss: torch.Tensor | None = None
 
     def _check(self, trainer: L.Trainer) -> None:
-        losses = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        if losses and not torch.isfinite(torch.stack([v.float() for v in losses.values()])).all():
-            raise Diverged(trainer.global_step, {k: float(v) for k, v in losses.items()})
+        if self.last_loss is not None and not bool(torch.isfinite(self.last_loss)):
+            raise Diverged(trainer.global_step, {"loss": float(self.last_loss)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.last_loss = loss.detach()
         if (batch_idx + 1) % self.every_n_batches == 0:
             self._check(trainer)
 
@@ -153,7 +162,7 @@ def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
 
 
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto",
-            devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = True,
+            devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = False,
             commit: str = "unknown", log=print) -> dict:
     """Train and evaluate one spec; returns its result row (status ok or diverged)."""
     start = time.perf_counter()
@@ -166,8 +175,11 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     group = suite.wandb.get("group", suite.name)
     logger = make_logger(project, group, spec.run_id, out_dir, wandb_mode,
                          {**spec.config(), "suite": suite.name, "config_hash": spec.config_hash})
+    callbacks = [throughput, guard]
+    if progress:  # refreshing every step costs a host sync and Python time per step
+        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=logger or False,
-                        callbacks=[throughput, guard], enable_checkpointing=False,
+                        callbacks=callbacks, enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False,
                         num_sanity_val_steps=0, log_every_n_steps=50,
                         **trainer_budget(spec, model), **spec.trainer)
@@ -217,7 +229,8 @@ def one_line(row: dict) -> str:
 
 def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
               force: bool = False, accelerator: str = "auto", devices: int | str = 1,
-              wandb_mode: str | None = None, progress: bool = True, log=print) -> pd.DataFrame:
+              wandb_mode: str | None = None, progress: bool | None = None,
+              log=print) -> pd.DataFrame:
     """Run every spec not already in <out_dir>/runs.csv, then write the summary table and
     plots. Returns this suite's rows."""
     out_dir = Path(out_dir or Path("results") / suite.name)
@@ -227,6 +240,8 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                   ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=noise)
     mode = choose_wandb_mode(wandb_mode)
+    if progress is None:  # a bar per run on a terminal; in a log file it is only noise
+        progress = sys.stderr.isatty()
     specs = [s for s in suite.specs if not only or re.search(only, s.run_id)]
     if not specs:
         raise ValueError(f"--only {only!r} matches none of: "

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.nets import as_tuple_shape, init_dcgan_weights, make_decoder, make_encoder
-from modules.steps import first_tensor
+from modules.steps import first_tensor, logs_this_step
 
 GAN_LOSSES = ("ns", "wgan-gp")
 
@@ -107,7 +107,7 @@ class GAN(L.LightningModule):
         return wasserstein_generator_loss(scores)
 
     # -- training ------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> None:
+    def training_step(self, batch, batch_idx: int) -> Tensor:
         real = first_tensor(batch) * 2 - 1
         opt_g, opt_d = self.optimizers()
         z = torch.randn(len(real), self.hparams.latent_dim, device=self.device)
@@ -117,16 +117,19 @@ class GAN(L.LightningModule):
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_terms["d_loss"])
         opt_d.step()
-        self.log_dict({f"train/{k}": v for k, v in d_terms.items()})
-        self.log("d_loss", d_terms["d_loss"], prog_bar=True, logger=False)
+        log = logs_this_step(self)
+        if log:
+            self.log_dict({f"train/{k}": v for k, v in d_terms.items()}, prog_bar=True)
 
         if (batch_idx + 1) % self.n_critic == 0:
             g_loss = self.generator_loss(fake)
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
-            self.log("train/g_loss", g_loss)
-            self.log("g_loss", g_loss, prog_bar=True, logger=False)
+            if log:
+                self.log("train/g_loss", g_loss, prog_bar=True)
+        # Returned for callbacks (the divergence check); manual optimisation does not use it.
+        return d_terms["d_loss"].detach()
 
     def _eval_step(self, batch, stage: str) -> None:
         real = first_tensor(batch) * 2 - 1

@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, family, backbon
 def train_history(family, backbone, steps=200, seed=0):
     L.seed_everything(seed, verbose=False)
     model = tiny_model(family, backbone)
-    history = LossHistory("d_loss" if family == "gan" else "loss")
+    history = LossHistory()
     quiet_trainer(max_steps=steps, callbacks=[history]).fit(
         model, train_dataloaders=prototype_batches(n=1024, batch_size=32))
     return history.values
