@@ -40,7 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
                   accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
-                  progress=False if args.no_progress else None)
+                  progress=False if args.no_progress else None,
+                  checkpoint_every=args.checkpoint_every)
     except ValueError as err:  # bad --only, eval settings, W&B mode: all the user's to fix
         raise UserError(str(err)) from err
     return 0
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", default="1", help="devices per run (default 1)")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
+    run.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
+                     help="save a resumable checkpoint every STEPS steps (default 200)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (they are on when stderr is a terminal)")
     run.set_defaults(func=cmd_run)

@@ -36,9 +36,30 @@ class EvalSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown eval setting(s) {sorted(unknown)}; allowed: "
+            raise ValueError(f"unknown eval setting(s) {sorted(map(str, unknown))}; allowed: "
                              f"{', '.join(sorted(known))}")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        counts = {"n_fake": 2, "extractor_epochs": 1, "batch_size": 1, "kid_subset_size": 2,
+                  "prc_neighborhood": 1, "iw_k": 0}
+        for name, least in counts.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"eval setting {name}={value!r} must be an integer >= {least}")
+        for name in ("n_real", "iw_images"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ValueError(f"eval setting {name}={value!r} must be a positive integer or "
+                                 "null (all test images)")
+        if self.features not in ("auto", "inception", "classifier"):
+            raise ValueError(f"eval setting features={self.features!r}; choose one of: auto, "
+                             "inception, classifier")
+        if not isinstance(self.generation, bool):
+            raise ValueError(f"eval setting generation={self.generation!r} must be true or false")
+        if self.inception_weights is not None and not isinstance(self.inception_weights, str):
+            raise ValueError("eval setting inception_weights must be a file path")
 
 
 # -- sparsity of codes ---------------------------------------------------------------------------

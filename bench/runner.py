@@ -15,10 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 import pandas as pd
 import torch
 
+from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, NetOptions,
+                             TrainThroughput)
 from bench.evaluate import EvalSettings, evaluate
 from bench.extractor import get_extractor
 from bench.plots import metric_bar_charts, save_run_grids
@@ -28,88 +30,6 @@ from bench.tracking import choose_wandb_mode, finish_run_logging, log_suite_summ
 from datamodules import ImageDataModule
 from modules import MODELS
 from modules.nets import count_parameters
-
-
-PROGRESS_REFRESH_STEPS = 20
-
-
-class Diverged(RuntimeError):
-    def __init__(self, step: int, values: dict[str, float]) -> None:
-        super().__init__(f"non-finite training loss at step {step}: {values}")
-        self.step = step
-
-
-class DivergenceGuard(L.Callback):
-    """Stops a run whose training loss turns NaN or infinite. It looks at the loss the training
-    step returned every `every_n_batches` batches and at each epoch's end: one host sync per
-    look, not per step."""
-
-    def __init__(self, every_n_batches: int = 50) -> None:
-        self.every_n_batches = every_n_batches
-        self.last_loss: torch.Tensor | None = None
-
-    def _check(self, trainer: L.Trainer) -> None:
-        if self.last_loss is not None and not bool(torch.isfinite(self.last_loss)):
-            raise Diverged(trainer.global_step, {"loss": float(self.last_loss)})
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self.last_loss = loss.detach()
-        if (batch_idx + 1) % self.every_n_batches == 0:
-            self._check(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._check(trainer)
-
-
-class TrainThroughput(L.Callback):
-    """Training images per second after `warmup_batches`, validation time excluded.
-    Hand-written: Lightning's ThroughputMonitor synchronises the device and logs every step,
-    and we want one number per run from two synchronisations."""
-
-    def __init__(self, warmup_batches: int = 20) -> None:
-        self.warmup_batches = warmup_batches
-        self.batches = self.images = 0
-        self.start: float | None = None
-        self.end: float | None = None  # stays None when training stops on an exception
-        self.paused = 0.0
-        self._pause_start: float | None = None
-
-    @staticmethod
-    def _sync(pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.batches == self.warmup_batches and self.start is None:
-            self._sync(pl_module)
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches += 1
-        if self.start is not None:
-            self.images += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if self.start is not None and not trainer.sanity_checking:
-            self._sync(pl_module)
-            self._pause_start = time.perf_counter()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self._pause_start is not None:
-            self.paused += time.perf_counter() - self._pause_start
-            self._pause_start = None
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._sync(pl_module)
-        self.end = time.perf_counter()
-
-    @property
-    def images_per_second(self) -> float:
-        if self.start is None or self.end is None or not self.images:
-            return float("nan")
-        return self.images / (self.end - self.start - self.paused)
 
 
 def git_commit() -> str:
@@ -161,10 +81,29 @@ def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
     return {"max_steps": batches, "max_epochs": -1}
 
 
+NET_OPTIONS = ("channels_last", "compile")  # keys of a suite's `trainer:` that NetOptions takes
+
+
+def resumable_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
+    """The run's last checkpoint if it loads; a file cut short by a kill is removed."""
+    path = ckpt_dir / "last.ckpt"
+    if not path.is_file():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a torn write fails in pickle, zip or torch's own checks
+        log(f"  {path} is unreadable ({type(err).__name__}); starting the run afresh")
+        path.unlink()
+        return None
+    return path
+
+
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto",
             devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = False,
-            commit: str = "unknown", log=print) -> dict:
-    """Train and evaluate one spec; returns its result row (status ok or diverged)."""
+            commit: str = "unknown", checkpoint_every: int = 200, strategy: str = "auto",
+            log=print) -> dict:
+    """Train and evaluate one spec; returns its result row (status ok or diverged). The run
+    saves a checkpoint every `checkpoint_every` steps and resumes from it when rerun."""
     start = time.perf_counter()
     settings = EvalSettings.from_dict(spec.eval)
     L.seed_everything(spec.seed, verbose=False)
@@ -175,14 +114,20 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     group = suite.wandb.get("group", suite.name)
     logger = make_logger(project, group, spec.run_id, out_dir, wandb_mode,
                          {**spec.config(), "suite": suite.name, "config_hash": spec.config_hash})
-    callbacks = [throughput, guard]
+    ckpt_dir = out_dir / "checkpoints" / spec.config_hash
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                 every_n_train_steps=checkpoint_every,
+                                 enable_version_counter=False)
+    trainer_args = {k: v for k, v in spec.trainer.items() if k not in NET_OPTIONS}
+    callbacks = [throughput, guard, checkpoint,
+                 NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS})]
     if progress:  # refreshing every step costs a host sync and Python time per step
         callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=logger or False,
-                        callbacks=callbacks, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
+                        logger=logger or False, callbacks=callbacks,
                         enable_progress_bar=progress, enable_model_summary=False,
                         num_sanity_val_steps=0, log_every_n_steps=50,
-                        **trainer_budget(spec, model), **spec.trainer)
+                        **trainer_budget(spec, model), **trainer_args)
     if trainer.strategy.root_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
     row: dict = {"suite": suite.name, "model": spec.model, "variant": spec.variant,
@@ -190,8 +135,13 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
                  "status": "ok", "diverged_step": None}
     metrics: dict = {}
     images: dict[str, Path] = {}
+    resume = resumable_checkpoint(ckpt_dir, log)
+    if resume is not None:
+        row["resumed_step"] = torch.load(resume, map_location="cpu",
+                                         weights_only=False)["global_step"]
+        log(f"  resuming from {resume} (step {row['resumed_step']})")
     try:
-        trainer.fit(model, dm)
+        trainer.fit(model, dm, ckpt_path=resume)
     except Diverged as err:
         log(f"  diverged: {err}")
         row |= {"status": "diverged", "diverged_step": err.step}
@@ -230,7 +180,7 @@ def one_line(row: dict) -> str:
 def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
               force: bool = False, accelerator: str = "auto", devices: int | str = 1,
               wandb_mode: str | None = None, progress: bool | None = None,
-              log=print) -> pd.DataFrame:
+              checkpoint_every: int = 200, log=print) -> pd.DataFrame:
     """Run every spec not already in <out_dir>/runs.csv, then write the summary table and
     plots. Returns this suite's rows."""
     out_dir = Path(out_dir or Path("results") / suite.name)
@@ -256,7 +206,8 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                 f"(config {spec.config_hash}), skipped; --force redoes it")
             continue
         log(f"[{i}/{len(specs)}] {spec.run_id} (config {spec.config_hash})")
-        row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit, log)
+        row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
+                      checkpoint_every, log=log)
         append_row(csv_path, row)
         log(one_line(row))
     rows = read_rows(csv_path)

@@ -179,17 +179,24 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             raise fail("must be a mapping of model arguments", "runs", i, "params")
         budget = merged.get("budget") or {"epochs": 1}
         if (not isinstance(budget, dict) or len(budget) != 1 or not set(budget) <= BUDGET_KEYS
-                or not isinstance(next(iter(budget.values())), int)):
-            raise fail("must be {epochs: N} or {steps: N}", "runs", i, "budget")
+                or not _is_positive_int(next(iter(budget.values())))):
+            raise fail("must be {epochs: N} or {steps: N} with N >= 1", "runs", i, "budget")
         datasets = merged.get("datasets") or ["fashion_mnist"]
-        if isinstance(datasets, str):
-            datasets = [datasets]
-        run_seeds = seeds if seeds is not None else (merged.get("seeds") or [0])
-        if not all(isinstance(s, int) for s in run_seeds):
+        datasets = [datasets] if isinstance(datasets, str) else datasets
+        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+            raise fail("must be a dataset name or a list of them", "runs", i, "datasets")
+        run_seeds = seeds if seeds is not None else merged.get("seeds", [0])
+        run_seeds = [run_seeds] if isinstance(run_seeds, int) else run_seeds
+        if (not isinstance(run_seeds, list) or not run_seeds
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in run_seeds)):
             raise fail("must be a list of integers", "runs", i, "seeds")
+        variant = merged.get("variant") or params.get("backbone") or "default"
+        if not isinstance(variant, (str, int)):
+            raise fail("must be a name", "runs", i, "variant")
         for section in ("data", "trainer", "eval"):
             if not isinstance(merged.get(section) or {}, dict):
                 raise fail("must be a mapping", "runs", i, section)
+        _check_section_keys(merged, i, fail)
         for dataset in datasets:
             try:
                 dataset_name = get_spec(str(dataset)).name
@@ -198,11 +205,13 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             for seed in run_seeds:
                 specs.append(RunSpec(
                     suite=name, model=_short_name(model_cls),
-                    variant=str(merged.get("variant") or params.get("backbone") or "default"),
+                    variant=str(variant),
                     dataset=dataset_name, seed=int(seed), params=dict(params),
                     budget=dict(budget), data=dict(merged.get("data") or {}),
                     trainer=dict(merged.get("trainer") or {}), eval=dict(merged.get("eval") or {})))
-    _check_model_params(specs, fail)
+    if not isinstance(raw.get("wandb") or {}, dict):
+        raise fail("must be a mapping like {project: genbench, group: NAME}", "wandb")
+    _check_models(specs, fail)
     return Suite(name=name, path=path, description=str(raw.get("description") or ""),
                  wandb=dict(raw.get("wandb") or {}), specs=specs)
 
@@ -213,15 +222,58 @@ def _short_name(model_cls) -> str:
     return next(short for short, cls in MODELS.items() if cls is model_cls)
 
 
-def _check_model_params(specs: list[RunSpec], fail) -> None:
-    """Catch a misspelt model argument now rather than after an hour of earlier runs."""
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
+    """Unknown keys in data / trainer / eval fail now, with the allowed ones listed."""
     import inspect
 
+    import lightning as L
+
+    from bench.evaluate import EvalSettings
+    from datamodules import ImageDataModule
+
+    allowed = {
+        "data": set(inspect.signature(ImageDataModule.__init__).parameters) - {"self", "dataset",
+                                                                                "seed"},
+        "trainer": (set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+        | {"channels_last", "compile"},
+    }
+    for section, keys in allowed.items():
+        unknown = set(merged.get(section) or {}) - keys
+        if unknown:
+            raise fail(f"unknown key(s) {sorted(map(str, unknown))}; allowed: "
+                       f"{', '.join(sorted(keys))}", "runs", i, section)
+    try:
+        EvalSettings.from_dict(merged.get("eval") or {})
+    except (TypeError, ValueError) as err:
+        raise fail(str(err), "runs", i, "eval") from err
+
+
+def _check_models(specs: list[RunSpec], fail) -> None:
+    """Build each distinct model once (tiny next to training), so a misspelt or ill-typed
+    argument fails now rather than after hours of earlier runs."""
+    import inspect
+
+    from datamodules import get_spec
     from modules import MODELS
 
+    seen: set[str] = set()
     for spec in specs:
-        accepted = set(inspect.signature(MODELS[spec.model].__init__).parameters) - {"self"}
-        for key in spec.params:
-            if key not in accepted:
-                raise fail(f"{MODELS[spec.model].__name__} has no argument {key!r}; it takes: "
-                           f"{', '.join(sorted(accepted - {'image_shape'}))}", "runs")
+        key = json.dumps([spec.model, spec.params, spec.dataset], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = MODELS[spec.model]
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "image_shape"}
+        for name in spec.params:
+            if name not in accepted:
+                raise fail(f"{cls.__name__} has no argument {name!r}; it takes: "
+                           f"{', '.join(sorted(accepted))}", "runs")
+        try:
+            cls(**{**spec.params, "image_shape": get_spec(spec.dataset).image_shape})
+        except (TypeError, ValueError, RuntimeError, AttributeError) as err:
+            args = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())
+            raise fail(f"{cls.__name__}({args}) on {spec.dataset}: {err}", "runs") from err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
@@ -41,12 +41,16 @@ class TensorBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  shuffle: bool, drop_last: bool, binarize: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1,
+                 epoch_fn: Callable[[], int] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.binarize, self.seed, self.rank, self.world_size = binarize, seed, rank, world_size
+        # Under a Trainer the epoch comes from it, so a resumed run reshuffles as the original
+        # would have; alone, each pass over the batches counts as the next epoch.
+        self.epoch_fn = epoch_fn
         self.epoch = 0
 
     def _shard_size(self) -> int:
@@ -61,11 +65,12 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        self.epoch = epoch + 1
         order = None
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=generator)
-        self.epoch += 1
         if self.world_size > 1:
             order = (order if order is not None else torch.arange(n))[self.rank::self.world_size]
             order = order[: self._shard_size()]
@@ -151,10 +156,16 @@ class ImageDataModule(L.LightningDataModule):
             binarize=hp.binarize, seed=hp.seed,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
         )
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)
+
+    def ordered_train_dataloader(self) -> TensorBatches:
+        """The training split in a fixed order and evaluation batch size, for statistics fitted
+        after training (the AE's latent mixture): they must not depend on the epoch count."""
+        return self._batches("train", train=False)
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches("val", train=False)

@@ -78,7 +78,9 @@ class Autoencoder(LossSteps):
     def on_train_end(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
-            self.fit_latent_density(datamodule.train_dataloader())
+            # A fixed order where the datamodule has one, so the fit does not depend on the epoch
+            ordered = getattr(datamodule, "ordered_train_dataloader", datamodule.train_dataloader)
+            self.fit_latent_density(ordered())
 
     @torch.no_grad()
     def fit_latent_density(self, batches) -> None:

@@ -1,0 +1,110 @@
+"""Callbacks the harness adds to every Trainer: throughput, divergence, and GPU net options."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+PROGRESS_REFRESH_STEPS = 20
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, values: dict[str, float]) -> None:
+        super().__init__(f"non-finite training loss at step {step}: {values}")
+        self.step = step
+
+
+class DivergenceGuard(L.Callback):
+    """Stops a run whose training loss turns NaN or infinite. It looks at the loss the training
+    step returned every `every_n_batches` batches and at each epoch's end: one host sync per
+    look, not per step."""
+
+    def __init__(self, every_n_batches: int = 50) -> None:
+        self.every_n_batches = every_n_batches
+        self.last_loss: torch.Tensor | None = None
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self.last_loss is not None and not bool(torch.isfinite(self.last_loss)):
+            raise Diverged(trainer.global_step, {"loss": float(self.last_loss)})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.last_loss = loss.detach()
+        if (batch_idx + 1) % self.every_n_batches == 0:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer)
+
+
+class TrainThroughput(L.Callback):
+    """Training images per second after `warmup_batches`, validation time excluded.
+    Hand-written: Lightning's ThroughputMonitor synchronises the device and logs every step,
+    and we want one number per run from two synchronisations."""
+
+    def __init__(self, warmup_batches: int = 20) -> None:
+        self.warmup_batches = warmup_batches
+        self.batches = self.images = 0
+        self.start: float | None = None
+        self.end: float | None = None  # stays None when training stops on an exception
+        self.paused = 0.0
+        self._pause_start: float | None = None
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.batches == self.warmup_batches and self.start is None:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        if self.start is not None:
+            self.images += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.start is not None and not trainer.sanity_checking:
+            self._sync(pl_module)
+            self._pause_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._pause_start is not None:
+            self.paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self.end = time.perf_counter()
+
+    @property
+    def images_per_second(self) -> float:
+        if self.start is None or self.end is None or not self.images:
+            return float("nan")
+        return self.images / (self.end - self.start - self.paused)
+
+
+class NetOptions(L.Callback):
+    """GPU speed options for the families' nets, off by default: `channels_last` memory format
+    for conv nets, and `compile` (torch.compile each net in place with nn.Module.compile, which
+    keeps state_dict keys, so checkpoints stay loadable without it). Mixed precision is the
+    Trainer's own `precision` option."""
+
+    NETS = ("encoder", "decoder", "generator", "discriminator")
+
+    def __init__(self, channels_last: bool = False, compile: bool = False) -> None:
+        self.channels_last, self.compile = channels_last, compile
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.channels_last:
+            pl_module.to(memory_format=torch.channels_last)
+        if self.compile:
+            for name in self.NETS:
+                net = getattr(pl_module, name, None)
+                if isinstance(net, torch.nn.Module):
+                    net.compile()
