@@ -32,16 +32,22 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bench.launch import SlurmOptions
     from bench.runner import run_suite
     from bench.suite import load_suite
 
     suite = load_suite(args.suite, seeds=args.seeds)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    if args.parallel < 1:
+        raise UserError(f"--parallel {args.parallel}: give a number of runs at once, >= 1")
+    slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
+                         gpus_per_job=args.slurm_gpus, cpus_per_job=args.slurm_cpus)
     try:
         run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
                   accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
                   progress=False if args.no_progress else None,
-                  checkpoint_every=args.checkpoint_every)
+                  checkpoint_every=args.checkpoint_every, strategy=args.strategy,
+                  parallel=args.parallel, launcher=args.launcher, slurm=slurm)
     except ValueError as err:  # bad --only, eval settings, W&B mode: all the user's to fix
         raise UserError(str(err)) from err
     return 0
@@ -181,7 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "(model-variant-dataset-sSEED) matches")
     run.add_argument("--force", action="store_true", help="redo runs already in the table")
     run.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning's names)")
-    run.add_argument("--devices", default="1", help="devices per run (default 1)")
+    run.add_argument("--devices", default="1", help="devices per run (default 1); with "
+                     "--strategy ddp one run trains on all of them")
+    run.add_argument("--strategy", default="auto", help="Lightning strategy per run, e.g. ddp")
+    run.add_argument("--parallel", type=int, default=1, metavar="K",
+                     help="run K specs at once, each on its own GPU or share of CPU cores")
+    run.add_argument("--launcher", choices=["local", "slurm", "submitit-local"],
+                     default="local", help="slurm: submit the runs as a SLURM job array "
+                     "through submitit (submitit-local: the same on this machine)")
+    run.add_argument("--slurm-partition", help="SLURM partition")
+    run.add_argument("--slurm-time", type=int, default=240, metavar="MIN",
+                     help="time limit per job in minutes (default 240)")
+    run.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1)")
+    run.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
     run.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric, MeanSquaredError, Metric
+from torchmetrics import MeanMetric, MeanSquaredError, Metric, SumMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 
@@ -129,6 +129,7 @@ def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None) -> dict
     nats per image; records K and the image count next to them."""
     device = model.device
     elbo, iw_nll = MeanMetric().to(device), MeanMetric().to(device)
+    iw_count = SumMetric().to(device)  # reduced across processes, as the means are
     seen = 0
     for x, _ in batches:
         x = x.to(device)
@@ -137,9 +138,11 @@ def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None) -> dict
         if budget > 0 and iw_k > 0:
             # chunk so that chunk x batch decoder outputs stay near 50k images of memory
             iw_nll.update(model.iw_nll(x[:budget], iw_k, chunk=max(1, 50_000 // budget)))
+            iw_count.update(budget)
             seen += budget
-    out = {"elbo": elbo.compute().item(), "iw_k": iw_k, "iw_images": seen}
-    out["iw_nll"] = iw_nll.compute().item() if seen else float("nan")
+    out = {"elbo": elbo.compute().item(), "iw_k": iw_k}
+    out["iw_nll"] = iw_nll.compute().item() if iw_k > 0 else float("nan")
+    out["iw_images"] = int(iw_count.compute().item()) if iw_k > 0 else 0
     return out
 
 
@@ -206,11 +209,14 @@ def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str
             "precision": raw["precision"], "recall": raw["recall"]}
 
 
-def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
-             log=print) -> tuple[dict[str, float | int | str], dict[str, Tensor]]:
+def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0, log=print,
+             rank: int = 0, world_size: int = 1) -> tuple[dict[str, float | int | str],
+                                                          dict[str, Tensor]]:
     """All metrics that apply to `model` on dm's test split, and the image grids to save:
     `samples` (the first 64 generated) and `reconstructions` (32 test images over their
-    reconstructions)."""
+    reconstructions). Under DDP each rank reads its shard of the test split and the torchmetrics
+    states are reduced across ranks, so the figures equal a single process's; generation
+    metrics come from the rank given an `extractor` (rank zero)."""
     model.eval()
     metrics: dict[str, float | int | str] = {}
     grids: dict[str, Tensor] = {}
@@ -222,7 +228,10 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
             x = dm.test_images[:32].to(model.device).float() / 255
             grids["reconstructions"] = torch.cat([x, model.reconstruct(x)]).cpu()
     if hasattr(model, "iw_nll"):
-        metrics |= likelihood_metrics(model, test, settings.iw_k, settings.iw_images)
+        # this rank's shard holds test images rank, rank + W, ...: keep those below iw_images
+        iw_images = (None if settings.iw_images is None
+                     else len(range(rank, settings.iw_images, world_size)))
+        metrics |= likelihood_metrics(model, test, settings.iw_k, iw_images)
     if hasattr(model, "sample") and settings.generation and extractor is not None:
         torch.manual_seed(seed)
         fake, metrics["sample_img_per_s"] = generate(model, settings.n_fake, settings.batch_size)

@@ -38,17 +38,22 @@ def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
     os.replace(tmp_parquet, parquet)
 
 
-def append_row(csv_path: Path, row: dict) -> None:
-    """Append one run's row. The file lock makes concurrent appends from several processes
-    safe; the table is rewritten whole (new columns may appear) but atomically, and earlier
-    rows are carried over unchanged."""
+def append_row(csv_path: Path, row: dict, unique: bool = True) -> bool:
+    """Append one run's row unless (with `unique`) a row with its config_hash is already there;
+    returns whether it was added. The file lock makes concurrent appends from several processes safe;
+    the table is rewritten whole (new columns may appear) but atomically, and earlier rows are
+    carried over unchanged."""
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(csv_path) + ".lock"):
         existing = read_rows(csv_path)
+        if unique and "config_hash" in existing and str(row.get("config_hash")) in set(
+                existing["config_hash"].astype(str)):
+            return False
         new = pd.DataFrame([row])
         table = new if existing.empty else pd.concat([existing, new], ignore_index=True)
         _write_atomic(table, csv_path)
+        return True
 
 
 def read_rows(csv_path: Path) -> pd.DataFrame:

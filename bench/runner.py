@@ -5,17 +5,20 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import re
 import resource
 import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 import pandas as pd
 import torch
 
@@ -23,6 +26,7 @@ from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, 
                              TrainThroughput)
 from bench.evaluate import EvalSettings, evaluate
 from bench.extractor import get_extractor
+from bench.launch import RunOptions, SlurmOptions, run_parallel, run_slurm
 from bench.plots import metric_bar_charts, save_run_grids
 from bench.results import append_row, done_hashes, format_table, read_rows
 from bench.suite import RunSpec, Suite
@@ -119,6 +123,9 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
                                  every_n_train_steps=checkpoint_every,
                                  enable_version_counter=False)
     trainer_args = {k: v for k, v in spec.trainer.items() if k not in NET_OPTIONS}
+    if strategy == "ddp":  # a short collective timeout turns a mismatch into an error, not a hang
+        timeout = timedelta(seconds=int(os.environ.get("GENBENCH_DDP_TIMEOUT_S", "1800")))
+        strategy = DDPStrategy(timeout=timeout)
     callbacks = [throughput, guard, checkpoint,
                  NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS})]
     if progress:  # refreshing every step costs a host sync and Python time per step
@@ -145,14 +152,20 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     except Diverged as err:
         log(f"  diverged: {err}")
         row |= {"status": "diverged", "diverged_step": err.step}
+    # The final state (with the AE's latent mixture), for re-evaluation; every rank must call.
+    trainer.save_checkpoint(ckpt_dir / "final.ckpt")
+    zero = trainer.is_global_zero
     if row["status"] == "ok":
         extractor = None
-        if hasattr(model, "sample") and settings.generation:
+        # Generation metrics are computed once, on rank zero, from all the samples.
+        if zero and hasattr(model, "sample") and settings.generation:
             extractor = get_extractor(settings.features, dm, seed=0,
                                       epochs=settings.extractor_epochs, device=model.device,
                                       inception_weights=settings.inception_weights, log=log)
-        metrics, grids = evaluate(model, dm, settings, extractor, seed=spec.seed, log=log)
-        images = save_run_grids(grids, out_dir / "plots", spec.run_id)
+        metrics, grids = evaluate(model, dm, settings, extractor, seed=spec.seed, log=log,
+                                  rank=trainer.global_rank, world_size=trainer.world_size)
+        if zero:
+            images = save_run_grids(grids, out_dir / "plots", spec.run_id)
     device = trainer.strategy.root_device
     row |= metrics
     row |= {"train_img_per_s": throughput.images_per_second, "steps": throughput.batches,
@@ -161,8 +174,11 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "devices": trainer.world_size, **versions(), "git_commit": commit,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": json.dumps(spec.config(), sort_keys=True)}
-    finish_run_logging(logger, row, images)
+            "config": json.dumps(spec.config(), sort_keys=True),
+            "checkpoint": str(ckpt_dir / "final.ckpt")}
+    if zero:
+        finish_run_logging(logger, row, images)
+    row["rank"] = trainer.global_rank
     return row
 
 
@@ -177,18 +193,29 @@ def one_line(row: dict) -> str:
         " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
 
 
-def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
-              force: bool = False, accelerator: str = "auto", devices: int | str = 1,
-              wandb_mode: str | None = None, progress: bool | None = None,
-              checkpoint_every: int = 200, log=print) -> pd.DataFrame:
-    """Run every spec not already in <out_dir>/runs.csv, then write the summary table and
-    plots. Returns this suite's rows."""
-    out_dir = Path(out_dir or Path("results") / suite.name)
-    csv_path = out_dir / "runs.csv"
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run device banner
+def quiet_lightning() -> None:
+    """No per-run device banner or warnings that say nothing about the run."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for noise in (".*smaller than the logging interval.*", ".*LeafSpec.*is deprecated.*",
                   ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=noise)
+
+
+def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
+              force: bool = False, accelerator: str = "auto", devices: int | str = 1,
+              wandb_mode: str | None = None, progress: bool | None = None,
+              checkpoint_every: int = 200, strategy: str = "auto", parallel: int = 1,
+              launcher: str = "local", slurm: SlurmOptions | None = None,
+              log=print) -> pd.DataFrame:
+    """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
+    several devices through DDP), `parallel` at a time, or as a SLURM job array; then write the
+    summary table and plots. Returns this suite's rows."""
+    out_dir = Path(out_dir or Path("results") / suite.name)
+    csv_path = out_dir / "runs.csv"
+    quiet_lightning()
+    # Under DDP every rank runs this function; only rank zero speaks and writes.
+    zero = rank_zero_only.rank == 0
+    say = log if zero else (lambda message: None)
     mode = choose_wandb_mode(wandb_mode)
     if progress is None:  # a bar per run on a terminal; in a log file it is only noise
         progress = sys.stderr.isatty()
@@ -197,26 +224,50 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         raise ValueError(f"--only {only!r} matches none of: "
                          f"{', '.join(s.run_id for s in suite.specs)}")
     done = set() if force else done_hashes(csv_path)
-    commit = git_commit()
-    suite_start = time.perf_counter()
-    log(f"suite {suite.name}: {len(specs)} runs -> {csv_path} (W&B {mode})")
+    pending = []
     for i, spec in enumerate(specs, 1):
         if spec.config_hash in done:
-            log(f"[{i}/{len(specs)}] {spec.run_id}: already in {csv_path.name} "
+            say(f"[{i}/{len(specs)}] {spec.run_id}: already in {csv_path.name} "
                 f"(config {spec.config_hash}), skipped; --force redoes it")
-            continue
-        log(f"[{i}/{len(specs)}] {spec.run_id} (config {spec.config_hash})")
-        row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
-                      checkpoint_every, log=log)
-        append_row(csv_path, row)
-        log(one_line(row))
-    rows = read_rows(csv_path)
-    rows = rows[rows["config_hash"].isin({s.config_hash for s in specs})]
-    summary = format_table(rows)
+        else:
+            pending.append(spec)
+    commit = git_commit()
+    options = RunOptions(accelerator, devices, strategy, mode, checkpoint_every, force, progress)
+    suite_start = time.perf_counter()
+    say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "
+        f"(W&B {mode})")
+    if launcher in ("slurm", "submitit-local"):
+        slurm = slurm or SlurmOptions()
+        slurm.cluster = "local" if launcher == "submitit-local" else None
+        rows = run_slurm(pending, suite, out_dir, options, slurm, commit, say)
+    elif launcher != "local":
+        raise ValueError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
+                         "submitit-local")
+    elif parallel > 1:
+        rows = run_parallel(pending, suite, out_dir, parallel, options, commit, say)
+    else:
+        rows = []
+        for i, spec in enumerate(pending, 1):
+            say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
+            row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
+                          checkpoint_every, strategy, log=say)
+            if row.pop("rank") == 0:
+                append_row(csv_path, row, unique=not force)
+            rows.append(row)
+            say(one_line(row))
+    if not zero:
+        return pd.DataFrame(rows)
+    if parallel > 1 or launcher != "local":
+        for row in rows:
+            say(one_line(row))
+    table = read_rows(csv_path)
+    table = table[table["config_hash"].isin({s.config_hash for s in specs})] if len(table) \
+        else table
+    summary = format_table(table)
     (out_dir / "summary.md").write_text(f"# {suite.name}\n\n{summary}\n")
-    metric_bar_charts(rows, out_dir / "plots")
+    metric_bar_charts(table, out_dir / "plots")
     log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
-                      suite.name, rows, out_dir, mode)
-    log(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
+                      suite.name, table, out_dir, mode)
+    say(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
         f"rows in {csv_path}, table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
-    return rows
+    return table

@@ -25,6 +25,13 @@ def test_append_keeps_earlier_rows_unchanged_and_writes_parquet(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_run_already_in_the_table_is_not_added_twice(tmp_path):
+    path = tmp_path / "runs.csv"
+    assert append_row(path, row(recon_mse=0.1))
+    assert not append_row(path, row(recon_mse=0.2))
+    assert read_rows(path)["recon_mse"].tolist() == [0.1]
+
+
 def _append_many(args):
     path, worker = args
     for i in range(15):
