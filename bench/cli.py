@@ -47,6 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
                   progress=False if args.no_progress else None,
                   checkpoint_every=args.checkpoint_every, strategy=args.strategy,
+                  num_nodes=args.num_nodes,
                   parallel=args.parallel, launcher=args.launcher, slurm=slurm)
     except ValueError as err:  # bad --only, eval settings, W&B mode: all the user's to fix
         raise UserError(str(err)) from err
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", default="1", help="devices per run (default 1); with "
                      "--strategy ddp one run trains on all of them")
     run.add_argument("--strategy", default="auto", help="Lightning strategy per run, e.g. ddp")
+    run.add_argument("--num-nodes", type=int, default=1,
+                     help="machines per run (multi-node DDP, e.g. under srun)")
     run.add_argument("--parallel", type=int, default=1, metavar="K",
                      help="run K specs at once, each on its own GPU or share of CPU cores")
     run.add_argument("--launcher", choices=["local", "slurm", "submitit-local"],

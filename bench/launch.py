@@ -22,6 +22,7 @@ class RunOptions:
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
+    num_nodes: int = 1
     wandb_mode: str = "disabled"
     checkpoint_every: int = 200
     force: bool = False
@@ -40,7 +41,8 @@ def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict:
         torch.set_num_threads(int(os.environ["GENBENCH_THREADS"]))
     opts = RunOptions(**options)
     row = run_one(spec, suite, Path(out_dir), opts.accelerator, opts.devices, opts.wandb_mode,
-                  opts.progress, commit, opts.checkpoint_every, opts.strategy, log=print)
+                  opts.progress, commit, opts.checkpoint_every, opts.strategy, opts.num_nodes,
+                  log=print)
     if row.pop("rank") == 0:
         append_row(Path(out_dir) / "runs.csv", row, unique=not opts.force)
     return row

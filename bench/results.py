@@ -137,6 +137,10 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
         missing = [k for k in keys if k not in table.columns]
         if missing:
             raise ValueError(f"{name} table lacks the column(s) {missing}")
+    unknown_metrics = set(metrics or []) - set(DIRECTIONS)
+    if unknown_metrics:
+        raise ValueError(f"unknown metric(s) {sorted(unknown_metrics)}; choose from: "
+                         f"{', '.join(DIRECTIONS)}")
     ok = lambda t: t[t["status"] == "ok"] if "status" in t else t  # noqa: E731
     merged = ok(baseline).merge(ok(current), on=keys, suffixes=("_base", "_cur"))
     shared = [m for m in (metrics or DIRECTIONS)

@@ -105,7 +105,7 @@ def resumable_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto",
             devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = False,
             commit: str = "unknown", checkpoint_every: int = 200, strategy: str = "auto",
-            log=print) -> dict:
+            num_nodes: int = 1, log=print) -> dict:
     """Train and evaluate one spec; returns its result row (status ok or diverged). The run
     saves a checkpoint every `checkpoint_every` steps and resumes from it when rerun."""
     start = time.perf_counter()
@@ -131,7 +131,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     if progress:  # refreshing every step costs a host sync and Python time per step
         callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
-                        logger=logger or False, callbacks=callbacks,
+                        num_nodes=num_nodes, logger=logger or False, callbacks=callbacks,
                         enable_progress_bar=progress, enable_model_summary=False,
                         num_sanity_val_steps=0, log_every_n_steps=50,
                         **trainer_budget(spec, model), **trainer_args)
@@ -204,7 +204,8 @@ def quiet_lightning() -> None:
 def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
               force: bool = False, accelerator: str = "auto", devices: int | str = 1,
               wandb_mode: str | None = None, progress: bool | None = None,
-              checkpoint_every: int = 200, strategy: str = "auto", parallel: int = 1,
+              checkpoint_every: int = 200, strategy: str = "auto", num_nodes: int = 1,
+              parallel: int = 1,
               launcher: str = "local", slurm: SlurmOptions | None = None,
               log=print) -> pd.DataFrame:
     """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
@@ -232,7 +233,8 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         else:
             pending.append(spec)
     commit = git_commit()
-    options = RunOptions(accelerator, devices, strategy, mode, checkpoint_every, force, progress)
+    options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
+                         progress)
     suite_start = time.perf_counter()
     say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "
         f"(W&B {mode})")
@@ -250,7 +252,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         for i, spec in enumerate(pending, 1):
             say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
             row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
-                          checkpoint_every, strategy, log=say)
+                          checkpoint_every, strategy, num_nodes, log=say)
             if row.pop("rank") == 0:
                 append_row(csv_path, row, unique=not force)
             rows.append(row)

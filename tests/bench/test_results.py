@@ -79,3 +79,8 @@ def test_compare_marks_worsening_beyond_tolerance_in_the_metric_direction():
 def test_compare_rejects_unknown_metric_tolerances():
     with pytest.raises(ValueError, match="unknown metric.*fidd"):
         compare(pd.DataFrame([row(fid=1.0)]), pd.DataFrame([row(fid=1.0)]), {"fidd": 0.1})
+
+
+def test_compare_rejects_unknown_metric_names():
+    with pytest.raises(ValueError, match="unknown metric.*'fdi'.*choose from: recon_mse"):
+        compare(pd.DataFrame([row(fid=1.0)]), pd.DataFrame([row(fid=1.0)]), metrics=["fdi"])
