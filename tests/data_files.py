@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -72,3 +73,18 @@ def write_cifar_dir(directory: Path, n_per_batch: int = 40, n_test: int = 50,
     return {"train_images": np.concatenate(train_images),
             "train_labels": np.concatenate(train_labels),
             "test_images": test_images, "test_labels": test_labels}
+
+
+def write_mnist_suite(directory: Path, runs: list[dict], n_train: int = 300, n_test: int = 100,
+                      **defaults) -> Path:
+    """A suite file over a small synthetic MNIST written beside it. `defaults` update these
+    (mappings merge one level): 2 epochs, batches of 10, 50 validation images, no FID."""
+    write_mnist_dir(directory / "data", n_train=n_train, n_test=n_test)
+    merged = {"datasets": ["mnist"], "budget": {"epochs": 2}, "eval": {"generation": False},
+              "data": {"data_dir": str(directory / "data"), "val_size": 50, "batch_size": 10}}
+    for key, value in defaults.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both_maps else value
+    path = directory / "suite.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "defaults": merged, "runs": runs}))
+    return path

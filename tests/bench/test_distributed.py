@@ -10,27 +10,18 @@ from bench.evaluate import EvalSettings, evaluate
 from bench.results import read_rows
 from datamodules import ImageDataModule
 from modules import MODELS
-from tests.data_files import write_mnist_dir
+from tests.data_files import write_mnist_suite
 
 EVAL = {"n_fake": 200, "kid_subset_size": 100, "extractor_epochs": 1, "features": "classifier",
-        "iw_k": 4, "iw_images": 50}
+        "iw_k": 4, "iw_images": 50, "generation": True}
 
 
-def write_suite(tmp_path, runs: str):
-    write_mnist_dir(tmp_path / "data", n_train=400, n_test=120)
-    path = tmp_path / "suite.yaml"
-    path.write_text(f"""\
-name: dist
-defaults:
-  datasets: [mnist]
-  budget: {{epochs: 2}}
-  data: {{data_dir: {tmp_path / 'data'}, val_size: 40, batch_size: 20, eval_batch_size: 25}}
-  eval: {EVAL}
-  params: {{hidden: 16, latent_dim: 4, width: 4}}
-runs:
-{runs}
-""")
-    return path
+def write_suite(tmp_path, models: dict[str, str], **params):
+    runs = [{"model": model, "variant": variant, "params": params}
+            for variant, model in models.items()]
+    return write_mnist_suite(tmp_path, runs, n_train=400, n_test=120, eval=EVAL,
+                             data={"val_size": 40, "batch_size": 20, "eval_batch_size": 25},
+                             params={"hidden": 16, "latent_dim": 4, "width": 4})
 
 
 def bench(*args, tmp_path, timeout=400):
@@ -42,7 +33,7 @@ def bench(*args, tmp_path, timeout=400):
 
 @pytest.mark.slow
 def test_ddp_run_matches_single_process_evaluation_of_its_checkpoint(tmp_path):
-    suite = write_suite(tmp_path, "  - {model: ae, variant: mlp, params: {gmm_components: 2}}")
+    suite = write_suite(tmp_path, {"mlp": "ae"}, gmm_components=2)
     done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"),
                  "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
                  "--wandb", "disabled", "--no-progress", tmp_path=tmp_path)
@@ -65,8 +56,7 @@ def test_ddp_run_matches_single_process_evaluation_of_its_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_runs_each_append_one_row(tmp_path):
-    suite = write_suite(tmp_path, "\n".join(
-        f"  - {{model: {m}, variant: v{i}}}" for i, m in enumerate(["ae", "vae", "gan"])))
+    suite = write_suite(tmp_path, {"v0": "ae", "v1": "vae", "v2": "gan"})
     done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"), "--parallel", "2",
                  "--accelerator", "cpu", "--wandb", "disabled", "--no-progress",
                  tmp_path=tmp_path)
@@ -80,7 +70,7 @@ def test_parallel_runs_each_append_one_row(tmp_path):
 @pytest.mark.slow
 def test_slurm_launcher_runs_the_job_array_and_collects_rows(tmp_path):
     """submitit's local executor stands in for SLURM: same job array, same pickled jobs."""
-    suite = write_suite(tmp_path, "  - {model: ae, variant: a}\n  - {model: sae, variant: b}")
+    suite = write_suite(tmp_path, {"a": "ae", "b": "sae"})
     done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"),
                  "--launcher", "submitit-local", "--slurm-gpus", "0", "--slurm-cpus", "1",
                  "--accelerator", "cpu", "--wandb", "disabled", "--no-progress",

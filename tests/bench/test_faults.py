@@ -15,23 +15,14 @@ from hypothesis import strategies as st
 from bench.results import read_rows
 from bench.runner import run_suite
 from bench.suite import SuiteError, load_suite
-from tests.data_files import write_mnist_dir
+from tests.data_files import write_mnist_suite
 
 
 def test_a_killed_suite_loses_no_row_and_resumes_from_its_checkpoint(tmp_path):
-    write_mnist_dir(tmp_path / "data", n_train=300, n_test=100)
-    suite_path = tmp_path / "long.yaml"
-    suite_path.write_text(f"""\
-name: long
-defaults:
-  datasets: [mnist]
-  data: {{data_dir: {tmp_path / 'data'}, val_size: 50, batch_size: 10}}
-  eval: {{generation: false}}
-  params: {{hidden: 16, latent_dim: 4}}
-runs:
-  - {{model: ae, variant: short, budget: {{epochs: 1}}}}
-  - {{model: ae, variant: long, budget: {{epochs: 120}}}}
-""")
+    suite_path = write_mnist_suite(
+        tmp_path, [{"model": "ae", "variant": "short", "budget": {"epochs": 1}},
+                   {"model": "ae", "variant": "long", "budget": {"epochs": 120}}],
+        params={"hidden": 16, "latent_dim": 4})
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen(
@@ -66,6 +57,15 @@ runs:
     assert final["epoch"] == 119  # the whole budget was trained, not restarted or cut short
 
 
+def loads_or_fails_cleanly(path, text: str) -> None:
+    """A suite file either loads or raises SuiteError naming the file; nothing else escapes."""
+    path.write_text(text)
+    try:
+        load_suite(str(path))
+    except SuiteError as err:
+        assert str(err).startswith(str(path))
+
+
 KEYS = ["name", "runs", "defaults", "model", "variant", "params", "datasets", "seeds", "budget",
         "epochs", "steps", "data", "eval", "trainer", "backbone", "sparsity", "n_fake", "junk"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
@@ -80,12 +80,7 @@ DOCUMENTS = st.recursive(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(document=DOCUMENTS)
 def test_malformed_suites_only_ever_give_clean_errors(tmp_path, document):
-    path = tmp_path / "fuzz.yaml"
-    path.write_text(yaml.safe_dump(document))
-    try:
-        load_suite(str(path))
-    except SuiteError as err:
-        assert str(err).startswith(str(path))
+    loads_or_fails_cleanly(tmp_path / "fuzz.yaml", yaml.safe_dump(document))
 
 
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3),
@@ -103,20 +98,10 @@ NEAR_VALID = st.fixed_dictionaries({"name": SCALARS, "runs": st.lists(RUNS, min_
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(document=NEAR_VALID)
 def test_suites_with_wrong_values_only_ever_give_clean_errors(tmp_path, document):
-    path = tmp_path / "near.yaml"
-    path.write_text(yaml.safe_dump(document))
-    try:
-        load_suite(str(path))
-    except SuiteError as err:
-        assert str(err).startswith(str(path))
+    loads_or_fails_cleanly(tmp_path / "near.yaml", yaml.safe_dump(document))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=200))
 def test_arbitrary_text_gives_a_clean_error(tmp_path, text):
-    path = tmp_path / "text.yaml"
-    path.write_text(text)
-    try:
-        load_suite(str(path))
-    except SuiteError:
-        pass
+    loads_or_fails_cleanly(tmp_path / "text.yaml", text)

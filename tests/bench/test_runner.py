@@ -9,7 +9,7 @@ from bench.results import read_rows
 from bench.runner import run_suite
 from bench.suite import load_suite
 from modules import Autoencoder
-from tests.data_files import write_mnist_dir
+from tests.data_files import write_mnist_suite
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = REPO / "results" / "baselines" / "smoke.csv"
@@ -23,19 +23,10 @@ DETERMINISTIC = ("recon_mse,psnr,ssim,l0,dead_fraction,hoyer,elbo,iw_nll,fid,kid
 def tiny_suite(tmp_path, monkeypatch):
     """Two AE runs on a small synthetic MNIST; the first has lr 10, the second lr 0.001."""
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
-    write_mnist_dir(tmp_path / "data", n_train=300, n_test=100)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"""\
-name: tiny
-defaults:
-  datasets: [mnist]
-  budget: {{epochs: 2}}
-  data: {{data_dir: {tmp_path / 'data'}, val_size: 50, batch_size: 10}}
-  eval: {{generation: false}}
-runs:
-  - {{model: ae, variant: hot, params: {{hidden: 16, latent_dim: 4, lr: 10.0}}}}
-  - {{model: ae, variant: cool, params: {{hidden: 16, latent_dim: 4, lr: 0.001}}}}
-""")
+    hot, cool = ({"model": "ae", "variant": name, "params": {"hidden": 16, "latent_dim": 4,
+                                                         "lr": lr}}
+                 for name, lr in (("hot", 10.0), ("cool", 0.001)))
+    path = write_mnist_suite(tmp_path, [hot, cool])
     return load_suite(str(path))
 
 
