@@ -43,7 +43,7 @@ def test_ddp_run_matches_single_process_evaluation_of_its_checkpoint(tmp_path):
     row = rows.iloc[0]
     assert row["devices"] == 2 and row["status"] == "ok"
     assert row["n_fake"] == 200 and row["fid"] > 0  # generated once, on rank zero
-    assert done.stdout.count("suite dist:") == 1  # only rank zero speaks
+    assert done.stdout.count("suite tiny:") == 1  # only rank zero speaks
 
     model = MODELS["ae"].load_from_checkpoint(row["checkpoint"]).eval()
     dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=40,
