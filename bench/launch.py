@@ -42,7 +42,7 @@ def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict:
     opts = RunOptions(**options)
     row = run_one(spec, suite, Path(out_dir), opts.accelerator, opts.devices, opts.wandb_mode,
                   opts.progress, commit, opts.checkpoint_every, opts.strategy, opts.num_nodes,
-                  log=print)
+                  fresh=opts.force, log=print)
     if row.pop("rank") == 0:
         append_row(Path(out_dir) / "runs.csv", row, unique=not opts.force)
     return row

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -88,26 +89,28 @@ def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
 NET_OPTIONS = ("channels_last", "compile")  # keys of a suite's `trainer:` that NetOptions takes
 
 
-def resumable_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
-    """The run's last checkpoint if it loads; a file cut short by a kill is removed."""
+def resumable_checkpoint(ckpt_dir: Path, log=print) -> tuple[Path, int] | None:
+    """The run's last checkpoint and its step, if it loads; a file cut short by a kill is
+    removed."""
     path = ckpt_dir / "last.ckpt"
     if not path.is_file():
         return None
     try:
-        torch.load(path, map_location="cpu", weights_only=False)
+        step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
     except Exception as err:  # a torn write fails in pickle, zip or torch's own checks
         log(f"  {path} is unreadable ({type(err).__name__}); starting the run afresh")
         path.unlink()
         return None
-    return path
+    return path, step
 
 
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto",
             devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = False,
             commit: str = "unknown", checkpoint_every: int = 200, strategy: str = "auto",
-            num_nodes: int = 1, log=print) -> dict:
+            num_nodes: int = 1, fresh: bool = False, log=print) -> dict:
     """Train and evaluate one spec; returns its result row (status ok or diverged). The run
-    saves a checkpoint every `checkpoint_every` steps and resumes from it when rerun."""
+    saves a checkpoint every `checkpoint_every` steps and resumes from it when rerun, unless
+    `fresh` (the --force redo) asks for a new start."""
     start = time.perf_counter()
     settings = EvalSettings.from_dict(spec.eval)
     L.seed_everything(spec.seed, verbose=False)
@@ -142,10 +145,12 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
                  "status": "ok", "diverged_step": None}
     metrics: dict = {}
     images: dict[str, Path] = {}
-    resume = resumable_checkpoint(ckpt_dir, log)
-    if resume is not None:
-        row["resumed_step"] = torch.load(resume, map_location="cpu",
-                                         weights_only=False)["global_step"]
+    if fresh and trainer.is_global_zero:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    found = None if fresh else resumable_checkpoint(ckpt_dir, log)
+    resume = None
+    if found is not None:
+        resume, row["resumed_step"] = found
         log(f"  resuming from {resume} (step {row['resumed_step']})")
     try:
         trainer.fit(model, dm, ckpt_path=resume)
@@ -252,7 +257,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         for i, spec in enumerate(pending, 1):
             say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
             row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
-                          checkpoint_every, strategy, num_nodes, log=say)
+                          checkpoint_every, strategy, num_nodes, fresh=force, log=say)
             if row.pop("rank") == 0:
                 append_row(csv_path, row, unique=not force)
             rows.append(row)

@@ -98,3 +98,16 @@ def test_smoke_suite_matches_the_committed_baseline(tmp_path, monkeypatch, capsy
                  "--no-progress"]) == 0
     assert capsys.readouterr().out.count("skipped") == 4
     assert len(read_rows(out / "runs.csv")) == 4
+
+
+def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path):
+    cool = load_suite(str(tiny_suite.path))
+    cool.specs = [s for s in cool.specs if s.variant == "cool"]
+    messages = []
+    run_quietly(cool, tmp_path / "out", checkpoint_every=10)  # leaves a last.ckpt behind
+    run_suite(cool, tmp_path / "out", force=True, wandb_mode="disabled", progress=False,
+              checkpoint_every=10, log=messages.append)
+    rows = read_rows(tmp_path / "out" / "runs.csv")
+    assert len(rows) == 2 and rows["config_hash"].nunique() == 1  # a re-measurement, kept
+    assert not any("resuming from" in m for m in messages)
+    assert rows["recon_mse"].iloc[0] == pytest.approx(rows["recon_mse"].iloc[1])  # same seed
