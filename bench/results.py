@@ -23,6 +23,10 @@ DEFAULT_TIMING_TOLERANCE = 0.5
 HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "iw_nll", "fid",
             "kid_mean", "isc_mean", "precision", "recall", "train_img_per_s"]
 KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
+# Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
+# and a variant or commit of digits as an integer, and then no longer matches.
+TEXT_COLUMNS = ["suite", "model", "variant", "dataset", "config_hash", "status", "git_commit",
+                "features", "device"]
 
 
 def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
@@ -61,7 +65,7 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
     if not csv_path.is_file():
         return pd.DataFrame()
     try:
-        return pd.read_csv(csv_path)
+        return pd.read_csv(csv_path, dtype={column: str for column in TEXT_COLUMNS})
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
     except pd.errors.ParserError as err:

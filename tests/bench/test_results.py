@@ -32,6 +32,14 @@ def test_a_run_already_in_the_table_is_not_added_twice(tmp_path):
     assert read_rows(path)["recon_mse"].tolist() == [0.1]
 
 
+def test_hashes_and_names_that_look_like_numbers_stay_text(tmp_path):
+    path = tmp_path / "runs.csv"
+    assert append_row(path, {**row(variant="007"), "config_hash": "123e45678901"})
+    assert not append_row(path, {**row(variant="007"), "config_hash": "123e45678901"})
+    rows = read_rows(path)
+    assert rows["config_hash"].tolist() == ["123e45678901"] and rows["variant"].tolist() == ["007"]
+
+
 def _append_many(args):
     path, worker = args
     for i in range(15):
