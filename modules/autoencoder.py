@@ -85,8 +85,8 @@ class Autoencoder(LossSteps):
     @torch.no_grad()
     def fit_latent_density(self, batches) -> None:
         """Fit a full-covariance Gaussian mixture (scikit-learn's EM) to the codes of up to
-        `gmm_max_samples` training images. Under DDP the codes are gathered first, so every rank
-        fits the same mixture from the same data and seed."""
+        `gmm_max_samples` training images. Under DDP an equal number of codes is gathered from every
+        rank first, so every rank fits the same mixture from the same data and seed."""
         from sklearn.mixture import GaussianMixture
 
         was_training = self.training
@@ -100,7 +100,9 @@ class Autoencoder(LossSteps):
                 break
         local = torch.cat(codes)[: self.hparams.gmm_max_samples]
         if self._trainer is not None and self.trainer.world_size > 1:  # .trainer raises if unset
-            local = self.all_gather(local).flatten(0, 1)
+            # all_gather needs one shape on every rank, and shards may differ by an image
+            common = int(self.all_gather(torch.tensor(len(local), device=self.device)).min())
+            local = self.all_gather(local[:common]).flatten(0, 1)
         gmm = GaussianMixture(self.hparams.gmm_components, covariance_type="full",
                               reg_covar=1e-5, random_state=self.hparams.seed)
         gmm.fit(local.double().cpu().numpy())

@@ -19,7 +19,7 @@ EVAL = {"n_fake": 200, "kid_subset_size": 100, "extractor_epochs": 1, "features"
 def write_suite(tmp_path, models: dict[str, str], **params):
     runs = [{"model": model, "variant": variant, "params": params}
             for variant, model in models.items()]
-    return write_mnist_suite(tmp_path, runs, n_train=400, n_test=120, eval=EVAL,
+    return write_mnist_suite(tmp_path, runs, n_train=401, n_test=121, eval=EVAL,
                              data={"val_size": 40, "batch_size": 20, "eval_batch_size": 25},
                              params={"hidden": 16, "latent_dim": 4, "width": 4})
 
