@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from bench.runner import PROGRESS_REFRESH_STEPS, TrainThroughput
+from bench.callbacks import PROGRESS_REFRESH_STEPS, TrainThroughput
+from bench.runner import optimizer_steps
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
 
@@ -90,8 +91,7 @@ def _cycle(batches):
 def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str,
                  trainer_args: dict) -> float:
     throughput = TrainThroughput(warmup_batches=warmup)
-    total = warmup + steps
-    max_steps = total + total // model.n_critic if not model.automatic_optimization else total
+    max_steps = optimizer_steps(model, warmup + steps)
     callbacks = [throughput]
     if trainer_args.get("enable_progress_bar"):
         callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))

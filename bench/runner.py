@@ -75,15 +75,19 @@ def build_model(spec: RunSpec, image_shape):
     return cls(**kwargs)
 
 
+def optimizer_steps(model, batches: int) -> int:
+    """Lightning's max_steps counts optimiser steps: one per batch, except for the GAN, which
+    takes a discriminator step per batch plus a generator step every n_critic batches."""
+    if model.automatic_optimization:
+        return batches
+    return batches + batches // model.n_critic
+
+
 def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
-    """Epochs, or steps as training batches. Lightning's max_steps counts optimiser steps, and
-    the GAN takes one discriminator step per batch plus a generator step every n_critic."""
+    """Epochs, or steps counted as training batches."""
     if "epochs" in spec.budget:
         return {"max_epochs": spec.budget["epochs"]}
-    batches = spec.budget["steps"]
-    if spec.model == "gan":
-        return {"max_steps": batches + batches // model.n_critic, "max_epochs": -1}
-    return {"max_steps": batches, "max_epochs": -1}
+    return {"max_steps": optimizer_steps(model, spec.budget["steps"]), "max_epochs": -1}
 
 
 NET_OPTIONS = ("channels_last", "compile")  # keys of a suite's `trainer:` that NetOptions takes

@@ -103,9 +103,5 @@ def as_tuple_shape(image_shape) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def flat_dim(image_shape: tuple[int, int, int]) -> int:
-    return math.prod(image_shape)
-
-
-__all__ = ["BACKBONES", "as_tuple_shape", "count_parameters", "flat_dim", "init_dcgan_weights",
+__all__ = ["BACKBONES", "as_tuple_shape", "count_parameters", "init_dcgan_weights",
            "make_decoder", "make_encoder"]

@@ -111,3 +111,27 @@ def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path):
     assert len(rows) == 2 and rows["config_hash"].nunique() == 1  # a re-measurement, kept
     assert not any("resuming from" in m for m in messages)
     assert rows["recon_mse"].iloc[0] == pytest.approx(rows["recon_mse"].iloc[1])  # same seed
+
+
+@pytest.mark.parametrize("family, params", [("vae", {}), ("gan", {}),
+                                            ("gan", {"loss": "wgan-gp"})])
+def test_a_steps_budget_counts_training_batches_for_every_family(family, params):
+    """Lightning's max_steps counts optimiser steps; the GAN takes more than one per batch."""
+    import lightning as L
+    import torch
+
+    from bench.callbacks import TrainThroughput
+    from bench.runner import trainer_budget
+    from bench.suite import RunSpec
+    from datamodules import TensorBatches
+    from modules import MODELS
+
+    model = MODELS[family](hidden=16, latent_dim=4, **params)
+    spec = RunSpec("s", family, "v", "mnist", 0, budget={"steps": 23})
+    counter = TrainThroughput(warmup_batches=0)
+    batches = TensorBatches(torch.zeros(400, 1, 28, 28, dtype=torch.uint8), torch.zeros(400), 10,
+                            shuffle=True, drop_last=True)
+    L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[counter],
+              **trainer_budget(spec, model)).fit(model, batches)
+    assert counter.batches == 23
