@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "loop vs a DataLoader feed", description="Train each family and "
                                "backbone for N steps three ways and print images per second and "
                                "the ratios (a benchmark, not a test).")
-    perf.add_argument("--families", nargs="+", default=["ae", "sae", "vae", "gan"])
-    perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"])
+    perf.add_argument("--families", nargs="+", default=["ae", "sae", "vae", "gan"],
+                      choices=["ae", "sae", "vae", "gan"])
+    perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     perf.add_argument("--dataset", default="fashion_mnist")
     perf.add_argument("--batch-size", type=int, default=128)
     perf.add_argument("--steps", type=int, default=200)
