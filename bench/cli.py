@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.launch import CHECKPOINT_EVERY_STEPS
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one clear message, exit status 2, no traceback."""
@@ -122,6 +124,11 @@ def cmd_perf(args: argparse.Namespace) -> int:
     if len(below):
         print(f"\nbelow the {args.target} target: "
               + ", ".join(f"{r.family}/{r.backbone}" for r in below.itertuples()))
+        capped = below[below["ceiling"] < args.target]
+        if len(capped):
+            print("the Trainer's fixed cost per step alone keeps these below it (ceiling "
+                  f"< {args.target}): "
+                  + ", ".join(f"{r.family}/{r.backbone}" for r in capped.itertuples()))
     return 0
 
 
@@ -205,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
-    run.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
-                     help="save a resumable checkpoint every STEPS steps (default 200)")
+    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY_STEPS,
+                     metavar="STEPS", help="save a resumable checkpoint every STEPS steps "
+                     f"(default {CHECKPOINT_EVERY_STEPS})")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (they are on when stderr is a terminal)")
     run.set_defaults(func=cmd_run)

@@ -2,28 +2,38 @@
 
 For each family and backbone, three feeds of the same nets and the same batches:
   plain    a hand-written PyTorch loop over the tensor batches (the reference);
-  harness  the harness's path: lightning.Trainer over the ImageDataModule's tensor batches;
+  harness  the harness's path: lightning.Trainer with bench run's callbacks and settings over the
+           ImageDataModule's tensor batches (no logger: W&B is not part of the timing);
   loader   the same Trainer fed by torch.utils.data.DataLoader(TensorDataset), the usual route.
 harness/plain shows Lightning's overhead (target >= 0.95); loader/harness shows what the data
 path saves. Each figure is the best of `repeats` runs of `steps` steps after `warmup` steps,
 the three feeds interleaved so that a busy machine slows them alike.
+
+The Trainer's own work per step (hook dispatch, progress tracking, closures) does not shrink
+with the model, so it is measured apart, on a model with one weight (`fixed_step_cost_us`), and
+each row shows the best harness/plain that cost leaves (`ceiling`): plain step time over plain
+step time plus the fixed cost.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning.pytorch.callbacks import TQDMProgressBar
-
-from bench.callbacks import PROGRESS_REFRESH_STEPS, TrainThroughput
-from bench.runner import optimizer_steps
+from bench.callbacks import DivergenceGuard, TrainThroughput
+from bench.launch import CHECKPOINT_EVERY_STEPS
+from bench.runner import (HARNESS_TRAINER_ARGS, harness_callbacks, optimizer_steps,
+                          prepare_run_process)
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
+from modules.steps import LossSteps
 
 FAMILY_ARGS = {"ae": {}, "sae": {"sparsity": "topk", "k": 8}, "vae": {}, "gan": {}}
 
@@ -89,36 +99,68 @@ def _cycle(batches):
 
 
 def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str,
-                 trainer_args: dict) -> float:
+                 progress_bar: bool) -> float:
+    """Images per second through a Trainer set up as bench run sets one up."""
     throughput = TrainThroughput(warmup_batches=warmup)
-    max_steps = optimizer_steps(model, warmup + steps)
-    callbacks = [throughput]
-    if trainer_args.get("enable_progress_bar"):
-        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
-    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=max_steps, max_epochs=-1,
-                        logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
-                        **trainer_args)
-    trainer.fit(model, train_dataloaders=train_batches)
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        callbacks = harness_callbacks(throughput, DivergenceGuard(), Path(ckpt_dir),
+                                      CHECKPOINT_EVERY_STEPS, progress_bar)
+        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False,
+                            callbacks=callbacks, enable_progress_bar=progress_bar,
+                            max_steps=optimizer_steps(model, warmup + steps), max_epochs=-1,
+                            limit_val_batches=0, **HARNESS_TRAINER_ARGS)
+        trainer.fit(model, train_dataloaders=train_batches)
     return throughput.images_per_second
+
+
+class OneWeight(LossSteps):
+    """A model with a single weight: its training step is the harness's fixed cost per step."""
+
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def losses(self, x: Tensor) -> dict[str, Tensor]:
+        return {"loss": (self.weight * x[:, 0, 0, 0]).square().mean()}
+
+
+def fixed_step_cost_us(batches, steps: int, warmup: int, repeats: int, accelerator: str,
+                       device: torch.device, progress_bar: bool) -> tuple[float, float, float]:
+    """(plain, Trainer, Trainer - plain) microseconds per step for OneWeight, best of `repeats`:
+    what the Trainer adds to every step whatever the model."""
+    batch = len(next(iter(batches))[0])
+    plain = harness = 0.0
+    for _ in range(repeats):
+        plain = max(plain, time_plain(OneWeight(), batches, steps, warmup, device))
+        harness = max(harness, time_trainer(OneWeight(), batches, steps, warmup, accelerator,
+                                            progress_bar))
+    plain_us, harness_us = 1e6 * batch / plain, 1e6 * batch / harness
+    return plain_us, harness_us, harness_us - plain_us
+
+
+def ceiling(plain_img_per_s: float, batch_size: int, fixed_us: float) -> float:
+    """The best harness/plain a fixed per-step cost allows: t / (t + fixed), t the plain step."""
+    plain_us = 1e6 * batch_size / plain_img_per_s
+    return plain_us / (plain_us + max(fixed_us, 0.0))
 
 
 def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_mnist",
              batch_size: int = 128, steps: int = 200, warmup: int = 20, repeats: int = 3,
              accelerator: str = "auto", progress_bar: bool = True, log=print) -> pd.DataFrame:
-    import logging
-    import warnings
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers).*")
+    # As in bench run; it also makes the plain loop what a script without Lightning gets.
+    prepare_run_process()
     dm = ImageDataModule(dataset, batch_size=batch_size, val_size=0)
     dm.setup()
     probe = L.Trainer(accelerator=accelerator, devices=1, logger=False)
     device = probe.strategy.root_device
     images = dm.train_images.to(device)
     labels = dm.train_labels.to(device)
-    # The harness's trainer settings that matter for speed, as bench run sets them.
-    trainer_args = {"enable_progress_bar": progress_bar, "log_every_n_steps": 50}
+    fixed = fixed_step_cost_us(
+        TensorBatches(images, labels, batch_size, shuffle=True, drop_last=True),
+        steps, warmup, repeats, accelerator, device, progress_bar)
+    log(f"Trainer's fixed cost per step (a one-weight model): plain {fixed[0]:.0f} us, "
+        f"Trainer {fixed[1]:.0f} us, difference {fixed[2]:.0f} us")
     records = []
     for family in families:
         for backbone in backbones:
@@ -134,25 +176,27 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
                         rate = time_plain(model, batches, steps, warmup, device)
                     elif feed == "harness":
                         rate = time_trainer(model, batches, steps, warmup, accelerator,
-                                            trainer_args)
+                                            progress_bar)
                     else:
                         # The usual route: float images in a TensorDataset, collated per item.
                         dataset_ = TensorDataset(images.float().div(255).cpu(), labels.cpu())
                         loader = DataLoader(dataset_, batch_size=batch_size, shuffle=True,
                                             drop_last=True)
                         rate = time_trainer(model, loader, steps, warmup, accelerator,
-                                            trainer_args)
+                                            progress_bar)
                     best[feed] = max(best[feed], rate)
             record = {"family": family, "backbone": backbone,
                       "plain_img_per_s": best["plain"], "harness_img_per_s": best["harness"],
                       "loader_img_per_s": best["loader"],
                       "harness_vs_plain": best["harness"] / best["plain"],
-                      "loader_vs_harness": best["loader"] / best["harness"]}
+                      "loader_vs_harness": best["loader"] / best["harness"],
+                      "ceiling": ceiling(best["plain"], batch_size, fixed[2])}
             records.append(record)
             log(f"{family:>4} {backbone:<5} plain {best['plain']:>9,.0f}  harness "
                 f"{best['harness']:>9,.0f}  loader {best['loader']:>9,.0f} img/s  "
                 f"harness/plain {record['harness_vs_plain']:.3f}  "
-                f"loader/harness {record['loader_vs_harness']:.3f}")
+                f"loader/harness {record['loader_vs_harness']:.3f}  "
+                f"ceiling {record['ceiling']:.3f}")
     table = pd.DataFrame(records)
     log(f"\ndevice {device}, batch {batch_size}, {steps} steps after {warmup} warm-up, best of "
         f"{repeats}, torch threads {torch.get_num_threads()}")

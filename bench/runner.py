@@ -24,10 +24,11 @@ import pandas as pd
 import torch
 
 from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, NetOptions,
-                             TrainThroughput)
+                             TrainThroughput, drop_failing_nvml_check)
 from bench.evaluate import EvalSettings, evaluate
 from bench.extractor import get_extractor
-from bench.launch import RunOptions, SlurmOptions, run_parallel, run_slurm
+from bench.launch import (CHECKPOINT_EVERY_STEPS, RunOptions, SlurmOptions, run_parallel,
+                          run_slurm)
 from bench.plots import metric_bar_charts, save_run_grids
 from bench.results import append_row, done_hashes, format_table, read_rows
 from bench.suite import RunSpec, Suite
@@ -93,6 +94,29 @@ def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
 NET_OPTIONS = ("channels_last", "compile")  # keys of a suite's `trainer:` that NetOptions takes
 
 
+# The Trainer settings of every run that matter for speed; `bench perf` times the same.
+HARNESS_TRAINER_ARGS = {"enable_model_summary": False, "num_sanity_val_steps": 0,
+                        "log_every_n_steps": 50}
+
+
+def harness_callbacks(throughput: TrainThroughput, guard: DivergenceGuard, ckpt_dir: Path,
+                      checkpoint_every: int, progress: bool,
+                      net_options: NetOptions | None = None) -> list[L.Callback]:
+    """The callbacks of every run: throughput, divergence guard, a resumable checkpoint every
+    `checkpoint_every` steps (<ckpt_dir>/last.ckpt), GPU net options when any is on, and a
+    progress bar that refreshes every PROGRESS_REFRESH_STEPS steps (each refresh costs a host
+    sync)."""
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                 every_n_train_steps=checkpoint_every,
+                                 enable_version_counter=False)
+    callbacks: list[L.Callback] = [throughput, guard, checkpoint]
+    if net_options is not None and net_options.enabled:  # each callback costs ~10 us a step
+        callbacks.append(net_options)
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
+    return callbacks
+
+
 def resumable_checkpoint(ckpt_dir: Path, log=print) -> tuple[Path, int] | None:
     """The run's last checkpoint and its step, if it loads; a file cut short by a kill is
     removed."""
@@ -110,8 +134,8 @@ def resumable_checkpoint(ckpt_dir: Path, log=print) -> tuple[Path, int] | None:
 
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto",
             devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = False,
-            commit: str = "unknown", checkpoint_every: int = 200, strategy: str = "auto",
-            num_nodes: int = 1, fresh: bool = False, log=print) -> dict:
+            commit: str = "unknown", checkpoint_every: int = CHECKPOINT_EVERY_STEPS,
+            strategy: str = "auto", num_nodes: int = 1, fresh: bool = False, log=print) -> dict:
     """Train and evaluate one spec; returns its result row (status ok or diverged). The run
     saves a checkpoint every `checkpoint_every` steps and resumes from it when rerun, unless
     `fresh` (the --force redo) asks for a new start."""
@@ -126,21 +150,16 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     logger = make_logger(project, group, spec.run_id, out_dir, wandb_mode,
                          {**spec.config(), "suite": suite.name, "config_hash": spec.config_hash})
     ckpt_dir = out_dir / "checkpoints" / spec.config_hash
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
-                                 every_n_train_steps=checkpoint_every,
-                                 enable_version_counter=False)
     trainer_args = {k: v for k, v in spec.trainer.items() if k not in NET_OPTIONS}
     if strategy == "ddp":  # a short collective timeout turns a mismatch into an error, not a hang
         timeout = timedelta(seconds=int(os.environ.get("GENBENCH_DDP_TIMEOUT_S", "1800")))
         strategy = DDPStrategy(timeout=timeout)
-    callbacks = [throughput, guard, checkpoint,
-                 NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS})]
-    if progress:  # refreshing every step costs a host sync and Python time per step
-        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
+    callbacks = harness_callbacks(
+        throughput, guard, ckpt_dir, checkpoint_every, progress,
+        NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS}))
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
                         num_nodes=num_nodes, logger=logger or False, callbacks=callbacks,
-                        enable_progress_bar=progress, enable_model_summary=False,
-                        num_sanity_val_steps=0, log_every_n_steps=50,
+                        **HARNESS_TRAINER_ARGS, enable_progress_bar=progress,
                         **trainer_budget(spec, model), **trainer_args)
     if trainer.strategy.root_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
@@ -202,9 +221,11 @@ def one_line(row: dict) -> str:
         " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
 
 
-def quiet_lightning() -> None:
-    """No per-run device banner or warnings that say nothing about the run."""
+def prepare_run_process() -> None:
+    """Set up a process that trains runs: no per-run device banner, no warnings that say nothing
+    about the run, and no NVML probe on every optimiser step where NVML is missing."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    drop_failing_nvml_check()
     for noise in (".*smaller than the logging interval.*", ".*LeafSpec.*is deprecated.*",
                   ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=noise)
@@ -213,8 +234,8 @@ def quiet_lightning() -> None:
 def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
               force: bool = False, accelerator: str = "auto", devices: int | str = 1,
               wandb_mode: str | None = None, progress: bool | None = None,
-              checkpoint_every: int = 200, strategy: str = "auto", num_nodes: int = 1,
-              parallel: int = 1,
+              checkpoint_every: int = CHECKPOINT_EVERY_STEPS, strategy: str = "auto",
+              num_nodes: int = 1, parallel: int = 1,
               launcher: str = "local", slurm: SlurmOptions | None = None,
               log=print) -> pd.DataFrame:
     """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
@@ -222,7 +243,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     summary table and plots. Returns this suite's rows."""
     out_dir = Path(out_dir or Path("results") / suite.name)
     csv_path = out_dir / "runs.csv"
-    quiet_lightning()
+    prepare_run_process()
     # Under DDP every rank runs this function; only rank zero speaks and writes.
     zero = rank_zero_only.rank == 0
     say = log if zero else (lambda message: None)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.nets import as_tuple_shape, init_dcgan_weights, make_decoder, make_encoder
-from modules.steps import first_tensor, logs_this_step
+from modules.steps import BenchModule, first_tensor, logs_this_step
 
 GAN_LOSSES = ("ns", "wgan-gp")
 
@@ -42,7 +41,7 @@ def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
-class GAN(L.LightningModule):
+class GAN(BenchModule):
     """DCGAN (Radford et al. 2016) trained with two Adam optimisers under Lightning's manual
     optimisation: each batch updates the discriminator once, and every `n_critic`-th batch also
     the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return [0, 1].
