@@ -126,7 +126,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
               + ", ".join(f"{r.family}/{r.backbone}" for r in below.itertuples()))
         capped = below[below["ceiling"] < args.target]
         if len(capped):
-            print("the Trainer's fixed cost per step alone keeps these below it (ceiling "
+            print("the harness Trainer's fixed cost per step alone keeps these below it (ceiling "
                   f"< {args.target}): "
                   + ", ".join(f"{r.family}/{r.backbone}" for r in capped.itertuples()))
     return 0

@@ -159,8 +159,8 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
     fixed = fixed_step_cost_us(
         TensorBatches(images, labels, batch_size, shuffle=True, drop_last=True),
         steps, warmup, repeats, accelerator, device, progress_bar)
-    log(f"Trainer's fixed cost per step (a one-weight model): plain {fixed[0]:.0f} us, "
-        f"Trainer {fixed[1]:.0f} us, difference {fixed[2]:.0f} us")
+    log(f"fixed cost per step (a one-weight model): plain {fixed[0]:.0f} us, harness "
+        f"{fixed[1]:.0f} us, the harness's Trainer adds {fixed[2]:.0f} us")
     records = []
     for family in families:
         for backbone in backbones:
