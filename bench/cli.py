@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf = commands.add_parser("perf", help="training throughput: harness vs a plain PyTorch "
                                "loop vs a DataLoader feed", description="Train each family and "
                                "backbone for N steps three ways and print images per second and "
-                               "the ratios (a benchmark, not a test).")
+                               "the ratios (a benchmark, not a test). A one-weight model timed "
+                               "first gives the fixed cost the Trainer adds to every step; the "
+                               "ceiling column is the best harness/plain that cost leaves.")
     perf.add_argument("--families", nargs="+", default=["ae", "sae", "vae", "gan"],
                       choices=["ae", "sae", "vae", "gan"])
     perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
