@@ -190,7 +190,8 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
                       "loader_img_per_s": best["loader"],
                       "harness_vs_plain": best["harness"] / best["plain"],
                       "loader_vs_harness": best["loader"] / best["harness"],
-                      "ceiling": ceiling(best["plain"], batch_size, fixed[2])}
+                      "ceiling": ceiling(best["plain"], batch_size, fixed[2]),
+                      "fixed_step_us": fixed[2]}
             records.append(record)
             log(f"{family:>4} {backbone:<5} plain {best['plain']:>9,.0f}  harness "
                 f"{best['harness']:>9,.0f}  loader {best['loader']:>9,.0f} img/s  "

@@ -29,4 +29,5 @@ def test_perf_times_every_family_and_backbone_three_ways(tmp_path, monkeypatch):
         assert all(math.isfinite(r) and r > 0 for r in rates)
         assert row.harness_vs_plain == pytest.approx(row.harness_img_per_s / row.plain_img_per_s)
         assert 0 < row.ceiling <= 1
+        assert row.ceiling == pytest.approx(ceiling(row.plain_img_per_s, 32, row.fixed_step_us))
     assert any("fixed cost per step" in line for line in lines)
