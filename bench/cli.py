@@ -80,33 +80,93 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.results import compare
-
+def _tolerances(items: list[str]) -> dict[str, float]:
     tolerances = {}
-    for item in args.tol:
+    for item in items:
         name, _, value = item.partition("=")
         try:
             tolerances[name] = float(value)
         except ValueError:
             raise UserError(f"--tol {item!r}: expected METRIC=RELATIVE_TOLERANCE, "
                             "e.g. fid=0.05") from None
+    return tolerances
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.compare import compare, format_report
+
     metrics = args.metrics.split(",") if args.metrics else None
     try:
-        report = compare(_read_table(args.baseline), _read_table(args.current), tolerances,
-                         metrics)
+        report = compare(_read_table(args.baseline), _read_table(args.current),
+                         _tolerances(args.tol), metrics, alpha=args.alpha)
     except ValueError as err:
         raise UserError(str(err)) from err
-    if report.empty:
-        raise UserError("the two tables share no run (model, variant, dataset, seed) with "
-                        "a common metric")
-    shown = report.assign(change=(report["change"] * 100).map("{:+.2f}%".format),
-                          regression=report["regression"].map({True: "REGRESSION", False: ""}))
-    print(shown.to_markdown(index=False, floatfmt=".5g"))
-    n_bad = int(report["regression"].sum())
-    print(f"\n{n_bad} regression(s) in {len(report)} comparisons" if n_bad else
-          f"\nno regression in {len(report)} comparisons")
-    return 1 if n_bad else 0
+    print(format_report(report, args.allow_incomparable))
+    return report.exit_status(args.allow_incomparable)
+
+
+def _history_tables(paths: list[str]):
+    """Every runs.csv named, or found below a named folder."""
+    import pandas as pd
+
+    from bench.results import latest_runs
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.rglob("runs.csv"))
+            if not found:
+                raise UserError(f"{path}: no runs.csv below this folder")
+            files += found
+        else:
+            files.append(path)
+    tables = []
+    for file in files:
+        tables.append(latest_runs(_read_table(str(file))))  # a rerun counts once
+    return pd.concat(tables, ignore_index=True)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from bench.compare import history
+    from bench.plots import history_charts
+
+    rows = _history_tables(args.tables)
+    metrics = args.metrics.split(",") if args.metrics else None
+    try:
+        course = history(rows, metrics, _tolerances(args.tol), alpha=args.alpha)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if course.empty:
+        raise UserError("no finished run with a headline metric in these tables")
+    for key, group in course.groupby(["model", "variant", "dataset"], sort=False):
+        print(f"\n## {' / '.join(key)}")
+        cells = group.assign(cell=[_history_cell(r) for r in group.itertuples()])
+        table = cells.pivot(index=["commit_index", "commit"], columns="metric", values="cell")
+        table = table.reindex(columns=list(dict.fromkeys(group["metric"])))
+        print(table.droplevel(0).fillna("").to_markdown())
+    began = course[course["regression"]]
+    print()
+    for r in began.itertuples():
+        p_value = "" if pd.isna(r.p_value) else f", p={r.p_value:.3g}"
+        print(f"regression began at {r.commit}: {r.model}/{r.variant} on {r.dataset} {r.metric} "
+              f"{r.previous_mean:.5g} -> {r.mean:.5g} ({-r.change * 100:.1f}% worse{p_value})")
+    print(f"{len(began)} regression(s) over {course['commit'].nunique()} commit(s); "
+          "'!' marks where one began")
+    if args.out:
+        paths = history_charts(course, Path(args.out))
+        print(f"plots: {', '.join(str(p) for p in paths)}")
+    return 1 if len(began) else 0
+
+
+def _history_cell(r) -> str:
+    text = f"{r.mean:.5g}" + (f" ± {r.std:.2g}" if r.n > 1 else "") + f" (n={r.n})"
+    if r.regression:
+        text += " !"
+    elif r.note:
+        text += " (new provenance)"
+    return text
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
@@ -224,17 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--format", choices=["md", "latex", "csv"], default="md")
     table.set_defaults(func=cmd_table)
 
-    comp = commands.add_parser("compare", help="check a results table against a baseline; exit "
-                               "1 on a regression", description="Compare each metric of the "
-                               "runs both tables hold, in the metric's better direction; a "
-                               "worsening beyond the relative tolerance is a regression "
-                               "(default 2%%, 50%% for timings).")
+    comp = commands.add_parser(
+        "compare", help="check a results table against a baseline; exit 1 on a regression",
+        description="Match runs on model / variant / dataset / seed and judge each metric in its "
+        "better direction. A baseline run missing or unfinished in the current table fails the "
+        "check; a metric measured differently (features, sample counts, K, test images) is "
+        "incomparable and fails it unless --allow-incomparable. With 2+ seeds on both sides a "
+        "worsening must exceed the tolerance AND be significant by Welch's t-test (one-sided, "
+        "--alpha); with one seed the tolerance alone decides (default 2%%, 50%% for timings).")
     comp.add_argument("baseline")
     comp.add_argument("current")
     comp.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL",
                       help="relative tolerances, e.g. fid=0.05 recon_mse=0.01")
     comp.add_argument("--metrics", help="comma-separated metrics to compare (default: all)")
+    comp.add_argument("--alpha", type=float, default=0.05,
+                      help="significance of the seed-noise test (default 0.05)")
+    comp.add_argument("--allow-incomparable", action="store_true",
+                      help="report metrics measured differently, but do not fail on them")
     comp.set_defaults(func=cmd_compare)
+
+    hist = commands.add_parser(
+        "history", help="headline metrics per commit over many result tables",
+        description="Read result tables (files, or folders searched for runs.csv), order the "
+        "runs by commit and time, print each metric per commit (mean ± std over seeds) with '!' "
+        "where a regression began (compare's rule between consecutive commits), and write a "
+        "PNG per metric with --out. Exit 1 if a regression began anywhere.")
+    hist.add_argument("tables", nargs="+", help="runs.csv files or folders holding them")
+    hist.add_argument("--metrics", help="comma-separated metrics (default: the headline ones)")
+    hist.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL")
+    hist.add_argument("--alpha", type=float, default=0.05)
+    hist.add_argument("--out", help="folder for metric-over-commits PNGs")
+    hist.set_defaults(func=cmd_history)
 
     perf = commands.add_parser("perf", help="training throughput: harness vs a plain PyTorch "
                                "loop vs a DataLoader feed", description="Train each family and "

@@ -206,7 +206,9 @@ def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str
             "isc_mean": raw["inception_score_mean"], "isc_std": raw["inception_score_std"],
             "kid_mean": raw["kernel_inception_distance_mean"],
             "kid_std": raw["kernel_inception_distance_std"],
-            "precision": raw["precision"], "recall": raw["recall"]}
+            "precision": raw["precision"], "recall": raw["recall"],
+            # provenance: what KID and precision/recall were computed with
+            "kid_subset_size": subset, "prc_neighborhood": settings.prc_neighborhood}
 
 
 def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0, log=print,
@@ -218,7 +220,9 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0, l
     states are reduced across ranks, so the figures equal a single process's; generation
     metrics come from the rank given an `extractor` (rank zero)."""
     model.eval()
-    metrics: dict[str, float | int | str] = {}
+    # provenance of every figure below: which split, and how many of its images
+    metrics: dict[str, float | int | str] = {"eval_split": "test",
+                                             "test_images": len(dm.test_images)}
     grids: dict[str, Tensor] = {}
     start = time.perf_counter()
     test = dm.test_dataloader()

@@ -65,3 +65,39 @@ def metric_bar_charts(rows: pd.DataFrame, out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def history_charts(course: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """One PNG per metric from `bench.compare.history`: the mean over seeds at each commit, a band
+    of one std, one line per model / variant / dataset, and a red ring where a regression began."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    commits = course.drop_duplicates("commit_index").sort_values("commit_index")
+    paths = []
+    for metric, rows in course.groupby("metric", sort=False):
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(commits) + 3), 3.6))
+        for key, line in rows.groupby(["model", "variant", "dataset"], sort=False):
+            line = line.sort_values("commit_index")
+            x, mean, std = line["commit_index"], line["mean"], line["std"].fillna(0)
+            ax.plot(x, mean, marker="o", label=" / ".join(key))
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            bad = line[line["regression"]]
+            ax.scatter(bad["commit_index"], bad["mean"], s=160, facecolors="none",
+                       edgecolors="red", linewidths=2, zorder=3)
+        ax.set_xticks(commits["commit_index"], [str(c)[:8] for c in commits["commit"]],
+                      rotation=45, ha="right")
+        better = "lower" if DIRECTIONS[metric] < 0 else "higher"
+        ax.set_title(f"{metric} over commits ({better} is better)\nband: one std over seeds; "
+                     "red ring: a regression began", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"history-{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,5 +1,5 @@
-"""Result rows: atomic appends to runs.csv / runs.parquet, the seed-pivot table, and the
-regression comparison against a baseline."""
+"""Result rows: atomic appends to runs.csv / runs.parquet, the latest row of each run, and the
+seed-pivot table. Regression verdicts live in bench.compare."""
 
 from __future__ import annotations
 
@@ -17,16 +17,13 @@ DIRECTIONS: dict[str, int] = {
     "eval_s": -1, "wall_s": -1, "peak_mem_mb": -1,
 }
 TIMING_METRICS = {"train_img_per_s", "sample_img_per_s", "eval_s", "wall_s", "peak_mem_mb"}
-# Relative tolerances before a change counts as a regression. Timings are noisy on shared CPUs.
-DEFAULT_TOLERANCE = 0.02
-DEFAULT_TIMING_TOLERANCE = 0.5
 HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "iw_nll", "fid",
             "kid_mean", "isc_mean", "precision", "recall", "train_img_per_s"]
 KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
 # and a variant or commit of digits as an integer, and then no longer matches.
 TEXT_COLUMNS = ["suite", "model", "variant", "dataset", "config_hash", "status", "git_commit",
-                "features", "device"]
+                "features", "device", "eval_split"]
 
 
 def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
@@ -77,15 +74,26 @@ def done_hashes(csv_path: Path) -> set[str]:
     return set(rows["config_hash"].astype(str)) if "config_hash" in rows else set()
 
 
+def latest_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: a rerun (`--force`) appends a row with the same config hash and seed, and
+    the latest (last in the file) supersedes the earlier ones, which stay in the file for the
+    record."""
+    keys = [k for k in ("config_hash", "seed") if k in rows.columns]
+    if rows.empty or "config_hash" not in keys:
+        return rows
+    return rows.drop_duplicates(subset=keys, keep="last")
+
+
 def metric_columns(rows: pd.DataFrame) -> list[str]:
     return [m for m in DIRECTIONS if m in rows.columns and rows[m].notna().any()]
 
 
 def seed_table(rows: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds: one row per model/variant, columns (dataset, metric, mean|std|n).
-    Diverged runs are left out of the statistics."""
+    Diverged runs are left out of the statistics, and a rerun counts once (`latest_runs`)."""
     if rows.empty:
         return pd.DataFrame()
+    rows = latest_runs(rows)
     if "status" in rows:
         rows = rows[rows["status"] == "ok"]
     metrics = [m for m in (metrics or HEADLINE) if m in metric_columns(rows)]
@@ -126,44 +134,3 @@ def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None 
     if fmt == "csv":
         return out.to_csv()
     raise ValueError(f"unknown format {fmt!r}; choose one of: md, latex, csv")
-
-
-def compare(baseline: pd.DataFrame, current: pd.DataFrame,
-            tolerances: dict[str, float] | None = None,
-            metrics: list[str] | None = None) -> pd.DataFrame:
-    """Per-run, per-metric comparison on the runs both tables hold (matched on model, variant,
-    dataset and seed). `delta` is current - baseline; `change` is the relative change in the
-    metric's better direction (negative = worse); `regression` marks a worsening beyond the
-    metric's relative tolerance."""
-    tolerances = tolerances or {}
-    keys = [k for k in KEY_COLUMNS if k != "suite"]
-    for name, table in (("baseline", baseline), ("current", current)):
-        missing = [k for k in keys if k not in table.columns]
-        if missing:
-            raise ValueError(f"{name} table lacks the column(s) {missing}")
-    unknown_metrics = set(metrics or []) - set(DIRECTIONS)
-    if unknown_metrics:
-        raise ValueError(f"unknown metric(s) {sorted(unknown_metrics)}; choose from: "
-                         f"{', '.join(DIRECTIONS)}")
-    ok = lambda t: t[t["status"] == "ok"] if "status" in t else t  # noqa: E731
-    merged = ok(baseline).merge(ok(current), on=keys, suffixes=("_base", "_cur"))
-    shared = [m for m in (metrics or DIRECTIONS)
-              if f"{m}_base" in merged.columns and f"{m}_cur" in merged.columns]
-    unknown = set(tolerances) - set(DIRECTIONS)
-    if unknown:
-        raise ValueError(f"unknown metric(s) in --tol: {sorted(unknown)}; choose from: "
-                         f"{', '.join(DIRECTIONS)}")
-    records = []
-    for _, row in merged.iterrows():
-        for metric in shared:
-            base, cur = row[f"{metric}_base"], row[f"{metric}_cur"]
-            if pd.isna(base) and pd.isna(cur):
-                continue
-            tol = tolerances.get(metric, DEFAULT_TIMING_TOLERANCE if metric in TIMING_METRICS
-                                 else DEFAULT_TOLERANCE)
-            change = DIRECTIONS[metric] * (cur - base) / max(abs(base), 1e-12)
-            records.append({**{k: row[k] for k in keys}, "metric": metric, "baseline": base,
-                            "current": cur, "delta": cur - base, "change": change,
-                            "tolerance": tol,
-                            "regression": bool(pd.isna(cur) or change < -tol)})
-    return pd.DataFrame(records)

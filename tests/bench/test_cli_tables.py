@@ -1,6 +1,7 @@
 import pandas as pd
 
 from bench.cli import main
+from tests.bench.test_compare import GEN, commit_rows
 from tests.bench.test_results import row
 
 
@@ -13,9 +14,40 @@ def test_compare_exits_1_on_a_regression_and_0_without(tmp_path, capsys):
     base = write(tmp_path / "base.csv", [row(fid=10.0, recon_mse=0.01)])
     worse = write(tmp_path / "worse.csv", [row(fid=12.0, recon_mse=0.01)])
     assert main(["compare", base, worse]) == 1
-    assert "REGRESSION" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and out.splitlines()[-1].startswith("FAIL: 1 regression(s)")
     assert main(["compare", base, worse, "--tol", "fid=0.25"]) == 0
-    assert "no regression in 2 comparisons" in capsys.readouterr().out
+    assert "PASS: no regression in 2 comparisons" in capsys.readouterr().out
+
+
+def test_compare_fails_on_incomparable_features_unless_allowed(tmp_path, capsys):
+    base = write(tmp_path / "base.csv", [row(fid=40.0, **GEN)])
+    other = write(tmp_path / "other.csv", [row(fid=12.0, **{**GEN, "n_fake": 10000})])
+    assert main(["compare", base, other]) == 1
+    out = capsys.readouterr().out
+    assert "incomparable" in out and "n_fake: 1000 -> 10000" in out
+    assert main(["compare", base, other, "--allow-incomparable"]) == 0
+
+
+def test_compare_of_a_table_without_status_names_the_file_problem(tmp_path, capsys):
+    base = write(tmp_path / "base.csv", [row(fid=1.0)])
+    bare = write(tmp_path / "bare.csv", [{"model": "ae", "variant": "mlp", "dataset": "mnist",
+                                          "seed": 0, "fid": 1.0}])
+    assert main(["compare", base, bare]) == 2
+    assert "current table lacks the column(s) status" in capsys.readouterr().err
+
+
+def test_history_reads_a_folder_of_tables_and_plots_each_metric(tmp_path, capsys):
+    for i, (commit, values) in enumerate([("c1", [10.0, 11.0, 12.0]), ("c2", [10.1, 11.1, 12.1]),
+                                           ("c3", [13.0, 14.0, 15.0])], 1):
+        (tmp_path / "nightly" / commit).mkdir(parents=True)
+        write(tmp_path / "nightly" / commit / "runs.csv", commit_rows(commit, i, values))
+    assert main(["history", str(tmp_path / "nightly"), "--metrics", "fid",
+                 "--out", str(tmp_path / "plots")]) == 1
+    out = capsys.readouterr().out
+    assert "regression began at c3: ae/mlp on mnist fid 11.1 -> 14 (26.1% worse, p=" in out
+    assert "| c1" in out and "11 ± 1 (n=3)" in out and "14 ± 1 (n=3) !" in out
+    assert (tmp_path / "plots" / "history-fid.png").stat().st_size > 1000
 
 
 def test_compare_reports_bad_tolerance_syntax(tmp_path, capsys):

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.results import append_row, compare, format_table, read_rows, seed_table
+from bench.results import append_row, format_table, latest_runs, read_rows, seed_table
 
 
 def row(model="ae", variant="mlp", dataset="mnist", seed=0, **metrics):
@@ -74,21 +74,9 @@ def test_table_formats_mean_plus_minus_std(tmp_path):
         format_table(rows, "html")
 
 
-def test_compare_marks_worsening_beyond_tolerance_in_the_metric_direction():
-    base = pd.DataFrame([row(fid=10.0, psnr=20.0, recon_mse=0.010)])
-    cur = pd.DataFrame([row(fid=10.5, psnr=21.0, recon_mse=0.0101)])
-    report = compare(base, cur, {"fid": 0.02}).set_index("metric")
-    assert bool(report.loc["fid", "regression"])  # 5% higher FID is worse
-    assert not report.loc["psnr", "regression"]  # higher PSNR is better
-    assert not report.loc["recon_mse", "regression"]  # 1% worse, within the 2% default
-    assert report.loc["fid", "delta"] == pytest.approx(0.5)
-
-
-def test_compare_rejects_unknown_metric_tolerances():
-    with pytest.raises(ValueError, match="unknown metric.*fidd"):
-        compare(pd.DataFrame([row(fid=1.0)]), pd.DataFrame([row(fid=1.0)]), {"fidd": 0.1})
-
-
-def test_compare_rejects_unknown_metric_names():
-    with pytest.raises(ValueError, match="unknown metric.*'fdi'.*choose from: recon_mse"):
-        compare(pd.DataFrame([row(fid=1.0)]), pd.DataFrame([row(fid=1.0)]), metrics=["fdi"])
+def test_a_forced_rerun_counts_once_in_the_table_with_the_latest_figures():
+    rows = pd.DataFrame([row(seed=0, fid=10.0), row(seed=1, fid=14.0), row(seed=0, fid=12.0)])
+    assert latest_runs(rows)["fid"].tolist() == [14.0, 12.0]
+    stats = seed_table(rows, ["fid"])
+    assert stats[("mnist", "fid", "count")].item() == 2
+    assert stats[("mnist", "fid", "mean")].item() == pytest.approx(13.0)

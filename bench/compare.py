@@ -1,0 +1,371 @@
+"""Regression verdicts: a results table against a baseline (`bench compare`), and a metric's
+course over many commits (`bench history`).
+
+Three rules make a verdict trustworthy:
+1. **Provenance.** A figure compares only with one measured the same way (same extractor, sample
+   counts, K, test images; see `PROVENANCE`). Otherwise the pair is *incomparable*, never
+   "better" or "worse".
+2. **Nothing disappears.** A baseline run that is missing from the current table, or that did
+   not finish there (diverged, eval_failed), is itself a regression.
+3. **Seed noise.** Where both sides hold two or more seeds, a change is a regression only when it
+   is worse than the tolerance *and* Welch's t-test says it is beyond the spread over seeds
+   (`regression_rule`); with one seed only the tolerance speaks, and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from bench.results import DIRECTIONS, HEADLINE, TIMING_METRICS, latest_runs
+
+# Relative tolerances before a change counts as a regression. Timings are noisy on shared CPUs.
+DEFAULT_TOLERANCE = 0.02
+DEFAULT_TIMING_TOLERANCE = 0.5
+# One-sided significance of Welch's t-test for a worsening over seeds. With 3 seeds a side, a
+# 3-sigma shift gives p ~ 0.01 (flagged) and a 0.5-sigma one p ~ 0.29 (not).
+DEFAULT_ALPHA = 0.05
+
+RUN_KEYS = ["model", "variant", "dataset", "seed"]
+GROUP_KEYS = ["model", "variant", "dataset"]
+
+# What says how each metric was measured. Two figures with different values here are
+# incomparable. Every metric is measured on the test split's first `test_images` images.
+_SPLIT = ["eval_split", "test_images"]
+_GENERATION = _SPLIT + ["features", "n_real", "n_fake"]
+PROVENANCE: dict[str, list[str]] = {
+    **{m: _SPLIT for m in ("recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer", "elbo")},
+    "iw_nll": _SPLIT + ["iw_k", "iw_images"],
+    "fid": _GENERATION, "isc_mean": _GENERATION,
+    "kid_mean": _GENERATION + ["kid_subset_size"],
+    "precision": _GENERATION + ["prc_neighborhood"], "recall": _GENERATION + ["prc_neighborhood"],
+    **{m: ["device", "devices"] for m in TIMING_METRICS},
+}
+# Columns a table needs before it can be compared at all.
+REQUIRED_COLUMNS = RUN_KEYS + ["status"]
+UNFINISHED = "did not finish"
+
+
+def _same(a, b) -> bool:
+    """Provenance values as written by pandas: 1000 and 1000.0 agree, as do two missing ones."""
+    if pd.isna(a) and pd.isna(b):
+        return True
+    if pd.isna(a) or pd.isna(b):
+        return False
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def provenance_differences(metric: str, base: pd.DataFrame, cur: pd.DataFrame) -> list[str]:
+    """The provenance columns of `metric` whose values differ between two sets of rows, as
+    'column: base -> current'. A column absent from both tables is unknown on both sides, which
+    is no difference; a column that one side lacks is one."""
+    differences = []
+    for column in PROVENANCE.get(metric, []):
+        if column not in base.columns and column not in cur.columns:
+            continue
+        base_values = base[column].drop_duplicates().tolist() if column in base else [None]
+        cur_values = cur[column].drop_duplicates().tolist() if column in cur else [None]
+        if len(base_values) != 1 or len(cur_values) != 1 or not _same(base_values[0],
+                                                                      cur_values[0]):
+            show = lambda values: "/".join(map(str, values))  # noqa: E731
+            differences.append(f"{column}: {show(base_values)} -> {show(cur_values)}")
+    return differences
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(base_config, cur_config) -> str:
+    """What differs between two runs' configs other than the seed ('budget.epochs: 2 -> 3'), so
+    a changed budget or hyper-parameter is shown beside the figures rather than hidden."""
+    def parse(text):
+        try:
+            return _flatten(json.loads(text)) if isinstance(text, str) else {}
+        except json.JSONDecodeError:
+            return {}
+    a, b = parse(base_config), parse(cur_config)
+    keys = sorted((set(a) | set(b)) - {"seed"})
+    return "; ".join(f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in keys
+                     if a.get(k) != b.get(k))
+
+
+@dataclass
+class Verdict:
+    """One metric of one model / variant / dataset, baseline against current."""
+
+    regression: bool
+    change: float  # relative change of the means in the better direction (negative = worse)
+    noise: float  # standard error of the difference of means (NaN with one seed a side)
+    p_value: float  # one-sided Welch p-value for a worsening (NaN with one seed a side)
+    rule: str  # "welch" or "tolerance (1 seed)"
+
+
+def regression_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance: float,
+                    alpha: float = DEFAULT_ALPHA) -> Verdict:
+    """Is `cur` worse than `base` beyond the tolerance and, with two or more seeds a side, beyond
+    the seed noise?
+
+    change = direction * (mean(cur) - mean(base)) / |mean(base)|, worse when below -tolerance.
+    With n >= 2 seeds on both sides the worsening must also be significant: Welch's t-test
+    (unequal variances; Welch 1947), one-sided in the worse direction, p < alpha. `noise` is
+    the standard error of the difference, sqrt(s_b^2 / n_b + s_c^2 / n_c), so a reader sees the
+    delta next to what seeds alone move it by.
+    """
+    from scipy import stats
+
+    base, cur = np.asarray(base, float), np.asarray(cur, float)
+    delta = cur.mean() - base.mean()
+    change = direction * delta / max(abs(base.mean()), 1e-12)
+    beyond_tolerance = bool(change < -tolerance)
+    if len(base) < 2 or len(cur) < 2:
+        return Verdict(beyond_tolerance, change, math.nan, math.nan, "tolerance (1 seed)")
+    noise = math.sqrt(base.var(ddof=1) / len(base) + cur.var(ddof=1) / len(cur))
+    if noise == 0:  # no spread at all (deterministic runs): any worsening is real
+        p_value = 0.0 if direction * delta < 0 else 1.0
+    else:
+        worse = "less" if direction > 0 else "greater"
+        p_value = float(stats.ttest_ind(cur, base, equal_var=False, alternative=worse).pvalue)
+    return Verdict(beyond_tolerance and p_value < alpha, change, noise, p_value, "welch")
+
+
+def tolerance_for(metric: str, tolerances: dict[str, float]) -> float:
+    return tolerances.get(metric, DEFAULT_TIMING_TOLERANCE if metric in TIMING_METRICS
+                          else DEFAULT_TOLERANCE)
+
+
+def check_columns(table: pd.DataFrame, name: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {', '.join(missing)} that compare needs "
+                         "(a runs.csv written by bench run has them)")
+
+
+def check_numeric(table: pd.DataFrame, columns: list[str], name: str) -> pd.DataFrame:
+    """Metric columns as floats; a value that is not a number names its row."""
+    table = table.copy()
+    for column in columns:
+        if column not in table.columns:
+            continue
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values.isna() & table[column].notna()
+        if bad.any():
+            i = bad.idxmax()
+            raise ValueError(f"{name}, row {i + 2} ({table.loc[i, 'model']}/"
+                             f"{table.loc[i, 'variant']} seed {table.loc[i, 'seed']}): "
+                             f"{column}={table.loc[i, column]!r} is not a number")
+        table[column] = values
+    return table
+
+
+@dataclass
+class Comparison:
+    runs: pd.DataFrame  # one row per run key: status "ok", "missing", "diverged", "new", ...
+    metrics: pd.DataFrame  # one row per model/variant/dataset and metric
+    seed_aware: bool  # whether any metric was judged over seeds
+
+    @property
+    def failures(self) -> dict[str, int]:
+        counts = {"regression": int((self.metrics.get("verdict") == "REGRESSION").sum())
+                  if len(self.metrics) else 0}
+        for status in ("missing", "diverged"):
+            counts[status] = int((self.runs.get("status") == status).sum()) if len(self.runs) \
+                else 0
+        counts["incomparable"] = int((self.metrics.get("verdict") == "incomparable").sum()) \
+            if len(self.metrics) else 0
+        return counts
+
+    def exit_status(self, allow_incomparable: bool = False) -> int:
+        counts = self.failures
+        failed = counts["regression"] + counts["missing"] + counts["diverged"]
+        if not allow_incomparable:
+            failed += counts["incomparable"]
+        return 1 if failed else 0
+
+    def summary_line(self, allow_incomparable: bool = False) -> str:
+        counts = self.failures
+        new = int((self.runs.get("status") == "new").sum()) if len(self.runs) else 0
+        compared = int(self.metrics["verdict"].isin(["ok", "REGRESSION"]).sum()) \
+            if len(self.metrics) else 0
+        parts = [f"{n} {what}" for what, n in (
+            ("regression(s)", counts["regression"]), ("missing run(s)", counts["missing"]),
+            ("run(s) that did not finish", counts["diverged"]),
+            ("incomparable metric(s)" + (" (allowed)" if allow_incomparable else ""),
+             counts["incomparable"])) if n]
+        head = "FAIL" if self.exit_status(allow_incomparable) else "PASS"
+        rule = "seed-aware (Welch, where 2+ seeds a side)" if self.seed_aware else \
+            "one seed a side: tolerance only, no seed-noise estimate"
+        body = ", ".join(parts) if parts else "no regression"
+        extra = f"; {new} new run(s)" if new else ""
+        return f"{head}: {body} in {compared} comparisons{extra} [{rule}]"
+
+
+def compare(baseline: pd.DataFrame, current: pd.DataFrame,
+            tolerances: dict[str, float] | None = None, metrics: list[str] | None = None,
+            alpha: float = DEFAULT_ALPHA) -> Comparison:
+    """Runs matched on model / variant / dataset / seed, then each metric per model / variant /
+    dataset judged by `regression_rule` over the seeds that finished on each side. Reruns
+    count once (the latest row of a config hash)."""
+    tolerances = tolerances or {}
+    for name, names in (("--tol", tolerances), ("--metrics", metrics or [])):
+        unknown = set(names) - set(DIRECTIONS)
+        if unknown:
+            raise ValueError(f"unknown metric(s) in {name}: {sorted(unknown)}; choose from: "
+                             f"{', '.join(DIRECTIONS)}")
+    check_columns(baseline, "the baseline table")
+    check_columns(current, "the current table")
+    chosen = list(metrics or DIRECTIONS)
+    baseline = check_numeric(latest_runs(baseline), chosen, "the baseline table")
+    current = check_numeric(latest_runs(current), chosen, "the current table")
+    runs = _match_runs(baseline, current)
+
+    ok = lambda t: t[t["status"] == "ok"]  # noqa: E731
+    base_ok, cur_ok = ok(baseline), ok(current)
+    records = []
+    seed_aware = False
+    groups = pd.concat([base_ok[GROUP_KEYS], cur_ok[GROUP_KEYS]]).drop_duplicates()
+    for key in groups.itertuples(index=False):
+        select = lambda t: t[(t[GROUP_KEYS] == pd.Series(key._asdict())).all(axis=1)]  # noqa
+        b, c = select(base_ok), select(cur_ok)
+        if b.empty or c.empty:
+            continue  # the run table already says missing or new
+        for metric in chosen:
+            b_values = b[metric].dropna() if metric in b else pd.Series(dtype=float)
+            c_values = c[metric].dropna() if metric in c else pd.Series(dtype=float)
+            if b_values.empty and c_values.empty:
+                continue
+            record = {**key._asdict(), "metric": metric, "n_base": len(b_values),
+                      "n_cur": len(c_values),
+                      "baseline": b_values.mean() if len(b_values) else math.nan,
+                      "current": c_values.mean() if len(c_values) else math.nan}
+            tol = tolerance_for(metric, tolerances)
+            differences = provenance_differences(metric, b.loc[b_values.index],
+                                                 c.loc[c_values.index])
+            if b_values.empty or c_values.empty:
+                verdict = "REGRESSION" if c_values.empty else "new metric"
+                record |= {"verdict": verdict, "detail": "no figure in the current table"
+                           if c_values.empty else "no figure in the baseline"}
+            elif differences:
+                record |= {"verdict": "incomparable", "detail": "; ".join(differences)}
+            else:
+                v = regression_rule(b_values.to_numpy(), c_values.to_numpy(), DIRECTIONS[metric],
+                                    tol, alpha)
+                seed_aware |= v.rule == "welch"
+                record |= {"delta": record["current"] - record["baseline"], "change": v.change,
+                           "noise": v.noise, "p_value": v.p_value, "tolerance": tol,
+                           "rule": v.rule, "verdict": "REGRESSION" if v.regression else "ok"}
+            record.setdefault("detail", "")
+            configs = config_differences(b["config"].iloc[-1], c["config"].iloc[-1]) \
+                if "config" in b and "config" in c else ""
+            if configs:
+                record["detail"] = "; ".join(filter(None, [record["detail"], "config " + configs]))
+            records.append(record)
+    columns = GROUP_KEYS + ["metric", "baseline", "current", "delta", "change", "noise",
+                            "p_value", "n_base", "n_cur", "tolerance", "rule", "verdict",
+                            "detail"]
+    return Comparison(runs, pd.DataFrame(records).reindex(columns=columns), seed_aware)
+
+
+def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
+    """Each run key with its status on both sides; a baseline run that finished but is missing
+    or unfinished now is a regression ("missing", "diverged"); a run only in the current table
+    is "new"."""
+    merged = baseline[RUN_KEYS + ["status"]].merge(
+        current[RUN_KEYS + ["status"]], on=RUN_KEYS, how="outer", suffixes=("_base", "_cur"),
+        indicator=True, sort=False)
+
+    def status(row) -> str:
+        if row["_merge"] == "left_only":
+            return "missing" if row["status_base"] == "ok" else "gone (was not ok)"
+        if row["_merge"] == "right_only":
+            return "new"
+        if row["status_base"] == "ok" and row["status_cur"] != "ok":
+            return "diverged"
+        if row["status_base"] != "ok" and row["status_cur"] == "ok":
+            return "recovered"
+        return "ok" if row["status_cur"] == "ok" else "still not ok"
+
+    merged["status"] = merged.apply(status, axis=1) if len(merged) else []
+    return merged[RUN_KEYS + ["status_base", "status_cur", "status"]]
+
+
+def format_report(report: Comparison, allow_incomparable: bool = False) -> str:
+    """What `bench compare` prints: the runs that are not plainly matched, the metric table, and
+    the one-line verdict."""
+    lines = []
+    unusual = report.runs[report.runs["status"] != "ok"]
+    if len(unusual):
+        lines += ["Runs:", unusual.to_markdown(index=False), ""]
+    if len(report.metrics):
+        shown = report.metrics.copy()
+        shown["change"] = shown["change"].map(lambda v: "" if pd.isna(v) else f"{v * 100:+.2f}%")
+        shown["p_value"] = shown["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        lines += ["Metrics (mean over seeds; noise = standard error of the difference):",
+                  shown.to_markdown(index=False, floatfmt=".5g"), ""]
+    lines.append(report.summary_line(allow_incomparable))
+    return "\n".join(lines)
+
+
+# -- history over commits --------------------------------------------------------------------------
+def commit_order(rows: pd.DataFrame) -> list[str]:
+    """Commits in the order their runs were made (earliest timestamp of each commit's rows)."""
+    first_seen = rows.groupby("git_commit", sort=False)["timestamp"].min()
+    return first_seen.sort_values(kind="stable").index.tolist()
+
+
+def history(rows: pd.DataFrame, metrics: list[str] | None = None,
+            tolerances: dict[str, float] | None = None,
+            alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
+    """Per model / variant / dataset, metric and commit: mean, std and seed count over the runs
+    that finished, and whether a regression began there (`regression_rule` against the previous
+    commit that measured the metric the same way; a change of provenance starts afresh)."""
+    for column in ("git_commit", "timestamp"):
+        if column not in rows.columns:
+            raise ValueError(f"the tables lack the column {column!r} that history orders by")
+    check_columns(rows, "the tables")
+    tolerances = tolerances or {}
+    rows = latest_runs(rows)
+    rows = rows[rows["status"] == "ok"]
+    chosen = [m for m in (metrics or HEADLINE) if m in rows.columns and rows[m].notna().any()]
+    rows = check_numeric(rows, chosen, "the tables")
+    order = {commit: i for i, commit in enumerate(commit_order(rows))}
+    records = []
+    for key, group in rows.groupby(GROUP_KEYS, sort=False):
+        for metric in chosen:
+            previous = None
+            for commit, at_commit in sorted(group.groupby("git_commit"),
+                                            key=lambda item: order[item[0]]):
+                values = at_commit[metric].dropna()
+                if values.empty:
+                    continue
+                record = dict(zip(GROUP_KEYS, key)) | {
+                    "metric": metric, "commit": commit, "commit_index": order[commit],
+                    "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1
+                    else math.nan, "n": len(values), "regression": False, "note": ""}
+                if previous is not None:
+                    prev_rows, prev_values = previous
+                    differences = provenance_differences(metric, prev_rows,
+                                                         at_commit.loc[values.index])
+                    if differences:
+                        record["note"] = "measured differently: " + "; ".join(differences)
+                    else:
+                        v = regression_rule(prev_values, values.to_numpy(), DIRECTIONS[metric],
+                                            tolerance_for(metric, tolerances), alpha)
+                        record |= {"previous_mean": prev_values.mean(), "change": v.change,
+                                   "p_value": v.p_value, "regression": v.regression}
+                previous = (at_commit.loc[values.index], values.to_numpy())
+                records.append(record)
+    return pd.DataFrame(records)

@@ -1,0 +1,190 @@
+"""bench.compare on small hand-made tables: provenance, missing and diverged runs, reruns,
+seed-aware verdicts, and the history over commits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from bench.compare import (DEFAULT_ALPHA, compare, config_differences, history,
+                           regression_rule)
+from tests.bench.test_results import row
+
+GEN = {"features": "genbench-cnn-mnist-aaaa", "n_real": 1000, "n_fake": 1000,
+       "kid_subset_size": 500, "prc_neighborhood": 3, "eval_split": "test",
+       "test_images": 1000}
+
+
+def table(*rows):
+    return pd.DataFrame(list(rows))
+
+
+def metric_row(report, metric, model="ae"):
+    m = report.metrics
+    return m[(m["metric"] == metric) & (m["model"] == model)].iloc[0]
+
+
+def test_a_run_diverged_in_the_current_table_is_a_regression():
+    base = table(row(fid=10.0, **GEN), row(model="gan", fid=30.0, **GEN))
+    cur = table(row(fid=10.0, **GEN), {**row(model="gan", fid=None, **GEN), "status": "diverged"})
+    report = compare(base, cur)
+    runs = report.runs.set_index("model")
+    assert runs.loc["gan", "status"] == "diverged" and runs.loc["ae", "status"] == "ok"
+    assert report.exit_status() == 1
+    assert "1 run(s) that did not finish" in report.summary_line()
+
+
+def test_a_run_missing_from_the_current_table_is_a_regression():
+    base = table(row(fid=10.0, **GEN), row(model="gan", fid=30.0, **GEN))
+    report = compare(base, table(row(fid=10.0, **GEN)))
+    assert report.runs.set_index("model").loc["gan", "status"] == "missing"
+    assert report.exit_status() == 1 and "1 missing run(s)" in report.summary_line()
+
+
+def test_a_run_only_in_the_current_table_is_new_and_passes():
+    report = compare(table(row(fid=10.0, **GEN)),
+                     table(row(fid=10.0, **GEN), row(model="vae", fid=50.0, **GEN)))
+    assert report.runs.set_index("model").loc["vae", "status"] == "new"
+    assert report.exit_status() == 0 and "1 new run(s)" in report.summary_line()
+
+
+@pytest.mark.parametrize("column, value", [("features", "inception-v3-compat"),
+                                           ("n_fake", 10000)])
+def test_fid_measured_differently_is_incomparable_and_fails(column, value):
+    base = table(row(fid=40.0, **GEN))
+    cur = table(row(fid=12.0, **{**GEN, column: value}))
+    report = compare(base, cur, metrics=["fid"])
+    fid = metric_row(report, "fid")
+    assert fid["verdict"] == "incomparable" and column in fid["detail"]
+    assert pd.isna(fid["change"])  # never "better"
+    assert report.exit_status() == 1
+    assert report.exit_status(allow_incomparable=True) == 0
+
+
+def test_iw_nll_at_another_k_is_incomparable_but_elbo_still_compares():
+    base = table(row(model="vae", elbo=-100.0, iw_nll=95.0, iw_k=100, iw_images=1000, **GEN))
+    cur = table(row(model="vae", elbo=-100.0, iw_nll=90.0, iw_k=5000, iw_images=1000, **GEN))
+    report = compare(base, cur, metrics=["elbo", "iw_nll"])
+    assert metric_row(report, "iw_nll", "vae")["verdict"] == "incomparable"
+    assert "iw_k: 100 -> 5000" in metric_row(report, "iw_nll", "vae")["detail"]
+    assert metric_row(report, "elbo", "vae")["verdict"] == "ok"
+
+
+def test_provenance_written_as_int_or_float_is_the_same():
+    base = table(row(fid=10.0, **GEN))
+    cur = table(row(fid=10.0, **{**GEN, "n_fake": 1000.0}))
+    assert metric_row(compare(base, cur), "fid")["verdict"] == "ok"
+
+
+def test_a_forced_rerun_supersedes_the_earlier_row():
+    first, rerun = row(recon_mse=0.5, **GEN), row(recon_mse=0.01, **GEN)  # same config hash
+    report = compare(table(row(recon_mse=0.01, **GEN)), table(first, rerun))
+    mse = metric_row(report, "recon_mse")
+    assert mse["n_cur"] == 1 and mse["current"] == 0.01 and mse["verdict"] == "ok"
+    assert len(report.runs) == 1
+
+
+def test_a_changed_config_is_shown_beside_the_metric():
+    base = {**row(recon_mse=0.01, **GEN), "config": '{"budget": {"epochs": 2}, "seed": 0}'}
+    cur = {**row(recon_mse=0.01, **GEN), "config": '{"budget": {"epochs": 3}, "seed": 0}'}
+    detail = metric_row(compare(table(base), table(cur)), "recon_mse")["detail"]
+    assert "budget.epochs: 2 -> 3" in detail
+
+
+def test_config_differences_ignore_the_seed():
+    assert config_differences('{"seed": 0, "lr": 1}', '{"seed": 1, "lr": 1}') == ""
+
+
+def seeds(values, **extra):
+    return [row(seed=i, fid=v, **GEN, **extra) for i, v in enumerate(values)]
+
+
+def test_a_three_sigma_shift_over_three_seeds_is_a_regression():
+    base = [10.0, 11.0, 12.0]  # std 1
+    report = compare(table(*seeds(base)), table(*seeds([v + 3.0 for v in base])))
+    fid = metric_row(report, "fid")
+    assert fid["verdict"] == "REGRESSION" and fid["rule"] == "welch"
+    assert fid["noise"] == pytest.approx(np.sqrt(1 / 3 + 1 / 3))
+    assert fid["p_value"] < DEFAULT_ALPHA and report.exit_status() == 1
+    assert "seed-aware" in report.summary_line()
+
+
+def test_a_half_sigma_shift_over_three_seeds_is_noise():
+    base = [10.0, 11.0, 12.0]
+    report = compare(table(*seeds(base)), table(*seeds([v + 0.5 for v in base])))
+    fid = metric_row(report, "fid")
+    assert fid["change"] < -0.02  # beyond the tolerance on its own...
+    assert fid["verdict"] == "ok" and fid["p_value"] > 0.2  # ...but well inside the seed noise
+    assert report.exit_status() == 0
+
+
+def test_one_seed_falls_back_to_the_tolerance_and_says_so():
+    report = compare(table(*seeds([10.0])), table(*seeds([10.5])))
+    fid = metric_row(report, "fid")
+    assert fid["verdict"] == "REGRESSION" and fid["rule"] == "tolerance (1 seed)"
+    assert pd.isna(fid["noise"])
+    assert "one seed a side: tolerance only" in report.summary_line()
+
+
+def test_welch_p_value_matches_scipy_in_the_worse_direction():
+    base, cur = np.array([0.50, 0.52, 0.49, 0.51]), np.array([0.47, 0.48, 0.50])
+    verdict = regression_rule(base, cur, direction=+1, tolerance=0.0)  # higher is better
+    expected = stats.ttest_ind(cur, base, equal_var=False, alternative="less").pvalue
+    assert verdict.p_value == pytest.approx(expected)
+    assert regression_rule(base, cur, direction=-1, tolerance=0.0).p_value == pytest.approx(
+        1 - expected)
+
+
+def test_an_improvement_is_never_a_regression():
+    report = compare(table(*seeds([30.0, 31.0, 32.0])), table(*seeds([10.0, 11.0, 12.0])))
+    assert metric_row(report, "fid")["verdict"] == "ok" and report.exit_status() == 0
+
+
+def test_a_metric_that_disappears_is_a_regression():
+    report = compare(table(row(fid=10.0, recon_mse=0.1, **GEN)),
+                     table(row(fid=None, recon_mse=0.1, **GEN)))
+    assert metric_row(report, "fid")["verdict"] == "REGRESSION"
+
+
+def test_a_table_without_the_needed_columns_names_them():
+    with pytest.raises(ValueError, match="current table lacks the column.*status"):
+        compare(table(row(fid=1.0)), pd.DataFrame([{"model": "ae", "variant": "mlp",
+                                                    "dataset": "mnist", "seed": 0}]))
+
+
+def test_an_unparsable_metric_names_the_row():
+    bad = table(row(fid=1.0), row(seed=1, fid="n/a"))
+    with pytest.raises(ValueError, match=r"row 3 \(ae/mlp seed 1\): fid='n/a' is not a number"):
+        compare(table(row(fid=1.0)), bad)
+
+
+def test_unknown_metric_names_list_the_choices():
+    with pytest.raises(ValueError, match="unknown metric.*'fdi'.*choose from: recon_mse"):
+        compare(table(row(fid=1.0)), table(row(fid=1.0)), metrics=["fdi"])
+    with pytest.raises(ValueError, match="--tol.*'fidd'"):
+        compare(table(row(fid=1.0)), table(row(fid=1.0)), {"fidd": 0.1})
+
+
+def commit_rows(commit, hour, values, **extra):
+    return [{**row(seed=i, fid=v, **GEN, **extra), "git_commit": commit,
+             "timestamp": f"2026-11-2{hour}T00:00:00+00:00",
+             "config_hash": f"{commit}-{i}"} for i, v in enumerate(values)]
+
+
+def test_history_marks_the_commit_where_a_regression_began():
+    rows = table(*commit_rows("c3", 3, [13.0, 14.0, 15.0]),  # listed out of order on purpose
+                 *commit_rows("c1", 1, [10.0, 11.0, 12.0]),
+                 *commit_rows("c2", 2, [10.2, 11.2, 12.2]))
+    course = history(rows, ["fid"])
+    assert course["commit"].tolist() == ["c1", "c2", "c3"]
+    assert course["regression"].tolist() == [False, False, True]
+    assert course["mean"].tolist() == pytest.approx([11.0, 11.2, 14.0])
+    assert course["std"].tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_history_does_not_judge_across_a_change_of_provenance():
+    rows = table(*commit_rows("c1", 1, [10.0, 11.0, 12.0]),
+                 *commit_rows("c2", 2, [40.0, 41.0, 42.0]))
+    rows.loc[rows["git_commit"] == "c2", "n_fake"] = 5000
+    course = history(rows, ["fid"])
+    assert not course["regression"].any() and "n_fake" in course["note"].iloc[1]
