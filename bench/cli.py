@@ -192,6 +192,65 @@ def cmd_perf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extractor_facts(saved: dict, path) -> dict:
+    from bench.extractor import extractor_name
+
+    return {"name": extractor_name(saved), "file": str(path), "dataset": saved["dataset"],
+            "image_shape": tuple(saved["image_shape"]),
+            "training": f"{saved['epochs']} epochs, seed {saved['seed']}, "
+                        f"{saved['train_images']} images (torch {saved['torch']}, CPU)",
+            "test_accuracy": f"{saved['accuracy']:.4f} on {saved['test_images']} test images",
+            "sha256": saved["sha256"]}
+
+
+def cmd_extractor(args: argparse.Namespace) -> int:
+    import shutil
+
+    from bench.extractor import (SHIPPED_DIR, ExtractorError, classifier_path, load_classifier,
+                                 save_classifier, train_classifier)
+
+    def data(name):
+        from datamodules import ImageDataModule
+
+        dm = ImageDataModule(name, data_dir=args.data_dir, val_size=0)
+        dm.setup()
+        return dm
+
+    if args.action in ("train", "export") and not args.target:
+        raise UserError(f"extractor {args.action} needs a dataset: mnist, fashion_mnist, cifar10")
+    try:
+        if args.action == "train":
+            dm = data(args.target)
+            out = Path(args.out or f"{dm.spec.name}-classifier.pt")
+            print(f"training the feature classifier for {dm.spec.title} ({args.epochs} epochs, "
+                  f"seed {args.seed}, CPU)")
+            path = save_classifier(train_classifier(dm, args.epochs, args.seed), out)
+        elif args.action == "export":
+            if not args.out:
+                raise UserError("export needs --out FILE")
+            path = Path(shutil.copyfile(classifier_path(data(args.target)), args.out))
+        else:  # show: a file, a dataset's shipped or cached classifier, or every shipped one
+            if args.target is None:
+                paths = sorted(SHIPPED_DIR.glob("*.pt"))
+            elif Path(args.target).is_file():
+                paths = [Path(args.target)]
+            else:
+                paths = [classifier_path(data(args.target), epochs=None)]
+            for path in paths:
+                _, saved = load_classifier(path)
+                for key, value in _extractor_facts(saved, path).items():
+                    print(f"{key:>14}: {value}")
+                print()
+            return 0
+        _, saved = load_classifier(path)
+    except ExtractorError as err:
+        raise UserError(str(err)) from err
+    for key, value in _extractor_facts(saved, path).items():
+        print(f"{key:>14}: {value}")
+    print(f"use it in a suite with  eval: {{features: classifier, extractor_weights: {path}}}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     # Reads the suite files as plain YAML: no torch import, so this answers at once.
     import yaml
@@ -335,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--target", type=float, default=0.95)
     perf.add_argument("--out", help="also write the table to this CSV")
     perf.set_defaults(func=cmd_perf)
+
+    extractor = commands.add_parser(
+        "extractor", help="the classifier behind classifier FID: train, show, export",
+        description="train DATASET: build the feature classifier deterministically (seeded, on "
+        "the CPU, whole training split) and write it to --out. show [DATASET|FILE]: name, hash, "
+        "training and test accuracy (no argument: the shipped ones). export DATASET --out FILE: "
+        "write the classifier a suite would use for DATASET (shipped, else cached or trained).")
+    extractor.add_argument("action", choices=["train", "show", "export"])
+    extractor.add_argument("target", nargs="?", help="dataset name (or a file, for show)")
+    extractor.add_argument("--out", help="file to write (train, export)")
+    extractor.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    extractor.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    extractor.add_argument("--data-dir", help="directory with the dataset's files")
+    extractor.set_defaults(func=cmd_extractor)
 
     listing = commands.add_parser("list", help="models, variants, datasets and suites")
     listing.set_defaults(func=cmd_list)

@@ -22,7 +22,10 @@ class EvalSettings:
     n_fake: int = 10000  # generated images for FID / IS / KID / PRC
     n_real: int | None = None  # test images they are compared with (None: the whole test split)
     features: str = "auto"  # auto | inception | classifier (see bench.extractor)
-    extractor_epochs: int = 2
+    # the classifier: None uses the shipped one (Fashion-MNIST, MNIST) or trains the default;
+    # a number trains (and caches) one for that many epochs; a file is used as it is
+    extractor_epochs: int | None = None
+    extractor_weights: str | None = None  # a file written by `bench extractor train`
     inception_weights: str | None = None  # a local inception-v3-compat weights file
     iw_k: int = 100  # importance samples per image for iw_nll (5000 in the literature, on a GPU)
     iw_images: int | None = 1000  # test images for iw_nll (None: all)
@@ -41,25 +44,28 @@ class EvalSettings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        counts = {"n_fake": 2, "extractor_epochs": 1, "batch_size": 1, "kid_subset_size": 2,
-                  "prc_neighborhood": 1, "iw_k": 0}
+        counts = {"n_fake": 2, "batch_size": 1, "kid_subset_size": 2, "prc_neighborhood": 1,
+                  "iw_k": 0}
         for name, least in counts.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"eval setting {name}={value!r} must be an integer >= {least}")
-        for name in ("n_real", "iw_images"):
+        nulls = {"n_real": "all test images", "iw_images": "all test images",
+                 "extractor_epochs": "the shipped classifier"}
+        for name, null in nulls.items():
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
                 raise ValueError(f"eval setting {name}={value!r} must be a positive integer or "
-                                 "null (all test images)")
+                                 f"null ({null})")
         if self.features not in ("auto", "inception", "classifier"):
             raise ValueError(f"eval setting features={self.features!r}; choose one of: auto, "
                              "inception, classifier")
         if not isinstance(self.generation, bool):
             raise ValueError(f"eval setting generation={self.generation!r} must be true or false")
-        if self.inception_weights is not None and not isinstance(self.inception_weights, str):
-            raise ValueError("eval setting inception_weights must be a file path")
+        for name in ("inception_weights", "extractor_weights"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"eval setting {name} must be a file path")
 
 
 # -- sparsity of codes ---------------------------------------------------------------------------

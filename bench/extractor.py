@@ -1,16 +1,22 @@
 """Feature extractors for FID / IS / KID / precision-recall through torch-fidelity.
 
 Standard FID uses torch-fidelity's `inception-v3-compat`, whose weights are downloaded (or read
-from a local path). Where they cannot be had, the harness trains a small CNN classifier on the
-dataset's training split, caches it on disk by dataset, seed and training settings, and registers
-it with torch-fidelity under a name that carries a hash of its weights. FIDs are comparable only
-between rows with the same `features` value.
+from a local path). Where they cannot be had, the harness uses a small CNN classifier of the
+dataset, registered with torch-fidelity under a name that carries a hash of its weights, so
+FIDs are comparable only between rows with the same `features` value.
+
+The classifier is part of the measurement, so it is built the same way everywhere: seeded before
+construction, trained on the CPU on the dataset's whole training split whatever device the run
+uses, with the caller's random state left untouched. For Fashion-MNIST and MNIST the trained
+weights ship in `bench/extractors/` (with their hash and test accuracy), so every machine
+computes the same features and committed baselines compare across machines. Other datasets
+(CIFAR-10) train once per machine and are cached; `bench extractor train` writes a file that a
+suite names with `eval: {extractor_weights: FILE}`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,11 @@ from torch import nn
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+SHIPPED_DIR = Path(__file__).parent / "extractors"
+FILE_FORMAT = "genbench-classifier-1"
+# How the shipped classifiers were trained; a cached one for another dataset uses the same.
+DEFAULT_EPOCHS = 5
+DEFAULT_SEED = 0
 
 
 def cache_root() -> Path:
@@ -48,10 +59,15 @@ class ClassifierNet(nn.Module):
         return features, self.head(features)
 
 
-def _state_hash(net: nn.Module) -> str:
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, buffer)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()[:8]
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order: the same weights
+    give the same hash under any torch version (a torch.save blob would not)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def make_fidelity_extractor_class(net: ClassifierNet):
@@ -96,7 +112,7 @@ class Extractor:
     """What evaluate() passes to torch-fidelity, and what the result row records."""
 
     name: str  # registered torch-fidelity name, e.g. genbench-cnn-fashion_mnist-1a2b3c4d
-    weights_path: str | None = None  # for inception-v3-compat from a local file
+    weights_path: str | None = None  # inception weights, or the classifier file that was used
     accuracy: float | None = None  # classifier's test accuracy (None for Inception)
     net: ClassifierNet | None = None
 
@@ -108,59 +124,74 @@ def inception_weights_available(weights_path: str | None) -> bool:
     return hub.is_file()
 
 
-def get_extractor(features: str, dm, seed: int, epochs: int = 2, device: torch.device | None = None,
+def get_extractor(features: str, dm, epochs: int | None = None, weights: str | None = None,
                   inception_weights: str | None = None, log=print) -> Extractor:
     """`features`: "inception" (torch-fidelity's Inception; downloads the weights if needed),
-    "classifier" (the trained CNN), or "auto" (Inception when its weights are on disk, else the
-    classifier: never a download that would hang an offline machine)."""
+    "classifier" (the CNN: `weights` if given, else the shipped one for the dataset, else one
+    trained and cached on this machine; `epochs` asks for a freshly trained one), or "auto"
+    (Inception when its weights are on disk, else the classifier: never a download that would
+    hang an offline machine)."""
     if features not in ("auto", "inception", "classifier"):
         raise ValueError(f"unknown features {features!r}; choose one of: auto, inception, "
                          "classifier")
     if features == "inception" or (features == "auto"
                                    and inception_weights_available(inception_weights)):
         return Extractor(INCEPTION, weights_path=inception_weights)
-    return trained_classifier(dm, seed, epochs, device, log)
+    path = classifier_path(dm, epochs, weights, log)
+    net, saved = load_classifier(path, dm.spec.name, dm.image_shape)
+    return register_classifier(net, saved, path)
 
 
-def trained_classifier(dm, seed: int, epochs: int, device: torch.device | None = None,
-                       log=print) -> Extractor:
-    """Train (or load from the cache) the classifier on dm's training split and register it."""
-    import torch_fidelity
-
-    device = device or torch.device("cpu")
-    channels, size, _ = dm.image_shape
-    key = f"{dm.spec.name}-n{len(dm.train_images)}-e{epochs}-s{seed}"
-    path = cache_root() / "extractors" / f"classifier-{key}.pt"
-    net = ClassifierNet(channels, size, dm.num_classes)
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["state_dict"])
-        accuracy = saved["accuracy"]
-    else:
-        log(f"training the feature classifier for {dm.spec.title} ({epochs} epochs, cached in "
-            f"{path.parent})")
-        accuracy = _train_classifier(net, dm, seed, epochs, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": net.state_dict(), "accuracy": accuracy}, tmp)
-        os.replace(tmp, path)
-    net = net.to(device).eval()
-    name = f"genbench-cnn-{dm.spec.name}-{_state_hash(net)}"
-    if name not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor(name, make_fidelity_extractor_class(net))
-    return Extractor(name, accuracy=accuracy, net=net)
+def shipped_path(dataset: str) -> Path:
+    return SHIPPED_DIR / f"{dataset}.pt"
 
 
-def _train_classifier(net: ClassifierNet, dm, seed: int, epochs: int,
-                      device: torch.device) -> float:
-    """Plain Adam on cross-entropy; returns accuracy on the test split."""
+def classifier_path(dm, epochs: int | None = None, weights: str | None = None,
+                    log=print) -> Path:
+    """The classifier file a run uses: `weights`, else the shipped one (unless `epochs` asks for
+    another training), else this machine's cached one, trained now if absent."""
+    if weights:
+        return Path(weights)
+    if epochs is None and shipped_path(dm.spec.name).is_file():
+        return shipped_path(dm.spec.name)
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    path = cache_root() / "extractors" / f"classifier-{dm.spec.name}-e{epochs}-s{DEFAULT_SEED}.pt"
+    if not path.is_file():
+        log(f"training the feature classifier for {dm.spec.title} ({epochs} epochs on the CPU, "
+            f"cached in {path.parent})")
+        save_classifier(train_classifier(dm, epochs, DEFAULT_SEED), path)
+    return path
+
+
+def train_classifier(dm, epochs: int = DEFAULT_EPOCHS, seed: int = DEFAULT_SEED) -> dict:
+    """Build and train the classifier on the dataset's whole training split (whatever subset a
+    run trains on), on the CPU, seeded before construction; returns the file's contents with
+    the accuracy on the whole test split. The caller's random state is left as it was."""
+    from datamodules import ImageDataModule
+
+    full = ImageDataModule(dm.spec.name, data_dir=str(dm.source.directory), val_size=0)
+    full.setup()
+    channels, size, _ = full.image_shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ClassifierNet(channels, size, full.num_classes)
+        accuracy = _fit(net, full, seed, epochs)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return {"format": FILE_FORMAT, "dataset": full.spec.name, "image_shape": list(full.image_shape),
+            "num_classes": full.num_classes, "width": net.body[0].out_channels, "epochs": epochs,
+            "seed": seed, "train_images": len(full.train_images),
+            "test_images": len(full.test_images), "accuracy": accuracy,
+            "sha256": weights_hash(state), "torch": str(torch.__version__), "state_dict": state}
+
+
+def _fit(net: ClassifierNet, dm, seed: int, epochs: int) -> float:
+    """Plain Adam on cross-entropy, batches of 256 in a seeded order; returns test accuracy.
+    A plain loop, not a Trainer: the extractor must not depend on the run's Trainer settings."""
     from datamodules import TensorBatches
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    net.to(device).train()
+    net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    batches = TensorBatches(dm.train_images.to(device), dm.train_labels.to(device), 256,
+    batches = TensorBatches(dm.train_images.cpu(), dm.train_labels.cpu().long(), 256,
                             shuffle=True, drop_last=True, seed=seed)
     for _ in range(epochs):
         for x, y in batches:
@@ -168,11 +199,76 @@ def _train_classifier(net: ClassifierNet, dm, seed: int, epochs: int,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    return classifier_accuracy(net, dm)
+
+
+@torch.inference_mode()
+def classifier_accuracy(net: ClassifierNet, dm) -> float:
+    """Fraction of dm's test images whose arg-max class is the label."""
+    from datamodules import TensorBatches
+
     net.eval()
     correct = 0
-    with torch.inference_mode():
-        for x, y in TensorBatches(dm.test_images.to(device), dm.test_labels.to(device), 1000,
-                                  shuffle=False, drop_last=False):
-            correct += int((net(x)[1].argmax(1) == y).sum())
-    torch.random.set_rng_state(generator_state)  # leave the run's random stream untouched
+    for x, y in TensorBatches(dm.test_images.cpu(), dm.test_labels.cpu(), 1000, shuffle=False,
+                              drop_last=False):
+        correct += int((net(x)[1].argmax(1) == y).sum())
     return correct / len(dm.test_images)
+
+
+def save_classifier(saved: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(saved, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_classifier(path: Path, dataset: str | None = None,
+                    image_shape: tuple[int, int, int] | None = None) -> tuple[ClassifierNet, dict]:
+    """Load a classifier file and check it: it must be one `bench extractor train` wrote, for
+    `dataset` and `image_shape` when given, with weights matching their recorded hash."""
+    path = Path(path)
+    how = "write one with `bench extractor train DATASET --out FILE`"
+    if not path.is_file():
+        raise ExtractorError(f"extractor weights {path}: no such file; {how}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file fails in zip, pickle or torch's checks
+        reason = str(err).strip().split("\n")[0][:160]  # torch's own text runs to a page
+        raise ExtractorError(f"extractor weights {path} do not load ({type(err).__name__}: "
+                             f"{reason}); {how}") from err
+    if not isinstance(saved, dict) or saved.get("format") != FILE_FORMAT:
+        raise ExtractorError(f"extractor weights {path} are not a genbench classifier file "
+                             f"(expected format {FILE_FORMAT!r}); {how}")
+    if dataset is not None and saved["dataset"] != dataset:
+        raise ExtractorError(f"extractor weights {path} are for {saved['dataset']}, but the run "
+                             f"is on {dataset}: name a {dataset} classifier, or none to use the "
+                             "shipped or cached one")
+    if image_shape is not None and tuple(saved["image_shape"]) != tuple(image_shape):
+        raise ExtractorError(f"extractor weights {path} take images of shape "
+                             f"{tuple(saved['image_shape'])}, expected {tuple(image_shape)}")
+    channels, size, _ = saved["image_shape"]
+    net = ClassifierNet(channels, size, saved["num_classes"], saved["width"])
+    net.load_state_dict(saved["state_dict"])
+    if weights_hash(net.state_dict()) != saved["sha256"]:
+        raise ExtractorError(f"extractor weights {path}: the weights do not match their recorded "
+                             f"sha256 {saved['sha256'][:12]}...: the file is corrupt; {how}")
+    return net.eval(), saved
+
+
+class ExtractorError(ValueError):
+    """A feature-extractor file that cannot serve: the message says why and how to get one."""
+
+
+def extractor_name(saved: dict) -> str:
+    return f"genbench-cnn-{saved['dataset']}-{saved['sha256'][:8]}"
+
+
+def register_classifier(net: ClassifierNet, saved: dict, path: Path) -> Extractor:
+    """Register the classifier with torch-fidelity under its hashed name."""
+    import torch_fidelity
+
+    name = extractor_name(saved)
+    if name not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(name, make_fidelity_extractor_class(net))
+    return Extractor(name, weights_path=str(path), accuracy=saved["accuracy"], net=net)

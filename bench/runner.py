@@ -187,9 +187,9 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
         extractor = None
         # Generation metrics are computed once, on rank zero, from all the samples.
         if zero and hasattr(model, "sample") and settings.generation:
-            extractor = get_extractor(settings.features, dm, seed=0,
-                                      epochs=settings.extractor_epochs, device=model.device,
-                                      inception_weights=settings.inception_weights, log=log)
+            extractor = get_extractor(settings.features, dm, settings.extractor_epochs,
+                                      settings.extractor_weights, settings.inception_weights,
+                                      log=log)
         metrics, grids = evaluate(model, dm, settings, extractor, seed=spec.seed, log=log,
                                   rank=trainer.global_rank, world_size=trainer.world_size)
         if zero:

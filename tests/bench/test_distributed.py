@@ -12,7 +12,7 @@ from datamodules import ImageDataModule
 from modules import MODELS
 from tests.data_files import write_mnist_suite
 
-EVAL = {"n_fake": 200, "kid_subset_size": 100, "extractor_epochs": 1, "features": "classifier",
+EVAL = {"n_fake": 200, "kid_subset_size": 100, "features": "classifier",
         "iw_k": 4, "iw_images": 50, "generation": True}
 
 
