@@ -101,7 +101,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                          _tolerances(args.tol), metrics, alpha=args.alpha)
     except ValueError as err:
         raise UserError(str(err)) from err
-    print(format_report(report, args.allow_incomparable))
+    print(format_report(report, args.allow_incomparable, show_all=args.all))
     return report.exit_status(args.allow_incomparable)
 
 
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="significance of the seed-noise test (default 0.05)")
     comp.add_argument("--allow-incomparable", action="store_true",
                       help="report metrics measured differently, but do not fail on them")
+    comp.add_argument("--all", action="store_true",
+                      help="print every comparison, not only those that are not plainly ok")
     comp.set_defaults(func=cmd_compare)
 
     hist = commands.add_parser(

@@ -302,19 +302,25 @@ def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
     return merged[RUN_KEYS + ["status_base", "status_cur", "status"]]
 
 
-def format_report(report: Comparison, allow_incomparable: bool = False) -> str:
-    """What `bench compare` prints: the runs that are not plainly matched, the metric table, and
-    the one-line verdict."""
+def format_report(report: Comparison, allow_incomparable: bool = False,
+                  show_all: bool = False) -> str:
+    """What `bench compare` prints: the runs that are not plainly matched, the metrics that are
+    not plainly ok (all of them with `show_all`), and the one-line verdict."""
     lines = []
     unusual = report.runs[report.runs["status"] != "ok"]
     if len(unusual):
         lines += ["Runs:", unusual.to_markdown(index=False), ""]
-    if len(report.metrics):
-        shown = report.metrics.copy()
-        shown["change"] = shown["change"].map(lambda v: "" if pd.isna(v) else f"{v * 100:+.2f}%")
-        shown["p_value"] = shown["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        lines += ["Metrics (mean over seeds; noise = standard error of the difference):",
-                  shown.to_markdown(index=False, floatfmt=".5g"), ""]
+    shown = report.metrics if show_all else report.metrics[report.metrics["verdict"] != "ok"]
+    if len(shown):
+        shown = shown.dropna(axis=1, how="all").copy()
+        if "change" in shown:
+            shown["change"] = shown["change"].map(lambda v: "" if pd.isna(v) else
+                                                  f"{v * 100:+.2f}%")
+        if "p_value" in shown:
+            shown["p_value"] = shown["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        what = "Metrics" if show_all else "Metrics that are not plainly ok (--all shows every one)"
+        lines += [f"{what}; mean over seeds, noise = standard error of the difference:",
+                  shown.fillna("").to_markdown(index=False, floatfmt=".5g"), ""]
     lines.append(report.summary_line(allow_incomparable))
     return "\n".join(lines)
 
