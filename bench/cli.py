@@ -98,7 +98,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     metrics = args.metrics.split(",") if args.metrics else None
     try:
         report = compare(_read_table(args.baseline), _read_table(args.current),
-                         _tolerances(args.tol), metrics, alpha=args.alpha)
+                         _tolerances(args.tol), metrics, alpha=args.alpha,
+                         names=(args.baseline, args.current))
     except ValueError as err:
         raise UserError(str(err)) from err
     print(format_report(report, args.allow_incomparable, show_all=args.all))

@@ -215,21 +215,22 @@ class Comparison:
 
 def compare(baseline: pd.DataFrame, current: pd.DataFrame,
             tolerances: dict[str, float] | None = None, metrics: list[str] | None = None,
-            alpha: float = DEFAULT_ALPHA) -> Comparison:
+            alpha: float = DEFAULT_ALPHA,
+            names: tuple[str, str] = ("the baseline table", "the current table")) -> Comparison:
     """Runs matched on model / variant / dataset / seed, then each metric per model / variant /
     dataset judged by `regression_rule` over the seeds that finished on each side. Reruns
-    count once (the latest row of a config hash)."""
+    count once (the latest row of a config hash). `names` (file paths) go into error messages."""
     tolerances = tolerances or {}
     for name, names in (("--tol", tolerances), ("--metrics", metrics or [])):
         unknown = set(names) - set(DIRECTIONS)
         if unknown:
             raise ValueError(f"unknown metric(s) in {name}: {sorted(unknown)}; choose from: "
                              f"{', '.join(DIRECTIONS)}")
-    check_columns(baseline, "the baseline table")
-    check_columns(current, "the current table")
+    check_columns(baseline, names[0])
+    check_columns(current, names[1])
     chosen = list(metrics or DIRECTIONS)
-    baseline = check_numeric(latest_runs(baseline), chosen, "the baseline table")
-    current = check_numeric(latest_runs(current), chosen, "the current table")
+    baseline = check_numeric(latest_runs(baseline), chosen, names[0])
+    current = check_numeric(latest_runs(current), chosen, names[1])
     runs = _match_runs(baseline, current)
 
     ok = lambda t: t[t["status"] == "ok"]  # noqa: E731

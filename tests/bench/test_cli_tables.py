@@ -34,7 +34,7 @@ def test_compare_of_a_table_without_status_names_the_file_problem(tmp_path, caps
     bare = write(tmp_path / "bare.csv", [{"model": "ae", "variant": "mlp", "dataset": "mnist",
                                           "seed": 0, "fid": 1.0}])
     assert main(["compare", base, bare]) == 2
-    assert "current table lacks the column(s) status" in capsys.readouterr().err
+    assert f"{bare} lacks the column(s) status" in capsys.readouterr().err
 
 
 def test_history_reads_a_folder_of_tables_and_plots_each_metric(tmp_path, capsys):
