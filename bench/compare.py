@@ -221,10 +221,10 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
     dataset judged by `regression_rule` over the seeds that finished on each side. Reruns
     count once (the latest row of a config hash). `names` (file paths) go into error messages."""
     tolerances = tolerances or {}
-    for name, names in (("--tol", tolerances), ("--metrics", metrics or [])):
-        unknown = set(names) - set(DIRECTIONS)
+    for option, given in (("--tol", tolerances), ("--metrics", metrics or [])):
+        unknown = set(given) - set(DIRECTIONS)
         if unknown:
-            raise ValueError(f"unknown metric(s) in {name}: {sorted(unknown)}; choose from: "
+            raise ValueError(f"unknown metric(s) in {option}: {sorted(unknown)}; choose from: "
                              f"{', '.join(DIRECTIONS)}")
     check_columns(baseline, names[0])
     check_columns(current, names[1])
