@@ -106,10 +106,34 @@ class TrainThroughput(L.Callback):
         self.end = time.perf_counter()
 
     @property
-    def images_per_second(self) -> float:
-        if self.start is None or self.end is None or not self.images:
+    def seconds(self) -> float:
+        """Training time after warm-up, validation excluded (NaN if it never ended)."""
+        if self.start is None or self.end is None:
             return float("nan")
-        return self.images / (self.end - self.start - self.paused)
+        return self.end - self.start - self.paused
+
+    @property
+    def images_per_second(self) -> float:
+        """This process's rate; a DDP run's rate is the sum over ranks (bench.runner)."""
+        if not self.images:
+            return float("nan")
+        return self.images / self.seconds
+
+
+class RandomState(L.Callback):
+    """torch's random state in every checkpoint, restored on resume, so that a resumed run draws
+    the noise an uninterrupted one would (GAN latents, VAE samples, input masks, the gradient
+    penalty's mixing). Lightning checkpoints no random state of its own. Under DDP every rank
+    was seeded alike and draws alike, so rank zero's state serves them all."""
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
 class NetOptions(L.Callback):

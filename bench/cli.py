@@ -7,8 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.launch import CHECKPOINT_EVERY_STEPS
-
 
 class UserError(Exception):
     """Bad input from the user: printed as one clear message, exit status 2, no traceback."""
@@ -34,8 +32,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.launch import SlurmOptions
-    from bench.runner import run_suite
+    from bench.launch import SlurmOptions, run_suite
     from bench.suite import load_suite
 
     suite = load_suite(args.suite, seeds=args.seeds)
@@ -208,7 +205,7 @@ def cmd_extractor(args: argparse.Namespace) -> int:
     import shutil
 
     from bench.extractor import (SHIPPED_DIR, ExtractorError, classifier_path, load_classifier,
-                                 save_classifier, train_classifier)
+                                  save_classifier, train_classifier)
 
     def data(name):
         from datamodules import ImageDataModule
@@ -332,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
-    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY_STEPS,
-                     metavar="STEPS", help="save a resumable checkpoint every STEPS steps "
-                     f"(default {CHECKPOINT_EVERY_STEPS})")
+    # the default lives in bench.runner, which this light module must not import
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                     help="save a resumable checkpoint every STEPS steps (default 1000)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (they are on when stderr is a terminal)")
     run.set_defaults(func=cmd_run)

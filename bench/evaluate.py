@@ -129,23 +129,56 @@ def reconstruction_metrics(model, batches) -> dict[str, float]:
             "dead_fraction": dead.compute().item(), "hoyer": hoyer.compute().item()}
 
 
+class ImageNoise:
+    """Standard normal draws that belong to an image: image i's come from a generator seeded
+    with (seed, i), so an estimate for it does not depend on which batch or process it is in.
+    Hand-written because the estimators must be equal under any device count, and no library
+    gives per-example random streams."""
+
+    def __init__(self, indices: Tensor, seed: int, dim: int, device: torch.device) -> None:
+        self.dim, self.device = dim, device
+        self.generators = [torch.Generator(device=device).manual_seed(
+            (seed * 1_000_003 + int(i)) % 2**63) for i in indices]
+
+    def __call__(self, m: int | None = None) -> Tensor:
+        """One draw per image (B x dim), or m per image (m x B x dim)."""
+        shape = (self.dim,) if m is None else (m, self.dim)
+        draws = [torch.randn(shape, generator=g, device=self.device) for g in self.generators]
+        return torch.stack(draws, dim=0 if m is None else 1)
+
+    def subset(self, keep: Tensor) -> ImageNoise:
+        out = ImageNoise.__new__(ImageNoise)
+        out.dim, out.device = self.dim, self.device
+        out.generators = [g for g, k in zip(self.generators, keep.tolist()) if k]
+        return out
+
+
 @torch.inference_mode()
-def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None) -> dict[str, float]:
+def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None,
+                       seed: int = 0) -> dict[str, float]:
     """elbo over the whole test split and iw_nll over its first `iw_images` images, both in
-    nats per image; records K and the image count next to them."""
+    nats per image; records K and the image count next to them. Each image's samples come from
+    its own seeded stream (`ImageNoise`), so the figures equal a single process's under DDP."""
     device = model.device
     elbo, iw_nll = MeanMetric().to(device), MeanMetric().to(device)
     iw_count = SumMetric().to(device)  # reduced across processes, as the means are
+    positions = batches.positions() if hasattr(batches, "positions") else None
     seen = 0
     for x, _ in batches:
         x = x.to(device)
-        elbo.update(model.elbo(x))
-        budget = len(x) if iw_images is None else min(len(x), iw_images - seen)
-        if budget > 0 and iw_k > 0:
+        index = (positions[seen: seen + len(x)] if positions is not None
+                 else torch.arange(seen, seen + len(x)))
+        seen += len(x)
+        noise = ImageNoise(index, seed, model.hparams.latent_dim, device)
+        elbo.update(model.elbo(x, eps=noise()))
+        keep = index < iw_images if iw_images is not None else torch.ones(len(x), dtype=bool)
+        if keep.any() and iw_k > 0:
+            keep_device = keep.to(device)
+            budget = int(keep.sum())
             # chunk so that chunk x batch decoder outputs stay near 50k images of memory
-            iw_nll.update(model.iw_nll(x[:budget], iw_k, chunk=max(1, 50_000 // budget)))
+            iw_nll.update(model.iw_nll(x[keep_device], iw_k, chunk=max(1, 50_000 // budget),
+                                       noise=noise.subset(keep)))
             iw_count.update(budget)
-            seen += budget
     out = {"elbo": elbo.compute().item(), "iw_k": iw_k}
     out["iw_nll"] = iw_nll.compute().item() if iw_k > 0 else float("nan")
     out["iw_images"] = int(iw_count.compute().item()) if iw_k > 0 else 0
@@ -217,9 +250,8 @@ def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str
             "kid_subset_size": subset, "prc_neighborhood": settings.prc_neighborhood}
 
 
-def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0, log=print,
-             rank: int = 0, world_size: int = 1) -> tuple[dict[str, float | int | str],
-                                                          dict[str, Tensor]]:
+def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
+             log=print) -> tuple[dict[str, float | int | str], dict[str, Tensor]]:
     """All metrics that apply to `model` on dm's test split, and the image grids to save:
     `samples` (the first 64 generated) and `reconstructions` (32 test images over their
     reconstructions). Under DDP each rank reads its shard of the test split and the torchmetrics
@@ -238,10 +270,7 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0, l
             x = dm.test_images[:32].to(model.device).float() / 255
             grids["reconstructions"] = torch.cat([x, model.reconstruct(x)]).cpu()
     if hasattr(model, "iw_nll"):
-        # this rank's shard holds test images rank, rank + W, ...: keep those below iw_images
-        iw_images = (None if settings.iw_images is None
-                     else len(range(rank, settings.iw_images, world_size)))
-        metrics |= likelihood_metrics(model, test, settings.iw_k, iw_images)
+        metrics |= likelihood_metrics(model, test, settings.iw_k, settings.iw_images, seed)
     if hasattr(model, "sample") and settings.generation and extractor is not None:
         torch.manual_seed(seed)
         fake, metrics["sample_img_per_s"] = generate(model, settings.n_fake, settings.batch_size)

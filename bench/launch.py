@@ -1,4 +1,5 @@
-"""Spreading a suite's runs over processes, GPUs or a SLURM cluster.
+"""Running a suite: which runs to do, where each one goes (this process, K worker processes or
+GPUs, a SLURM job array), and the summary at the end. One run is bench.runner's `run_one`.
 
 Every launcher runs the same job, `run_spec_job`: one spec, trained, evaluated and appended to
 the results table by the process that ran it (under the table's file lock), so a crashed worker
@@ -9,37 +10,28 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import sys
+import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Steps between resumable checkpoints. A save costs about 12 ms for the MLP families on a 2-core
-# CPU: every 200 steps that was 4% of their training time, every 1000 under 1%; a crash loses at
-# most 1000 steps (under 30 s for the conv families on that CPU).
-CHECKPOINT_EVERY_STEPS = 1000
+import pandas as pd
+from lightning.pytorch.utilities import rank_zero_only
 
-
-@dataclass
-class RunOptions:
-    """How each run trains; the same for every launcher."""
-
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    wandb_mode: str = "disabled"
-    checkpoint_every: int = CHECKPOINT_EVERY_STEPS
-    force: bool = False
-    progress: bool = False
+from bench.plots import metric_bar_charts
+from bench.results import append_row, done_hashes, format_table, read_rows
+from bench.runner import (CHECKPOINT_EVERY_STEPS, RunOptions, git_commit, prepare_run_process,
+                          run_one)
+from bench.suite import Suite
+from bench.tracking import choose_wandb_mode, log_suite_summary
 
 
 def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict:
     """Train, evaluate and append one spec; returns its row. Runs in a worker or a SLURM job."""
     import torch
-
-    from bench.results import append_row
-    from bench.runner import prepare_run_process, run_one
 
     prepare_run_process()
     if os.environ.get("GENBENCH_THREADS"):
@@ -129,3 +121,90 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOpti
         except Exception as err:  # submitit re-raises the job's exception here
             log(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
     return rows
+
+
+def one_line(row: dict) -> str:
+    """The per-run line printed after each run: the metrics that apply, in a fixed order."""
+    shown = ["recon_mse", "l0", "dead_fraction", "elbo", "iw_nll", "fid", "isc_mean",
+             "precision", "recall", "train_img_per_s"]
+    parts = [f"{k}={row[k]:.4g}" for k in shown if isinstance(row.get(k), (int, float))
+             and not pd.isna(row.get(k))]
+    status = "" if row["status"] == "ok" else f" [{row['status']} at step {row['diverged_step']}]"
+    return f"  {row['model']}/{row['variant']} on {row['dataset']} seed {row['seed']}: " + \
+        " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
+
+
+def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
+              force: bool = False, accelerator: str = "auto", devices: int | str = 1,
+              wandb_mode: str | None = None, progress: bool | None = None,
+              checkpoint_every: int | None = None, strategy: str = "auto",
+              num_nodes: int = 1, parallel: int = 1,
+              launcher: str = "local", slurm: SlurmOptions | None = None,
+              log=print) -> pd.DataFrame:
+    """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
+    several devices through DDP), `parallel` at a time, or as a SLURM job array; then write the
+    summary table and plots. Returns this suite's rows."""
+    out_dir = Path(out_dir or Path("results") / suite.name)
+    csv_path = out_dir / "runs.csv"
+    checkpoint_every = checkpoint_every or CHECKPOINT_EVERY_STEPS
+    prepare_run_process()
+    # Under DDP every rank runs this function; only rank zero speaks and writes.
+    zero = rank_zero_only.rank == 0
+    say = log if zero else (lambda message: None)
+    mode = choose_wandb_mode(wandb_mode)
+    if progress is None:  # a bar per run on a terminal; in a log file it is only noise
+        progress = sys.stderr.isatty()
+    specs = [s.on(devices, num_nodes) for s in suite.specs
+             if not only or re.search(only, s.run_id)]
+    if not specs:
+        raise ValueError(f"--only {only!r} matches none of: "
+                         f"{', '.join(s.run_id for s in suite.specs)}")
+    done = set() if force else done_hashes(csv_path)
+    pending = []
+    for i, spec in enumerate(specs, 1):
+        if spec.config_hash in done:
+            say(f"[{i}/{len(specs)}] {spec.run_id}: already in {csv_path.name} "
+                f"(config {spec.config_hash}), skipped; --force redoes it")
+        else:
+            pending.append(spec)
+    commit = git_commit()
+    options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
+                         progress)
+    suite_start = time.perf_counter()
+    say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "
+        f"(W&B {mode})")
+    if launcher in ("slurm", "submitit-local"):
+        slurm = slurm or SlurmOptions()
+        slurm.cluster = "local" if launcher == "submitit-local" else None
+        rows = run_slurm(pending, suite, out_dir, options, slurm, commit, say)
+    elif launcher != "local":
+        raise ValueError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
+                         "submitit-local")
+    elif parallel > 1:
+        rows = run_parallel(pending, suite, out_dir, parallel, options, commit, say)
+    else:
+        rows = []
+        for i, spec in enumerate(pending, 1):
+            say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
+            row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
+                          checkpoint_every, strategy, num_nodes, fresh=force, log=say)
+            if row.pop("rank") == 0:
+                append_row(csv_path, row, unique=not force)
+            rows.append(row)
+            say(one_line(row))
+    if not zero:
+        return pd.DataFrame(rows)
+    if parallel > 1 or launcher != "local":
+        for row in rows:
+            say(one_line(row))
+    table = read_rows(csv_path)
+    table = table[table["config_hash"].isin({s.config_hash for s in specs})] if len(table) \
+        else table
+    summary = format_table(table)
+    (out_dir / "summary.md").write_text(f"# {suite.name}\n\n{summary}\n")
+    metric_bar_charts(table, out_dir / "plots")
+    log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
+                      suite.name, table, out_dir, mode)
+    say(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
+        f"rows in {csv_path}, table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
+    return table

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.callbacks import DivergenceGuard, TrainThroughput
-from bench.launch import CHECKPOINT_EVERY_STEPS
-from bench.runner import (HARNESS_TRAINER_ARGS, harness_callbacks, optimizer_steps,
-                          prepare_run_process)
+from bench.runner import (CHECKPOINT_EVERY_STEPS, HARNESS_TRAINER_ARGS, harness_callbacks,
+                          optimizer_steps, prepare_run_process)
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
 from modules.steps import LossSteps
@@ -55,8 +54,7 @@ def plain_step_fn(model):
             optimizer.step()
         return step
 
-    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=model.hparams.lr,
-                                     betas=tuple(model.hparams.betas))
+    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=model.lr, betas=model.betas)
                     for net in (model.generator, model.discriminator))
     counter = {"batch": 0}
 

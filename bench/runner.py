@@ -1,4 +1,7 @@
-"""Run a suite: for each spec, train with a Lightning Trainer, evaluate, append one row."""
+"""One run: train a spec with a Lightning Trainer, evaluate it, and return its result row.
+
+The suite-level work (what to skip, where each run goes, the summary) is bench.launch, which
+calls `run_one`; nothing here imports it."""
 
 from __future__ import annotations
 
@@ -10,32 +13,46 @@ import re
 import resource
 import shutil
 import subprocess
-import sys
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_only
-import pandas as pd
-import torch
 
 from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, NetOptions,
-                             TrainThroughput, drop_failing_nvml_check)
+                              RandomState, TrainThroughput, drop_failing_nvml_check)
 from bench.evaluate import EvalSettings, evaluate
 from bench.extractor import get_extractor
-from bench.launch import (CHECKPOINT_EVERY_STEPS, RunOptions, SlurmOptions, run_parallel,
-                          run_slurm)
-from bench.plots import metric_bar_charts, save_run_grids
-from bench.results import append_row, done_hashes, format_table, read_rows
+from bench.plots import save_run_grids
 from bench.suite import RunSpec, Suite
-from bench.tracking import choose_wandb_mode, finish_run_logging, log_suite_summary, make_logger
+from bench.tracking import finish_run_logging, make_logger
 from datamodules import ImageDataModule
 from modules import MODELS
 from modules.nets import count_parameters
+
+# Steps between resumable checkpoints. A save costs about 12 ms for the MLP families on a 2-core
+# CPU: every 200 steps that was 4% of their training time, every 1000 under 1%; a crash loses at
+# most 1000 steps (under 30 s for the conv families on that CPU).
+CHECKPOINT_EVERY_STEPS = 1000
+
+
+@dataclass
+class RunOptions:
+    """How each run trains; the same for every launcher."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    wandb_mode: str = "disabled"
+    checkpoint_every: int = CHECKPOINT_EVERY_STEPS
+    force: bool = False
+    progress: bool = False
 
 
 def git_commit() -> str:
@@ -60,12 +77,42 @@ def versions() -> dict[str, str]:
             "torchmetrics": torchmetrics.__version__, "torch_fidelity": torch_fidelity.__version__}
 
 
+def reset_peak_memory(device: torch.device) -> str:
+    """Start this run's peak-memory window; returns its scope: "run", or "process" where the
+    kernel does not let a process reset its peak (then the figure covers earlier runs too)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "run"
+    try:  # Linux >= 4.0: "5" sets the peak resident set size (VmHWM) to the current one
+        Path("/proc/self/clear_refs").write_text("5")
+        return "run"
+    except OSError:
+        return "process"
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """GPU: peak allocated by torch on the device during this run. CPU: the process's peak
-    resident set so far (Linux reports KiB), which covers earlier runs of the same process."""
+    """GPU: peak allocated by torch on the device since `reset_peak_memory`. CPU: the process's
+    peak resident set (VmHWM) since then, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def whole_run_figures(trainer: L.Trainer, throughput: TrainThroughput,
+                      peak_mb: float) -> dict[str, float]:
+    """The run's figures over all its processes: training images per second = all ranks'
+    images over the slowest rank's time, and the largest peak memory of any rank."""
+    local = torch.tensor([throughput.images, throughput.seconds, peak_mb], dtype=torch.float64,
+                         device=trainer.strategy.root_device)
+    every = trainer.strategy.all_gather(local).reshape(-1, 3) if trainer.world_size > 1 \
+        else local[None]
+    images, seconds, peak = every[:, 0].sum(), every[:, 1].max(), every[:, 2].max()
+    rate = float(images / seconds) if images > 0 and seconds > 0 else float("nan")
+    return {"train_img_per_s": rate, "peak_mem_mb": float(peak)}
 
 
 def build_model(spec: RunSpec, image_shape):
@@ -109,7 +156,7 @@ def harness_callbacks(throughput: TrainThroughput, guard: DivergenceGuard, ckpt_
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                  every_n_train_steps=checkpoint_every,
                                  enable_version_counter=False)
-    callbacks: list[L.Callback] = [throughput, guard, checkpoint]
+    callbacks: list[L.Callback] = [throughput, guard, checkpoint, RandomState()]
     if net_options is not None and net_options.enabled:  # each callback costs ~10 us a step
         callbacks.append(net_options)
     if progress:
@@ -153,7 +200,11 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     trainer_args = {k: v for k, v in spec.trainer.items() if k not in NET_OPTIONS}
     if strategy == "ddp":  # a short collective timeout turns a mismatch into an error, not a hang
         timeout = timedelta(seconds=int(os.environ.get("GENBENCH_DDP_TIMEOUT_S", "1800")))
-        strategy = DDPStrategy(timeout=timeout)
+        # Each family says whether some parameters get no gradient in a backward pass (the GAN's
+        # discriminator step leaves the generator without one); only then does DDP search the
+        # autograd graph after every backward, which costs time (see modules/gan.py).
+        strategy = DDPStrategy(timeout=timeout, find_unused_parameters=getattr(
+            model, "ddp_find_unused_parameters", False))
     callbacks = harness_callbacks(
         throughput, guard, ckpt_dir, checkpoint_every, progress,
         NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS}))
@@ -161,11 +212,10 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
                         num_nodes=num_nodes, logger=logger or False, callbacks=callbacks,
                         **HARNESS_TRAINER_ARGS, enable_progress_bar=progress,
                         **trainer_budget(spec, model), **trainer_args)
-    if trainer.strategy.root_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
     row: dict = {"suite": suite.name, "model": spec.model, "variant": spec.variant,
                  "dataset": spec.dataset, "seed": spec.seed, "config_hash": spec.config_hash,
-                 "status": "ok", "diverged_step": None}
+                 "status": "ok", "diverged_step": None,
+                 "peak_mem_scope": reset_peak_memory(trainer.strategy.root_device)}
     metrics: dict = {}
     images: dict[str, Path] = {}
     if fresh and trainer.is_global_zero:
@@ -190,17 +240,19 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
             extractor = get_extractor(settings.features, dm, settings.extractor_epochs,
                                       settings.extractor_weights, settings.inception_weights,
                                       log=log)
-        metrics, grids = evaluate(model, dm, settings, extractor, seed=spec.seed, log=log,
-                                  rank=trainer.global_rank, world_size=trainer.world_size)
+        metrics, grids = evaluate(model, dm, settings, extractor, seed=spec.seed, log=log)
         if zero:
             images = save_run_grids(grids, out_dir / "plots", spec.run_id)
     device = trainer.strategy.root_device
     row |= metrics
-    row |= {"train_img_per_s": throughput.images_per_second, "steps": throughput.batches,
+    row |= whole_run_figures(trainer, throughput, peak_memory_mb(device))
+    # every batch of the run, those before a resume too (the loop's progress is checkpointed)
+    row |= {"steps": trainer.fit_loop.epoch_loop.batch_progress.total.completed,
             "epochs": trainer.current_epoch, "params": count_parameters(model),
-            "wall_s": time.perf_counter() - start, "peak_mem_mb": peak_memory_mb(device),
+            "wall_s": time.perf_counter() - start,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "devices": trainer.world_size, **versions(), "git_commit": commit,
+            "devices": trainer.world_size, "num_nodes": trainer.num_nodes, **versions(),
+            "git_commit": commit,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": json.dumps(spec.config(), sort_keys=True),
             "checkpoint": str(ckpt_dir / "final.ckpt")}
@@ -208,17 +260,6 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
         finish_run_logging(logger, row, images)
     row["rank"] = trainer.global_rank
     return row
-
-
-def one_line(row: dict) -> str:
-    """The per-run line printed after each run: the metrics that apply, in a fixed order."""
-    shown = ["recon_mse", "l0", "dead_fraction", "elbo", "iw_nll", "fid", "isc_mean",
-             "precision", "recall", "train_img_per_s"]
-    parts = [f"{k}={row[k]:.4g}" for k in shown if isinstance(row.get(k), (int, float))
-             and not pd.isna(row.get(k))]
-    status = "" if row["status"] == "ok" else f" [{row['status']} at step {row['diverged_step']}]"
-    return f"  {row['model']}/{row['variant']} on {row['dataset']} seed {row['seed']}: " + \
-        " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
 
 
 def prepare_run_process() -> None:
@@ -229,77 +270,3 @@ def prepare_run_process() -> None:
     for noise in (".*smaller than the logging interval.*", ".*LeafSpec.*is deprecated.*",
                   ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=noise)
-
-
-def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
-              force: bool = False, accelerator: str = "auto", devices: int | str = 1,
-              wandb_mode: str | None = None, progress: bool | None = None,
-              checkpoint_every: int = CHECKPOINT_EVERY_STEPS, strategy: str = "auto",
-              num_nodes: int = 1, parallel: int = 1,
-              launcher: str = "local", slurm: SlurmOptions | None = None,
-              log=print) -> pd.DataFrame:
-    """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
-    several devices through DDP), `parallel` at a time, or as a SLURM job array; then write the
-    summary table and plots. Returns this suite's rows."""
-    out_dir = Path(out_dir or Path("results") / suite.name)
-    csv_path = out_dir / "runs.csv"
-    prepare_run_process()
-    # Under DDP every rank runs this function; only rank zero speaks and writes.
-    zero = rank_zero_only.rank == 0
-    say = log if zero else (lambda message: None)
-    mode = choose_wandb_mode(wandb_mode)
-    if progress is None:  # a bar per run on a terminal; in a log file it is only noise
-        progress = sys.stderr.isatty()
-    specs = [s for s in suite.specs if not only or re.search(only, s.run_id)]
-    if not specs:
-        raise ValueError(f"--only {only!r} matches none of: "
-                         f"{', '.join(s.run_id for s in suite.specs)}")
-    done = set() if force else done_hashes(csv_path)
-    pending = []
-    for i, spec in enumerate(specs, 1):
-        if spec.config_hash in done:
-            say(f"[{i}/{len(specs)}] {spec.run_id}: already in {csv_path.name} "
-                f"(config {spec.config_hash}), skipped; --force redoes it")
-        else:
-            pending.append(spec)
-    commit = git_commit()
-    options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
-                         progress)
-    suite_start = time.perf_counter()
-    say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "
-        f"(W&B {mode})")
-    if launcher in ("slurm", "submitit-local"):
-        slurm = slurm or SlurmOptions()
-        slurm.cluster = "local" if launcher == "submitit-local" else None
-        rows = run_slurm(pending, suite, out_dir, options, slurm, commit, say)
-    elif launcher != "local":
-        raise ValueError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
-                         "submitit-local")
-    elif parallel > 1:
-        rows = run_parallel(pending, suite, out_dir, parallel, options, commit, say)
-    else:
-        rows = []
-        for i, spec in enumerate(pending, 1):
-            say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
-            row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
-                          checkpoint_every, strategy, num_nodes, fresh=force, log=say)
-            if row.pop("rank") == 0:
-                append_row(csv_path, row, unique=not force)
-            rows.append(row)
-            say(one_line(row))
-    if not zero:
-        return pd.DataFrame(rows)
-    if parallel > 1 or launcher != "local":
-        for row in rows:
-            say(one_line(row))
-    table = read_rows(csv_path)
-    table = table[table["config_hash"].isin({s.config_hash for s in specs})] if len(table) \
-        else table
-    summary = format_table(table)
-    (out_dir / "summary.md").write_text(f"# {suite.name}\n\n{summary}\n")
-    metric_bar_charts(table, out_dir / "plots")
-    log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
-                      suite.name, table, out_dir, mode)
-    say(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
-        f"rows in {csv_path}, table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
-    return table

@@ -19,6 +19,7 @@ knows what is already done.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -49,12 +50,23 @@ class RunSpec:
     data: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    # devices per node and nodes, from the command line; part of the identity when not 1 x 1:
+    # each rank sees 1/N of every batch's data, so a DDP run is another experiment
+    launch: dict[str, Any] = field(default_factory=dict)
+
+    def on(self, devices: int | str = 1, num_nodes: int = 1) -> RunSpec:
+        """This spec as run on `devices` per node x `num_nodes`."""
+        launch = {} if (str(devices), num_nodes) == ("1", 1) else {"devices": devices,
+                                                                   "num_nodes": num_nodes}
+        return dataclasses.replace(self, launch=launch)
 
     def config(self) -> dict[str, Any]:
-        """Everything that determines the result (the suite's name does not)."""
-        return {"model": self.model, "variant": self.variant, "dataset": self.dataset,
-                "seed": self.seed, "params": self.params, "budget": self.budget,
-                "data": self.data, "trainer": self.trainer, "eval": self.eval}
+        """Everything that determines the result (the suite's name does not). A single-device
+        run's config has no `launch` key, so its hash is the one it had before DDP existed."""
+        config = {"model": self.model, "variant": self.variant, "dataset": self.dataset,
+                  "seed": self.seed, "params": self.params, "budget": self.budget,
+                  "data": self.data, "trainer": self.trainer, "eval": self.eval}
+        return config | ({"launch": self.launch} if self.launch else {})
 
     @property
     def config_hash(self) -> str:

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from datamodules.specs import DataSource, DatasetSpec, get_spec, load_arrays, locate
+from datamodules.specs import DatasetSpec, DataSource, get_spec, load_arrays, locate
 
 
 @functools.lru_cache(maxsize=2)
@@ -22,11 +22,26 @@ def _decoded(spec_name: str, directory: str) -> dict[str, torch.Tensor]:
             for key, value in load_arrays(spec, source).items()}
 
 
-def to_unit_float(images: torch.Tensor, binarize: bool = False) -> torch.Tensor:
+def to_unit_float(images: torch.Tensor, binarize: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 pixels -> float32 in [0, 1]; with `binarize`, a fresh Bernoulli draw per pixel with
     p = intensity (dynamic binarisation, as in Salakhutdinov & Murray 2008 and Burda et al. 2016)."""
     x = images.float().div_(255.0)
-    return torch.bernoulli(x) if binarize else x
+    return torch.bernoulli(x, generator=generator) if binarize else x
+
+
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """A seed for one batch of one epoch: draws that depend on where a batch sits in the run, not
+    on the global random state, so a resumed run redraws exactly what it would have drawn."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) % 2**63
+
+
+def binarized_once(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed binarisation of a whole evaluation split (uint8 0 / 255), drawn in the split's
+    order from `seed`: every run, every device count and every batching sees the same pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.bernoulli(images.cpu().float().div(255.0), generator=generator)
+    return (draws * 255).to(torch.uint8).to(images.device)
 
 
 class TensorBatches:
@@ -42,7 +57,8 @@ class TensorBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  shuffle: bool, drop_last: bool, binarize: bool = False, seed: int = 0,
                  rank: int = 0, world_size: int = 1,
-                 epoch_fn: Callable[[], int] | None = None) -> None:
+                 epoch_fn: Callable[[], int] | None = None,
+                 trained_fn: Callable[[], int] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.labels = images, labels
@@ -50,8 +66,10 @@ class TensorBatches:
         self.binarize, self.seed, self.rank, self.world_size = binarize, seed, rank, world_size
         # Under a Trainer the epoch comes from it, so a resumed run reshuffles as the original
         # would have; alone, each pass over the batches counts as the next epoch.
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.trained_fn = epoch_fn, trained_fn
         self.epoch = 0
+        self.yielded = 0  # batches yielded in the current epoch
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def _shard_size(self) -> int:
         n = len(self.images)
@@ -63,10 +81,9 @@ class TensorBatches:
         size = self._shard_size()
         return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _order(self, epoch: int) -> torch.Tensor | None:
+        """This rank's positions in the split for `epoch`; None for the whole split in order."""
         n = len(self.images)
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        self.epoch = epoch + 1
         order = None
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -74,9 +91,38 @@ class TensorBatches:
         if self.world_size > 1:
             order = (order if order is not None else torch.arange(n))[self.rank::self.world_size]
             order = order[: self._shard_size()]
+        return order
+
+    def positions(self, epoch: int = 0) -> torch.Tensor:
+        """The split index of every image this rank yields in `epoch`, in yield order: what makes
+        per-image draws (evaluation noise) independent of batching and device count."""
+        order = self._order(epoch)
+        return torch.arange(len(self.images)) if order is None else order
+
+    # Lightning's stateful-loader protocol: the checkpoint keeps the epoch and how many of its
+    # batches were trained, and a resumed run continues from the next one. The count comes from
+    # the Trainer (`trained_fn`): its fetcher reads a batch ahead, so our own count runs ahead.
+    def state_dict(self) -> dict[str, int]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        trained = self.trained_fn() if self.trained_fn is not None else self.yielded
+        return {"epoch": epoch, "batches": trained}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = (state["epoch"], state["batches"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        self.epoch = epoch + 1
+        first = 0
+        if self.resume_at is not None:
+            resume_epoch, done = self.resume_at
+            first = done if resume_epoch == epoch else 0
+            self.resume_at = None
+        order = self._order(epoch)
         if order is not None:
             order = order.to(self.images.device)
-        for i in range(len(self)):
+        self.yielded = first
+        for i in range(first, len(self)):
             lo, hi = i * self.batch_size, (i + 1) * self.batch_size
             if order is None:  # contiguous slices are views: no copy at all
                 images, labels = self.images[lo:hi], self.labels[lo:hi]
@@ -86,7 +132,16 @@ class TensorBatches:
                 index = order[lo:hi]
                 images = self.images.index_select(0, index)
                 labels = self.labels.index_select(0, index)
-            yield to_unit_float(images, self.binarize), labels
+            generator = None
+            if self.binarize:
+                generator = torch.Generator(device=images.device)
+                generator.manual_seed(batch_seed(self.seed, epoch, i))
+            self.yielded = i + 1
+            yield to_unit_float(images, self.binarize, generator), labels
+
+
+# Offsets of the fixed evaluation binarisations from the split seed (one draw per split).
+EVAL_DRAW = {"val": 1, "test": 2, "train": 3}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -108,6 +163,7 @@ class ImageDataModule(L.LightningDataModule):
         self.source: DataSource | None = None
         self.load_seconds: float | None = None
         self._loaded = False
+        self._binarized: dict[str, torch.Tensor] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -153,13 +209,22 @@ class ImageDataModule(L.LightningDataModule):
     def _batches(self, split: str, train: bool) -> TensorBatches:
         hp = self.hparams
         trainer = self.trainer
+        images = getattr(self, f"{split}_images")
+        if hp.binarize and not train:  # evaluation sees one fixed draw, whatever the run
+            if split not in self._binarized:
+                self._binarized[split] = binarized_once(images, hp.split_seed + EVAL_DRAW[split])
+            images = self._binarized[split]
+        trained = None
+        if train and trainer is not None:  # batches of this epoch that finished their step
+            trained = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed  # noqa
         return TensorBatches(
-            getattr(self, f"{split}_images"), getattr(self, f"{split}_labels"),
+            images, getattr(self, f"{split}_labels"),
             hp.batch_size if train else hp.eval_batch_size, shuffle=train, drop_last=train,
-            binarize=hp.binarize, seed=hp.seed,
+            binarize=hp.binarize and train, seed=hp.seed,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+            trained_fn=trained,
         )
 
     def train_dataloader(self) -> TensorBatches:

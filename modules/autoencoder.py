@@ -84,25 +84,37 @@ class Autoencoder(LossSteps):
 
     @torch.no_grad()
     def fit_latent_density(self, batches) -> None:
-        """Fit a full-covariance Gaussian mixture (scikit-learn's EM) to the codes of up to
-        `gmm_max_samples` training images. Under DDP an equal number of codes is gathered from every
-        rank first, so every rank fits the same mixture from the same data and seed."""
+        """Fit a full-covariance Gaussian mixture (scikit-learn's EM) to the codes of the first
+        `gmm_max_samples` training images in the split's fixed order. Under DDP each rank holds
+        images rank, rank + W, ... of that order (TensorBatches' evaluation sharding): every rank
+        encodes its part of the first `gmm_max_samples`, the codes are gathered and put back in
+        the split's order, and every rank fits the mixture a single process would."""
         from sklearn.mixture import GaussianMixture
 
         was_training = self.training
         self.eval()
+        limit = self.hparams.gmm_max_samples
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        world = self.trainer.world_size if distributed else 1  # .trainer raises if unset
+        # images with split index < limit: at most ceil(limit / W) on each rank
+        wanted = -(-limit // world)
         codes, n = [], 0
         for batch in batches:
             x = first_tensor(batch).to(self.device)
             codes.append(self.encode(x).float())
             n += len(x)
-            if n >= self.hparams.gmm_max_samples:
+            if n >= wanted:
                 break
-        local = torch.cat(codes)[: self.hparams.gmm_max_samples]
-        if self._trainer is not None and self.trainer.world_size > 1:  # .trainer raises if unset
-            # all_gather needs one shape on every rank, and shards may differ by an image
-            common = int(self.all_gather(torch.tensor(len(local), device=self.device)).min())
-            local = self.all_gather(local[:common]).flatten(0, 1)
+        local = torch.cat(codes)[:wanted]
+        if distributed:
+            count = self.all_gather(torch.tensor(len(local), device=self.device))  # (W,)
+            padded = torch.zeros(wanted, local.shape[1], device=self.device)
+            padded[: len(local)] = local
+            gathered = self.all_gather(padded)  # W x wanted x D; rank r's j-th is index j*W + r
+            in_order = gathered.transpose(0, 1).flatten(0, 1)
+            held = (torch.arange(wanted, device=self.device)[:, None] < count[None, :]).flatten()
+            local = in_order[held]
+        local = local[:limit]
         gmm = GaussianMixture(self.hparams.gmm_components, covariance_type="full",
                               reg_covar=1e-5, random_state=self.hparams.seed)
         gmm.fit(local.double().cpu().numpy())

@@ -10,6 +10,7 @@ from modules.nets import as_tuple_shape, init_dcgan_weights, make_decoder, make_
 from modules.steps import BenchModule, first_tensor, logs_this_step
 
 GAN_LOSSES = ("ns", "wgan-gp")
+OPTIMIZER_DEFAULTS = {"ns": (2e-4, (0.5, 0.999)), "wgan-gp": (1e-4, (0.0, 0.9))}
 
 
 def ns_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -47,10 +48,15 @@ class GAN(BenchModule):
     the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return [0, 1].
     """
 
+    # Under DDP, the discriminator's backward leaves every generator parameter without a
+    # gradient, so DDP must look for unused parameters after each backward (Lightning prepares
+    # DDP's reducer before each manual_backward); without it the first generator step fails.
+    ddp_find_unused_parameters = True
+
     def __init__(self, backbone: str = "conv", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 64, hidden: int = 64, width: int = 32, loss: str = "ns",
-                 n_critic: int | None = None, gp_weight: float = 10.0, lr: float = 2e-4,
-                 betas: tuple[float, float] = (0.5, 0.999), n_fixed: int = 64,
+                 n_critic: int | None = None, gp_weight: float = 10.0, lr: float | None = None,
+                 betas: tuple[float, float] | None = None, n_fixed: int = 64,
                  seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -59,6 +65,11 @@ class GAN(BenchModule):
         self.automatic_optimization = False
         self.image_shape = as_tuple_shape(image_shape)
         self.n_critic = n_critic if n_critic is not None else (5 if loss == "wgan-gp" else 1)
+        # Adam as each loss's paper sets it unless given: DCGAN lr 2e-4, betas (0.5, 0.999)
+        # (Radford et al. 2016); WGAN-GP lr 1e-4, betas (0, 0.9) (Gulrajani et al. 2017, Alg. 1)
+        default_lr, default_betas = OPTIMIZER_DEFAULTS[loss]
+        self.lr = default_lr if lr is None else lr
+        self.betas = tuple(default_betas if betas is None else betas)
         self.generator = make_decoder(backbone, self.image_shape, latent_dim, hidden, width)
         # A WGAN-GP critic must not use BatchNorm: the penalty is defined per sample.
         self.discriminator = make_encoder(backbone, self.image_shape, 1, hidden, width,
@@ -146,7 +157,6 @@ class GAN(BenchModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas)
         return opt_g, opt_d

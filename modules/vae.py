@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,28 +91,34 @@ class VAE(LossSteps):
             return bernoulli_log_likelihood(logits, x)
         return gaussian_log_likelihood(logits, x, self.log_scale)
 
-    def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(E_q[log p(x|z)] from one reparameterised sample, KL(q || p)), each per image."""
+    def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(E_q[log p(x|z)] from one reparameterised sample z = mu + sigma * eps, KL(q || p)),
+        each per image; eps ~ N(0, I) from the global generator unless given (B x latent_dim)."""
         mu, logvar = self.posterior(x)
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        eps = torch.randn_like(mu) if eps is None else eps
+        z = mu + (0.5 * logvar).exp() * eps
         return self.log_likelihood(self.decoder(z), x), gaussian_kl(mu, logvar)
 
-    def elbo(self, x: Tensor) -> Tensor:
+    def elbo(self, x: Tensor, eps: Tensor | None = None) -> Tensor:
         """ELBO per image in nats (one-sample estimate of the expectation, closed-form KL)."""
-        log_px, kl = self.elbo_terms(x)
+        log_px, kl = self.elbo_terms(x, eps)
         return log_px - kl
 
     @torch.no_grad()
-    def iw_nll(self, x: Tensor, k: int, chunk: int = 500) -> Tensor:
+    def iw_nll(self, x: Tensor, k: int, chunk: int = 500,
+               noise: Callable[[int], Tensor] | None = None) -> Tensor:
         """Importance-weighted NLL per image in nats (Burda et al. 2016, eq. 8):
         -log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x), a bound that tightens as k grows.
         The k samples are drawn `chunk` at a time and merged with logsumexp, so k = 5000 fits in
-        memory; memory is batch x chunk decoder outputs."""
+        memory; memory is batch x chunk decoder outputs. `noise(m)` gives the next m standard
+        normal draws per image (m x B x latent_dim); by default the global generator's."""
         mu, logvar = self.posterior(x)
+        if noise is None:
+            noise = lambda m: torch.randn(m, *mu.shape, device=x.device)  # noqa: E731
         running = torch.full((len(x),), float("-inf"), device=x.device)
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
-            z = mu + (0.5 * logvar).exp() * torch.randn(m, *mu.shape, device=x.device)  # m,B,D
+            z = mu + (0.5 * logvar).exp() * noise(m)  # m, B, D
             logits = self.decoder(z.flatten(0, 1)).unflatten(0, (m, len(x)))
             log_w = (self.log_likelihood(logits, x.expand(m, *x.shape))
                      + gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))

@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench.evaluate import EvalSettings, evaluate
+from bench.extractor import get_extractor
 from bench.results import read_rows
-from datamodules import ImageDataModule
+from bench.suite import load_suite
+from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
 from tests.data_files import write_mnist_suite
 
@@ -31,27 +34,100 @@ def bench(*args, tmp_path, timeout=400):
                           capture_output=True, text=True)
 
 
-@pytest.mark.slow
-def test_ddp_run_matches_single_process_evaluation_of_its_checkpoint(tmp_path):
-    suite = write_suite(tmp_path, {"mlp": "ae"}, gmm_components=2)
+# Every family and variant, mlp and conv: (variant name, model, params).
+VARIANTS = [(f"{name}-{backbone}", model, {"backbone": backbone, **params})
+            for backbone in ("mlp", "conv")
+            for name, model, params in [
+                ("ae", "ae", {}), ("sae-l1", "sae", {"sparsity": "l1"}),
+                ("sae-kl", "sae", {"sparsity": "kl"}),
+                ("sae-topk", "sae", {"sparsity": "topk", "k": 2, "aux_k": 4,
+                                     "latent_dim": 16}),
+                ("sae-mask", "sae", {"sparsity": "input_mask"}), ("vae", "vae", {}),
+                ("gan-ns", "gan", {}), ("gan-wgan-gp", "gan", {"loss": "wgan-gp"})]]
+# What each family's row holds, compared with a single process's evaluation of the checkpoint.
+CODES = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer"]
+GENERATION = ["fid", "kid_mean", "isc_mean", "precision", "recall"]
+METRICS = {"ae": CODES + GENERATION, "sae": CODES + GENERATION,
+           "vae": CODES + ["elbo", "iw_nll"] + GENERATION, "gan": GENERATION}
+DATA = {"val_size": 40, "batch_size": 20, "eval_batch_size": 25}
+
+
+@pytest.fixture(scope="module")
+def ddp_suite(tmp_path_factory):
+    """One 2-process DDP run of every variant (gloo on CPU), with a mixture fitted on fewer
+    codes than the training split holds, so that a wrong gather would show."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    tiny = {"hidden": 16, "latent_dim": 4, "width": 4}
+    mixture = {"gmm_components": 2, "gmm_max_samples": 150}  # 150 of 361 training images
+    runs = [{"model": model, "variant": name,
+             "params": tiny | params | (mixture if model in ("ae", "sae") else {})}
+            for name, model, params in VARIANTS]
+    suite = write_mnist_suite(tmp_path, runs, n_train=401, n_test=121, eval=EVAL, data=DATA)
     done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"),
                  "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
                  "--wandb", "disabled", "--no-progress", tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = read_rows(tmp_path / "out" / "runs.csv")
-    assert len(rows) == 1, "rank one must not write rows"
-    row = rows.iloc[0]
-    assert row["devices"] == 2 and row["status"] == "ok"
-    assert row["n_fake"] == 200 and row["fid"] > 0  # generated once, on rank zero
-    assert done.stdout.count("suite tiny:") == 1  # only rank zero speaks
+    return tmp_path, read_rows(tmp_path / "out" / "runs.csv"), done.stdout
 
-    model = MODELS["ae"].load_from_checkpoint(row["checkpoint"]).eval()
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=40,
-                         batch_size=20, eval_batch_size=25)
+
+@pytest.mark.slow
+def test_every_variant_trains_under_ddp_and_rank_zero_alone_reports(ddp_suite):
+    tmp_path, rows, stdout = ddp_suite
+    assert sorted(rows["variant"]) == sorted(name for name, _, _ in VARIANTS)
+    assert (rows["status"] == "ok").all() and (rows["devices"] == 2).all()
+    assert stdout.count("suite tiny:") == 1  # only rank zero speaks
+    assert (rows["n_fake"] == 200).all() and rows["fid"].gt(0).all()  # generated on rank zero
+
+
+@pytest.mark.slow
+def test_a_ddp_run_is_another_experiment_than_the_single_device_run(ddp_suite, monkeypatch):
+    tmp_path, rows, _ = ddp_suite
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    single = {s.variant: s.config_hash for s in load_suite(str(tmp_path / "suite.yaml")).specs}
+    assert not set(rows["config_hash"]) & set(single.values())
+    assert all('"launch": {"devices": 2, "num_nodes": 1}' in c for c in rows["config"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, model", [(name, model) for name, model, _ in VARIANTS])
+def test_ddp_figures_equal_a_single_process_evaluation_of_the_checkpoint(ddp_suite, variant,
+                                                                         model, monkeypatch):
+    tmp_path, rows, _ = ddp_suite
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    row = rows.set_index("variant").loc[variant]
+    net = MODELS[model].load_from_checkpoint(row["checkpoint"]).eval()
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), **DATA)
     dm.setup()
-    single, _ = evaluate(model, dm, EvalSettings(**{**EVAL, "generation": False}))
-    for metric in ("recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer"):
-        assert row[metric] == pytest.approx(single[metric], rel=1e-5), metric
+    if model in ("ae", "sae"):  # the mixture DDP fitted is the one a single process fits
+        fitted = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("gmm_")}
+        net.fit_latent_density(dm.ordered_train_dataloader())
+        for key, value in fitted.items():
+            assert torch.allclose(net.state_dict()[key], value, rtol=1e-4, atol=1e-5), key
+    settings = EvalSettings(**EVAL)
+    extractor = get_extractor(settings.features, dm)
+    single, _ = evaluate(net, dm, settings, extractor, seed=int(row["seed"]))
+    for metric in METRICS[model]:
+        assert row[metric] == pytest.approx(single[metric], rel=1e-4, abs=1e-6), metric
+
+
+@pytest.mark.slow
+def test_some_topk_unit_fires_on_one_rank_only_so_the_dead_fraction_reduction_matters(ddp_suite):
+    """The equality test above can only see a wrong cross-process reduction of `dead_fraction`
+    (a mean of the ranks' ever-active flags instead of their max) if some unit is active in one
+    rank's shard of the test split and never in the other's."""
+    tmp_path, rows, _ = ddp_suite
+    row = rows.set_index("variant").loc["sae-topk-conv"]
+    net = MODELS["sae"].load_from_checkpoint(row["checkpoint"]).eval()
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), **DATA)
+    dm.setup()
+    active = []
+    for rank in (0, 1):
+        shard = TensorBatches(dm.test_images, dm.test_labels, 25, shuffle=False, drop_last=False,
+                              rank=rank, world_size=2)
+        with torch.no_grad():
+            active.append(torch.cat([net.encode(x) for x, _ in shard]).ne(0).any(0))
+    assert 0 < row["l0"] <= 2  # at most k = 2 of 16 units: really sparse
+    assert (active[0] ^ active[1]).any(), "no unit tells max from mean"
 
 
 @pytest.mark.slow

@@ -57,6 +57,35 @@ def test_likelihood_metrics_record_k_and_image_count():
     assert metrics["elbo"] < 0 and metrics["iw_nll"] > 0
 
 
+def test_likelihood_figures_do_not_depend_on_batching():
+    model = tiny_model("vae").eval()
+    x = prototype_images(30).float() / 255
+    one = likelihood_metrics(model, [(x[:20], None), (x[20:], None)], iw_k=6, iw_images=25)
+    other = likelihood_metrics(model, [(x[i:i + 7], None) for i in range(0, 30, 7)], iw_k=6,
+                               iw_images=25)
+    for metric in ("elbo", "iw_nll"):
+        assert other[metric] == pytest.approx(one[metric], rel=1e-6), metric
+
+
+def test_sharded_likelihood_figures_combine_to_the_single_process_ones():
+    """What DDP's reduction of the two ranks' means gives: the single process's figures."""
+    from datamodules import TensorBatches
+
+    model = tiny_model("vae").eval()
+    images, labels = prototype_images(31), torch.zeros(31)
+    batches = lambda **kw: TensorBatches(images, labels, 4, shuffle=False,  # noqa: E731
+                                         drop_last=False, **kw)
+    single = likelihood_metrics(model, batches(), iw_k=5, iw_images=20, seed=3)
+    shards = [likelihood_metrics(model, batches(rank=r, world_size=2), iw_k=5, iw_images=20,
+                                 seed=3) for r in (0, 1)]
+    sizes = [len(range(r, 31, 2)) for r in (0, 1)]
+    elbo = sum(m["elbo"] * n for m, n in zip(shards, sizes)) / 31
+    iw_nll = sum(m["iw_nll"] * m["iw_images"] for m in shards) / 20
+    assert sum(m["iw_images"] for m in shards) == single["iw_images"] == 20
+    assert elbo == pytest.approx(single["elbo"], rel=1e-6)
+    assert iw_nll == pytest.approx(single["iw_nll"], rel=1e-6)
+
+
 def test_to_uint8_rgb_repeats_grayscale():
     images = to_uint8_rgb(torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3))
     assert images.dtype == torch.uint8 and images.shape == (1, 3, 1, 3)

@@ -7,13 +7,14 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.results import read_rows
-from bench.runner import run_suite
+from bench.launch import run_suite
 from bench.suite import SuiteError, load_suite
 from tests.data_files import write_mnist_suite
 
@@ -55,6 +56,62 @@ def test_a_killed_suite_loses_no_row_and_resumes_from_its_checkpoint(tmp_path):
     assert resumed["status"] == "ok" and resumed["resumed_step"] >= 20
     final = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert final["epoch"] == 119  # the whole budget was trained, not restarted or cut short
+
+
+def start_and_kill_after_first_checkpoint(suite_path, out, checkpoint, every: int, tmp_path):
+    """Run the suite in a subprocess and SIGKILL it as soon as `checkpoint` exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out", str(out),
+         "--wandb", "disabled", "--no-progress", "--checkpoint-every", str(every)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert checkpoint.exists(), "the run never wrote a checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, params, data", [
+    ("vae", {}, {"binarize": True}),  # dynamic binarisation, a posterior sample per image
+    ("gan", {"backbone": "mlp"}, {}),  # generator noise, two optimisers
+    ("sae", {"sparsity": "input_mask"}, {}),  # random input masks
+])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, model, params,
+                                                                    data):
+    """25 batches an epoch, a checkpoint every 7 steps: the kill lands mid-epoch. The resumed
+    run must continue the epoch at the next batch with the same random state, and end with the
+    same weights (bitwise) and figures as a run that was never stopped."""
+    suite_path = write_mnist_suite(
+        tmp_path, [{"model": model, "variant": "v",
+                    "params": {"hidden": 16, "latent_dim": 4, **params}}],
+        budget={"epochs": 30}, data=data)
+    spec = load_suite(str(suite_path)).specs[0]
+    quiet = {"wandb_mode": "disabled", "progress": False, "checkpoint_every": 7,
+             "log": lambda m: None}
+    run_suite(load_suite(str(suite_path)), tmp_path / "whole", **quiet)
+
+    killed = tmp_path / "killed"
+    start_and_kill_after_first_checkpoint(
+        suite_path, killed, killed / "checkpoints" / spec.config_hash / "last.ckpt", 7, tmp_path)
+    assert not (killed / "runs.csv").exists(), "the run finished before it was killed"
+    run_suite(load_suite(str(suite_path)), killed, **quiet)
+
+    whole, resumed = (read_rows(out / "runs.csv").iloc[0] for out in (tmp_path / "whole", killed))
+    assert resumed["resumed_step"] > 0 and resumed["resumed_step"] % 25 != 0  # mid-epoch
+    assert resumed["steps"] == whole["steps"] == 30 * 25
+    weights = [torch.load(out / "checkpoints" / spec.config_hash / "final.ckpt",
+                          weights_only=False)["state_dict"] for out in (tmp_path / "whole", killed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    for metric in ("recon_mse", "psnr", "ssim", "l0", "hoyer", "elbo", "iw_nll"):
+        if metric in whole and not pd.isna(whole[metric]):
+            assert resumed[metric] == whole[metric], metric
 
 
 def loads_or_fails_cleanly(path, text: str) -> None:

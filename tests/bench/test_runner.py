@@ -3,10 +3,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import bench.runner
+import bench.launch
 from bench.cli import main
 from bench.results import read_rows
-from bench.runner import run_suite
+from bench.launch import run_suite
 from bench.suite import load_suite
 from modules import Autoencoder
 from tests.data_files import write_mnist_suite
@@ -51,20 +51,20 @@ def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tiny_suite, tmp_path, 
 
 
 def test_an_interrupted_suite_keeps_finished_rows_and_resumes(tiny_suite, tmp_path, monkeypatch):
-    real_run_one = bench.runner.run_one
+    real_run_one = bench.launch.run_one
 
     def interrupted_second(spec, *args, **kwargs):
         if spec.variant == "cool":
             raise KeyboardInterrupt
         return real_run_one(spec, *args, **kwargs)
 
-    monkeypatch.setattr(bench.runner, "run_one", interrupted_second)
+    monkeypatch.setattr(bench.launch, "run_one", interrupted_second)
     with pytest.raises(KeyboardInterrupt):
         run_quietly(tiny_suite, tmp_path / "out")
     first = read_rows(tmp_path / "out" / "runs.csv")
     assert first["variant"].tolist() == ["hot"]
 
-    monkeypatch.setattr(bench.runner, "run_one", real_run_one)
+    monkeypatch.setattr(bench.launch, "run_one", real_run_one)
     rows = read_rows(tmp_path / "out" / "runs.csv")
     run_quietly(tiny_suite, tmp_path / "out")
     rows = read_rows(tmp_path / "out" / "runs.csv")
@@ -135,3 +135,37 @@ def test_a_steps_budget_counts_training_batches_for_every_family(family, params)
               enable_model_summary=False, callbacks=[counter],
               **trainer_budget(spec, model)).fit(model, batches)
     assert counter.batches == 23
+
+
+def test_cpu_peak_memory_is_this_runs_not_the_process_lifetimes():
+    import numpy as np
+
+    from bench.runner import peak_memory_mb, reset_peak_memory
+
+    cpu = __import__("torch").device("cpu")
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB, freed before the "run" starts
+    del big
+    before = peak_memory_mb(cpu)
+    assert reset_peak_memory(cpu) == "run"
+    after = peak_memory_mb(cpu)
+    assert before - after > 300  # the earlier peak no longer counts
+
+
+def test_devices_and_nodes_are_part_of_a_runs_identity():
+    from bench.suite import RunSpec
+
+    spec = RunSpec("s", "ae", "mlp", "mnist", 0, budget={"epochs": 1})
+    assert spec.on(1, 1).config_hash == spec.config_hash  # single-device hashes stay as they were
+    hashes = {spec.on(2, 1).config_hash, spec.on(1, 2).config_hash, spec.on(4, 2).config_hash}
+    assert len(hashes) == 3 and spec.config_hash not in hashes
+
+
+def test_the_one_run_code_never_imports_the_suite_level_code():
+    """cli -> bench.launch (suite: skip, dispatch, summary) -> bench.runner (one run)."""
+    import ast
+
+    tree = ast.parse((REPO / "bench" / "runner.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    assert not imported & {"bench.launch", "bench.cli"}, imported

@@ -140,3 +140,73 @@ def test_real_fashion_mnist_has_its_published_size_and_range():
     assert dm.train_images.shape[1:] == (1, 28, 28) and dm.train_images.dtype == torch.uint8
     assert (int(dm.train_images.min()), int(dm.train_images.max())) == (0, 255)
     assert np.bincount(dm.test_labels.numpy()).tolist() == [1000] * 10  # balanced classes
+
+
+def test_evaluation_binarisation_is_one_fixed_draw_whatever_the_run(mnist_files):
+    directory, _ = mnist_files
+    batches = []
+    for run_seed in (0, 7):
+        torch.manual_seed(100 + run_seed)  # a different global random state too
+        dm = make_dm(directory, binarize=True, seed=run_seed, val_size=20, eval_batch_size=30)
+        batches.append(torch.cat([x for x, _ in dm.test_dataloader()]))
+    assert torch.equal(batches[0], batches[1])
+    assert set(batches[0].unique().tolist()) == {0.0, 1.0}
+
+
+def test_sharded_evaluation_sees_the_same_binarised_images(mnist_files):
+    directory, _ = mnist_files
+    dm = make_dm(directory, binarize=True, val_size=20)
+    whole = torch.cat([x for x, _ in dm.test_dataloader()])
+    for rank in (0, 1):
+        shard = TensorBatches(dm._batches("test", train=False).images, dm.test_labels, 7,
+                              shuffle=False, drop_last=False, rank=rank, world_size=2)
+        assert torch.equal(torch.cat([x for x, _ in shard]), whole[shard.positions()])
+
+
+def test_training_binarisation_depends_on_epoch_and_batch_not_the_global_state(mnist_files):
+    directory, written = mnist_files
+    images = torch.from_numpy(written["train_images"][:, None])
+    batches = TensorBatches(images, torch.zeros(300), 50, shuffle=True, drop_last=True,
+                            binarize=True, seed=3, epoch_fn=lambda: 4)
+    first = [x for x, _ in batches]
+    torch.rand(1000)  # move the global generator on
+    again = [x for x, _ in batches]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
+
+
+def test_positions_are_the_split_indices_in_yield_order():
+    labels = torch.arange(40)
+    batches = TensorBatches(torch.zeros(40, 1, 2, 2, dtype=torch.uint8), labels, 6, shuffle=True,
+                            drop_last=True, seed=2, rank=1, world_size=2)
+    yielded = torch.cat([y for _, y in batches])
+    assert torch.equal(yielded, batches.positions(epoch=0)[: len(yielded)])
+
+
+@pytest.mark.parametrize("epoch_of_checkpoint, expect_from", [(2, 3), (1, 0)])
+def test_a_restored_loader_continues_after_the_trained_batches(epoch_of_checkpoint, expect_from):
+    """Lightning's stateful-loader protocol: a checkpoint taken after 3 batches of epoch 2
+    resumes epoch 2 at its 4th batch; a state from an earlier epoch starts the epoch afresh."""
+    images = torch.arange(60, dtype=torch.uint8).reshape(60, 1, 1, 1)
+
+    def make():
+        return TensorBatches(images, torch.arange(60), 5, shuffle=True, drop_last=True, seed=1,
+                             epoch_fn=lambda: 2)
+
+    original = make()
+    uninterrupted = [y for _, y in original]
+    resumed = make()
+    resumed.load_state_dict({"epoch": epoch_of_checkpoint, "batches": 3})
+    assert torch.equal(torch.cat([y for _, y in resumed]),
+                       torch.cat(uninterrupted[expect_from:]))
+    assert torch.equal(torch.cat([y for _, y in resumed]), torch.cat(uninterrupted))  # once only
+
+
+def test_the_saved_state_counts_the_batches_the_trainer_finished():
+    batches = TensorBatches(torch.zeros(40, 1, 1, 1, dtype=torch.uint8), torch.arange(40), 5,
+                            shuffle=False, drop_last=True, epoch_fn=lambda: 6,
+                            trained_fn=lambda: 2)
+    iterator = iter(batches)
+    for _ in range(3):  # the trainer's fetcher reads one batch ahead of the step
+        next(iterator)
+    assert batches.state_dict() == {"epoch": 6, "batches": 2}

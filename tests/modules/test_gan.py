@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from modules.gan import (gradient_penalty, ns_discriminator_loss, ns_generator_loss,
+from modules.gan import (GAN, gradient_penalty, ns_discriminator_loss, ns_generator_loss,
                          wasserstein_critic_loss, wasserstein_generator_loss)
 from tests.modules.conftest import prototype_batches, quiet_trainer, tiny_model
 
@@ -73,3 +73,17 @@ def test_fixed_noise_gives_the_same_samples():
 def test_unknown_gan_loss_lists_choices():
     with pytest.raises(ValueError, match="choose one of: ns, wgan-gp"):
         tiny_model("gan", loss="hinge")
+
+
+@pytest.mark.parametrize("loss, lr, betas", [("ns", 2e-4, (0.5, 0.999)),
+                                             ("wgan-gp", 1e-4, (0.0, 0.9))])
+def test_each_loss_takes_its_papers_adam_settings_unless_given(loss, lr, betas):
+    """DCGAN (Radford et al. 2016): lr 2e-4, betas (0.5, 0.999); WGAN-GP (Gulrajani et al.
+    2017, Algorithm 1): lr 1e-4, betas (0, 0.9)."""
+    default = GAN(backbone="mlp", hidden=8, latent_dim=4, loss=loss)
+    for optimizer in default.configure_optimizers():
+        group = optimizer.param_groups[0]
+        assert (group["lr"], group["betas"]) == (lr, betas)
+    given = GAN(backbone="mlp", hidden=8, latent_dim=4, loss=loss, lr=3e-3, betas=[0.1, 0.2])
+    assert {(g.param_groups[0]["lr"], g.param_groups[0]["betas"])
+            for g in given.configure_optimizers()} == {(3e-3, (0.1, 0.2))}
