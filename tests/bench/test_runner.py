@@ -169,3 +169,24 @@ def test_the_one_run_code_never_imports_the_suite_level_code():
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                  for alias in node.names}
     assert not imported & {"bench.launch", "bench.cli"}, imported
+
+
+def test_a_ddp_runs_throughput_is_all_ranks_images_over_the_slowest_ranks_time():
+    import types
+
+    import torch
+
+    from bench.callbacks import TrainThroughput
+    from bench.runner import whole_run_figures
+
+    mine = TrainThroughput()
+    mine.images, mine.start, mine.end = 1000, 0.0, 2.0  # rank 0: 500 images/s
+    other_rank = torch.tensor([1000.0, 4.0, 900.0], dtype=torch.float64)  # 250 images/s
+    strategy = types.SimpleNamespace(root_device=torch.device("cpu"),
+                                     all_gather=lambda t: torch.stack([t, other_rank]))
+    trainer = types.SimpleNamespace(strategy=strategy, world_size=2)
+    figures = whole_run_figures(trainer, mine, peak_mb=700.0)
+    assert figures == {"train_img_per_s": 2000 / 4.0, "peak_mem_mb": 900.0}
+    alone = types.SimpleNamespace(strategy=strategy, world_size=1)
+    assert whole_run_figures(alone, mine, 700.0) == {"train_img_per_s": 500.0,
+                                                      "peak_mem_mb": 700.0}
