@@ -53,6 +53,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import yaml
+
+    from bench.launch import evaluate_results
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. n_fake=50000")
+        overrides[key] = yaml.safe_load(value)  # numbers, null, true/false as in a suite file
+    if not (Path(args.results) / "runs.csv").is_file():
+        raise UserError(f"{args.results}: no runs.csv here; give the folder bench run wrote "
+                        "(its --out, default results/<suite>)")
+    try:
+        evaluate_results(Path(args.results), overrides, args.only,
+                         Path(args.out) if args.out else None, args.accelerator)
+    except ValueError as err:  # bad --set, --only, missing checkpoints, preflight
+        raise UserError(str(err)) from err
+    return 0
+
+
 def _read_table(path: str):
     from bench.results import read_rows
 
@@ -335,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (they are on when stderr is a terminal)")
     run.set_defaults(func=cmd_run)
+
+    evaluation = commands.add_parser(
+        "eval", help="evaluate a results folder's trained runs again, without training",
+        description="Evaluate the trained runs in RESULTS (a bench run --out folder) again from "
+        "their final checkpoints, with other eval settings: another extractor, more samples, a "
+        "larger K for iw_nll. The figures are new measurements: they go to their own table, "
+        "RESULTS/eval-<settings>/runs.csv (--out), with a summary.")
+    evaluation.add_argument("results", help="a folder bench run wrote (holds runs.csv)")
+    evaluation.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                            help="eval settings to change, e.g. features=inception n_fake=50000")
+    evaluation.add_argument("--only", metavar="REGEX", help="runs whose id matches")
+    evaluation.add_argument("--out", help="output folder (default RESULTS/eval-<settings>)")
+    evaluation.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+    evaluation.set_defaults(func=cmd_eval)
 
     table = commands.add_parser("table", help="mean ± std over seeds of a results table")
     table.add_argument("runs", help="a runs.csv written by bench run")

@@ -256,7 +256,8 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
     `samples` (the first 64 generated) and `reconstructions` (32 test images over their
     reconstructions). Under DDP each rank reads its shard of the test split and the torchmetrics
     states are reduced across ranks, so the figures equal a single process's; generation
-    metrics come from the rank given an `extractor` (rank zero)."""
+    metrics come from the rank given an `extractor` (rank zero): an Extractor, or a function
+    that returns one when the generation metrics are reached."""
     model.eval()
     # provenance of every figure below: which split, and how many of its images
     metrics: dict[str, float | int | str] = {"eval_split": "test",
@@ -272,6 +273,8 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
     if hasattr(model, "iw_nll"):
         metrics |= likelihood_metrics(model, test, settings.iw_k, settings.iw_images, seed)
     if hasattr(model, "sample") and settings.generation and extractor is not None:
+        if callable(extractor):  # fetched only now: a failure here comes after every collective
+            extractor = extractor()
         torch.manual_seed(seed)
         fake, metrics["sample_img_per_s"] = generate(model, settings.n_fake, settings.batch_size)
         grids["samples"] = fake[:64]
@@ -287,3 +290,29 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
             metrics["features_acc"] = extractor.accuracy
     metrics["eval_s"] = time.perf_counter() - start
     return metrics, grids
+
+
+def explain_evaluation_error(err: BaseException, settings: EvalSettings) -> str:
+    """One line that says what went wrong in an evaluation and how to fix it, for the row's
+    `error` column and the log."""
+    import urllib.error
+
+    from bench.extractor import INCEPTION_WEIGHTS_FILE, ExtractorError
+
+    text = str(err).strip().split("\n")[0][:200]
+    hub = f"{torch.hub.get_dir()}/checkpoints"
+    weights_fix = (f"put {INCEPTION_WEIGHTS_FILE} in {hub}, or set `eval: {{inception_weights: "
+                   "FILE}}`, then rerun the suite: it evaluates the trained checkpoint again")
+    if isinstance(err, (urllib.error.URLError, ConnectionError, TimeoutError)):
+        return (f"a download failed ({type(err).__name__}: {text}): this machine has no network "
+                f"for the Inception weights; {weights_fix}")
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return (f"GPU out of memory during evaluation at batch_size={settings.batch_size}: lower "
+                f"it, e.g. `eval: {{batch_size: {max(1, settings.batch_size // 2)}}}`, and rerun")
+    if isinstance(err, ExtractorError):
+        return text
+    if settings.inception_weights and isinstance(err, (RuntimeError, OSError, EOFError)) and (
+            "state_dict" in text or "pickle" in text.lower() or "zip" in text.lower()):
+        return (f"{settings.inception_weights} is not torch-fidelity's Inception weights "
+                f"({type(err).__name__}: {text}); {weights_fix}")
+    return f"{type(err).__name__}: {text}"

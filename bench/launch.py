@@ -8,6 +8,7 @@ loses only its own run and the parent only has to wait.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -22,14 +23,18 @@ import pandas as pd
 from lightning.pytorch.utilities import rank_zero_only
 
 from bench.plots import metric_bar_charts
-from bench.results import append_row, done_hashes, format_table, read_rows
-from bench.runner import (CHECKPOINT_EVERY_STEPS, RunOptions, git_commit, prepare_run_process,
-                          run_one)
-from bench.suite import Suite
+from bench.preflight import preflight
+from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
+                           read_rows)
+from bench.evaluate import EvalSettings
+from bench.runner import (CHECKPOINT_EVERY_STEPS, RunOptions, evaluate_checkpoint, evaluated_row,
+                          git_commit, prepare_run_process, run_one)
+from bench.suite import RunSpec, Suite
 from bench.tracking import choose_wandb_mode, log_suite_summary
 
 
-def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict:
+def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str,
+                 trained: dict | None = None) -> dict:
     """Train, evaluate and append one spec; returns its row. Runs in a worker or a SLURM job."""
     import torch
 
@@ -39,7 +44,7 @@ def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict:
     opts = RunOptions(**options)
     row = run_one(spec, suite, Path(out_dir), opts.accelerator, opts.devices, opts.wandb_mode,
                   opts.progress, commit, opts.checkpoint_every, opts.strategy, opts.num_nodes,
-                  fresh=opts.force, log=print)
+                  fresh=opts.force, trained=trained, log=print)
     if row.pop("rank") == 0:
         append_row(Path(out_dir) / "runs.csv", row, unique=not opts.force)
     return row
@@ -54,7 +59,7 @@ def _pin_worker(slots, gpu_ids: list[int], threads: int) -> None:
 
 
 def run_parallel(specs, suite, out_dir: Path, workers: int, options: RunOptions, commit: str,
-                 log=print) -> list[dict]:
+                 trained: dict[str, dict] | None = None, log=print) -> list[dict]:
     """K specs at once on this machine, each worker pinned to its own GPU when there are
     GPUs, else to an equal share of the CPU cores."""
     import torch
@@ -70,8 +75,8 @@ def run_parallel(specs, suite, out_dir: Path, workers: int, options: RunOptions,
     rows = []
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_worker,
                              initargs=(slots, gpu_ids, threads)) as pool:
-        futures = {pool.submit(run_spec_job, spec, suite, str(out_dir), asdict(options), commit):
-                   spec for spec in specs}
+        futures = {pool.submit(run_spec_job, spec, suite, str(out_dir), asdict(options), commit,
+                               (trained or {}).get(spec.config_hash)): spec for spec in specs}
         for future in as_completed(futures):
             spec = futures[future]
             try:
@@ -93,7 +98,7 @@ class SlurmOptions:
 
 
 def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOptions,
-              commit: str, log=print) -> list[dict]:
+              commit: str, trained: dict[str, dict] | None = None, log=print) -> list[dict]:
     """Submit the specs as one SLURM job array through submitit and wait for them. The jobs
     append their own rows to <out>/runs.csv, which must be on a shared filesystem."""
     import submitit
@@ -110,7 +115,8 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOpti
     executor.update_parameters(**parameters)
     n = len(specs)
     jobs = executor.map_array(run_spec_job, specs, [suite] * n, [str(out_dir)] * n,
-                              [asdict(options)] * n, [commit] * n)
+                              [asdict(options)] * n, [commit] * n,
+                              [(trained or {}).get(spec.config_hash) for spec in specs])
     log(f"submitted {n} jobs to {executor.cluster} (logs in {out_dir / 'slurm'}): "
         f"{', '.join(job.job_id for job in jobs[:5])}{' ...' if n > 5 else ''}")
     rows = []
@@ -129,7 +135,8 @@ def one_line(row: dict) -> str:
              "precision", "recall", "train_img_per_s"]
     parts = [f"{k}={row[k]:.4g}" for k in shown if isinstance(row.get(k), (int, float))
              and not pd.isna(row.get(k))]
-    status = "" if row["status"] == "ok" else f" [{row['status']} at step {row['diverged_step']}]"
+    status = {"ok": "", "eval_failed": f" [eval_failed: {row.get('error')}]"}.get(
+        row["status"], f" [{row['status']} at step {row.get('diverged_step')}]")
     return f"  {row['model']}/{row['variant']} on {row['dataset']} seed {row['seed']}: " + \
         " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
 
@@ -160,6 +167,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         raise ValueError(f"--only {only!r} matches none of: "
                          f"{', '.join(s.run_id for s in suite.specs)}")
     done = set() if force else done_hashes(csv_path)
+    trained = {} if force else eval_failed_rows(csv_path)  # evaluated again, not retrained
     pending = []
     for i, spec in enumerate(specs, 1):
         if spec.config_hash in done:
@@ -167,6 +175,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                 f"(config {spec.config_hash}), skipped; --force redoes it")
         else:
             pending.append(spec)
+    preflight(pending, out_dir)  # every problem at once, before anything trains
     commit = git_commit()
     options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
                          progress)
@@ -176,18 +185,19 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     if launcher in ("slurm", "submitit-local"):
         slurm = slurm or SlurmOptions()
         slurm.cluster = "local" if launcher == "submitit-local" else None
-        rows = run_slurm(pending, suite, out_dir, options, slurm, commit, say)
+        rows = run_slurm(pending, suite, out_dir, options, slurm, commit, trained, say)
     elif launcher != "local":
         raise ValueError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
                          "submitit-local")
     elif parallel > 1:
-        rows = run_parallel(pending, suite, out_dir, parallel, options, commit, say)
+        rows = run_parallel(pending, suite, out_dir, parallel, options, commit, trained, say)
     else:
         rows = []
         for i, spec in enumerate(pending, 1):
             say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
             row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
-                          checkpoint_every, strategy, num_nodes, fresh=force, log=say)
+                          checkpoint_every, strategy, num_nodes, fresh=force,
+                          trained=trained.get(spec.config_hash), log=say)
             if row.pop("rank") == 0:
                 append_row(csv_path, row, unique=not force)
             rows.append(row)
@@ -207,4 +217,67 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                       suite.name, table, out_dir, mode)
     say(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
         f"rows in {csv_path}, table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
+    return table
+
+
+def _slug(overrides: dict) -> str:
+    text = "_".join(f"{k}-{v}" for k, v in sorted(overrides.items())) or "again"
+    return "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:80]
+
+
+def evaluate_results(results_dir: Path, overrides: dict, only: str | None = None,
+                     out_dir: Path | None = None, accelerator: str = "auto",
+                     log=print) -> pd.DataFrame:
+    """`bench eval`: evaluate the trained runs of a results folder again from their final
+    checkpoints, with `overrides` on their `eval:` settings (another extractor, more samples, a
+    larger K), without training. The new figures are new measurements (their provenance differs),
+    so they go to their own table, <results>/eval-<settings>/runs.csv by default, each row with
+    a config hash of its own and `evaluated_from` = the trained run's hash. Returns the table."""
+    source = results_dir / "runs.csv"
+    rows = latest_runs(read_rows(source))
+    if rows.empty:
+        raise ValueError(f"{source}: no results table here (bench run writes <out>/runs.csv)")
+    rows = rows[rows["status"].isin(["ok", "eval_failed"])]
+    if only:
+        rows = rows[[bool(re.search(only, f"{r.model}-{r.variant}-{r.dataset}-s{r.seed}"))
+                     for r in rows.itertuples()]]
+    if rows.empty:
+        raise ValueError(f"{source}: no trained run{' matches --only ' + only if only else ''}")
+    out_dir = Path(out_dir or results_dir / _slug(overrides))
+    csv_path = out_dir / "runs.csv"
+    jobs = []
+    for _, row in rows.iterrows():
+        config = json.loads(row["config"])
+        spec = RunSpec(suite=row["suite"], model=config["model"], variant=config["variant"],
+                       dataset=config["dataset"], seed=int(config["seed"]),
+                       params=config["params"], budget=config["budget"], data=config["data"],
+                       trainer=config["trainer"], eval={**config["eval"], **overrides},
+                       launch=config.get("launch", {}))
+        EvalSettings.from_dict(spec.eval)  # a bad --set fails before any evaluation
+        checkpoint = results_dir / "checkpoints" / str(row["config_hash"]) / "final.ckpt"
+        jobs.append((spec, row.to_dict(), checkpoint))
+    missing = [str(c) for _, _, c in jobs if not c.is_file()]
+    if missing:
+        raise ValueError(f"no final checkpoint for {len(missing)} run(s): {', '.join(missing)}; "
+                         "those runs cannot be evaluated again (rerun them with bench run)")
+    preflight([spec for spec, _, _ in jobs], out_dir)
+    done, commit = done_hashes(csv_path), git_commit()
+    log(f"evaluating {len(jobs)} trained run(s) of {source} again with {overrides or 'the same'}"
+        f" settings -> {csv_path}")
+    for i, (spec, trained, checkpoint) in enumerate(jobs, 1):
+        if spec.config_hash in done:
+            log(f"[{i}/{len(jobs)}] {spec.run_id}: already in {csv_path}, skipped")
+            continue
+        log(f"[{i}/{len(jobs)}] {spec.run_id} from {checkpoint}")
+        metrics, _ = evaluate_checkpoint(spec, checkpoint, EvalSettings.from_dict(spec.eval),
+                                         accelerator, log)
+        row = evaluated_row(trained, spec, metrics, commit) | {
+            "evaluated_from": trained["config_hash"]}
+        append_row(csv_path, row)
+        log(one_line(row))
+    table = read_rows(csv_path)
+    summary = format_table(table)
+    (out_dir / "summary.md").write_text(f"# {results_dir.name}, evaluated again with "
+                                        f"{overrides}\n\n{summary}\n")
+    log(f"\n{summary}\n\nrows in {csv_path}, table in {out_dir / 'summary.md'}")
     return table

@@ -48,8 +48,7 @@ def append_row(csv_path: Path, row: dict, unique: bool = True) -> bool:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(csv_path) + ".lock"):
         existing = read_rows(csv_path)
-        if unique and "config_hash" in existing and str(row.get("config_hash")) in set(
-                existing["config_hash"].astype(str)):
+        if unique and str(row.get("config_hash")) in finished_hashes(existing):
             return False
         new = pd.DataFrame([row])
         table = new if existing.empty else pd.concat([existing, new], ignore_index=True)
@@ -69,9 +68,30 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
         raise ValueError(f"{csv_path}: not a readable results table ({err})") from err
 
 
+# A run is done when it trained to the end (ok) or diverged; one whose evaluation failed keeps
+# its trained checkpoint and is evaluated again by the next `bench run`.
+FINISHED = ("ok", "diverged")
+
+
+def finished_hashes(rows: pd.DataFrame) -> set[str]:
+    if "config_hash" not in rows:
+        return set()
+    if "status" in rows:
+        rows = rows[rows["status"].isin(FINISHED)]
+    return set(rows["config_hash"].astype(str))
+
+
 def done_hashes(csv_path: Path) -> set[str]:
-    rows = read_rows(csv_path)
-    return set(rows["config_hash"].astype(str)) if "config_hash" in rows else set()
+    return finished_hashes(read_rows(csv_path))
+
+
+def eval_failed_rows(csv_path: Path) -> dict[str, dict]:
+    """The latest row of each run whose evaluation failed and that has not finished since."""
+    rows = latest_runs(read_rows(csv_path))
+    if rows.empty or "status" not in rows:
+        return {}
+    failed = rows[rows["status"] == "eval_failed"]
+    return {str(r["config_hash"]): r.to_dict() for _, r in failed.iterrows()}
 
 
 def latest_runs(rows: pd.DataFrame) -> pd.DataFrame:

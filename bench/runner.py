@@ -23,10 +23,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 
 from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, NetOptions,
                               RandomState, TrainThroughput, drop_failing_nvml_check)
-from bench.evaluate import EvalSettings, evaluate
+from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
 from bench.plots import save_run_grids
 from bench.suite import RunSpec, Suite
@@ -179,13 +180,80 @@ def resumable_checkpoint(ckpt_dir: Path, log=print) -> tuple[Path, int] | None:
     return path, step
 
 
+def evaluation_device(accelerator: str) -> torch.device:
+    """Where a checkpoint is evaluated outside a Trainer."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def safe_evaluate(model, dm, settings: EvalSettings, seed: int, generate_here: bool,
+                  log=print) -> tuple[dict, dict]:
+    """Evaluate a trained model. An evaluation that raises (weights missing, out of memory, a
+    bug) gives status eval_failed and the error explained, never a lost run: the trained
+    checkpoint is already on disk, and the next `bench run` evaluates it again."""
+    extractor = None
+    if generate_here and hasattr(model, "sample") and settings.generation:
+        def extractor():
+            return get_extractor(settings.features, dm, settings.extractor_epochs,
+                                 settings.extractor_weights, settings.inception_weights, log=log)
+    try:
+        metrics, grids = evaluate(model, dm, settings, extractor, seed=seed, log=log)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, the suite goes on
+        message = explain_evaluation_error(err, settings)
+        log(f"  evaluation failed: {message}")
+        return {"status": "eval_failed", "error": message}, {}
+    return {"status": "ok"} | metrics, grids
+
+
+def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
+                        accelerator: str = "auto", log=print) -> tuple[dict, dict]:
+    """Evaluate a run's final checkpoint without training, in this process (evaluation does
+    not depend on the device count); returns (status and metrics, image grids)."""
+    device = evaluation_device(accelerator)
+    dm = ImageDataModule(spec.dataset, seed=spec.seed, **spec.data)
+    dm.setup()
+    model = MODELS[spec.model].load_from_checkpoint(checkpoint, map_location=device)
+    return safe_evaluate(model.eval(), dm, settings, spec.seed, generate_here=True, log=log)
+
+
+# Columns of a row that come from evaluation; the rest describe the training.
+EVALUATION_COLUMNS = {"status", "error", "eval_s", "eval_split", "test_images", "sample_img_per_s",
+                      "n_fake", "n_real", "features", "features_acc", "kid_subset_size",
+                      "prc_neighborhood", "iw_k", "iw_images", "recon_mse", "psnr", "ssim", "l0",
+                      "dead_fraction", "hoyer", "elbo", "iw_nll", "fid", "isc_mean", "isc_std",
+                      "kid_mean", "kid_std", "precision", "recall"}
+
+
+def evaluated_row(trained: dict, spec: RunSpec, metrics: dict, commit: str) -> dict:
+    """A row for a trained run evaluated again: the training's columns from its earlier row, the
+    new evaluation's figures, and the commit of each."""
+    row = {k: v for k, v in trained.items() if k not in EVALUATION_COLUMNS}
+    return row | metrics | {
+        "config_hash": spec.config_hash, "config": json.dumps(spec.config(), sort_keys=True),
+        "trained_commit": trained.get("trained_commit", trained.get("git_commit")),
+        "git_commit": commit, **versions(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto",
             devices: int | str = 1, wandb_mode: str = "disabled", progress: bool = False,
             commit: str = "unknown", checkpoint_every: int = CHECKPOINT_EVERY_STEPS,
-            strategy: str = "auto", num_nodes: int = 1, fresh: bool = False, log=print) -> dict:
-    """Train and evaluate one spec; returns its result row (status ok or diverged). The run
-    saves a checkpoint every `checkpoint_every` steps and resumes from it when rerun, unless
-    `fresh` (the --force redo) asks for a new start."""
+            strategy: str = "auto", num_nodes: int = 1, fresh: bool = False,
+            trained: dict | None = None, log=print) -> dict:
+    """Train and evaluate one spec; returns its result row (status ok, diverged or
+    eval_failed). The run saves a checkpoint every `checkpoint_every` steps and resumes from it
+    when rerun, unless `fresh` (the --force redo) asks for a new start. With `trained`, the row
+    of a run whose evaluation failed, its final checkpoint is evaluated again, without
+    training."""
+    final = out_dir / "checkpoints" / spec.config_hash / "final.ckpt"
+    if trained is not None and final.is_file() and not fresh:
+        log(f"  trained already ({final}): evaluating it again, no training")
+        metrics, grids = evaluate_checkpoint(spec, final, EvalSettings.from_dict(spec.eval),
+                                             accelerator, log)
+        if rank_zero_only.rank == 0:
+            save_run_grids(grids, out_dir / "plots", spec.run_id)
+        return evaluated_row(trained, spec, metrics, commit) | {"rank": rank_zero_only.rank}
     start = time.perf_counter()
     settings = EvalSettings.from_dict(spec.eval)
     L.seed_everything(spec.seed, verbose=False)
@@ -234,13 +302,9 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     trainer.save_checkpoint(ckpt_dir / "final.ckpt")
     zero = trainer.is_global_zero
     if row["status"] == "ok":
-        extractor = None
         # Generation metrics are computed once, on rank zero, from all the samples.
-        if zero and hasattr(model, "sample") and settings.generation:
-            extractor = get_extractor(settings.features, dm, settings.extractor_epochs,
-                                      settings.extractor_weights, settings.inception_weights,
-                                      log=log)
-        metrics, grids = evaluate(model, dm, settings, extractor, seed=spec.seed, log=log)
+        metrics, grids = safe_evaluate(model, dm, settings, spec.seed, generate_here=zero,
+                                       log=log)
         if zero:
             images = save_run_grids(grids, out_dir / "plots", spec.run_id)
     device = trainer.strategy.root_device
