@@ -9,7 +9,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # waiting everywhere, and one thread per process for the tests.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup bench test fashion-mnist clean
+.PHONY: setup bench test mutate fashion-mnist clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -35,5 +35,20 @@ bench: setup
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
+# Mutation testing, not part of `make test` or CI: about an hour on 2 cores (config in
+# pyproject.toml [tool.mutmut]; equivalent mutants in mutation-equivalents.md). A rerun only
+# tests what changed; `rm -rf mutants` starts afresh.
+SCORE = import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
+  t = s["total"] - s["skipped"]; k = s["killed"] + s["timeout"]; \
+  print(f"mutation score {100 * k / max(t, 1):.1f}%: {k} of {t} mutants killed, " \
+        f"{s['survived']} survived, {s['no_tests']} without tests, {s['skipped']} skipped")
+mutate: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,mutate]'
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run >mutants-run.log 2>&1 || { tail -30 mutants-run.log; exit 1; }
+	$(BIN)/mutmut export-cicd-stats >/dev/null
+	@echo "surviving mutants (mutmut show NAME prints the diff):"
+	@$(BIN)/mutmut results
+	@$(BIN)/python -c '$(SCORE)'
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache mutants mutants-run.log

@@ -156,7 +156,7 @@ class ImageDataModule(L.LightningDataModule):
                  root: str | None = None, download: bool = False, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  binarize: bool = False, train_subset: int | None = None,
-                 test_subset: int | None = None, seed: int = 0) -> None:
+                 test_subset: int | None = None, seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
         self.spec: DatasetSpec = get_spec(dataset)

@@ -34,7 +34,7 @@ class Autoencoder(LossSteps):
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32, loss: str = "mse",
                  lr: float = 1e-3, gmm_components: int = 10, gmm_max_samples: int = 20000,
-                 seed: int = 0) -> None:
+                 seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
         if loss not in RECON_LOSSES:

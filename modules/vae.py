@@ -49,7 +49,8 @@ class VAE(LossSteps):
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32,
-                 likelihood: str = "bernoulli", beta: float = 1.0, lr: float = 1e-3) -> None:
+                 likelihood: str = "bernoulli", beta: float = 1.0, lr: float = 1e-3,
+                 ) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
         if likelihood not in LIKELIHOODS:

@@ -34,6 +34,16 @@ def test_l0_and_dead_fraction_count_active_units():
     assert dead.compute().item() == pytest.approx(0.5)  # units 0 and 3 never fire
 
 
+def test_dead_fraction_merges_processes_with_a_max():
+    """torchmetrics combines per-process states with each state's dist_reduce_fx, as DDP's sync
+    does: a unit that fires in one process only is alive."""
+    first, second = DeadFraction(4), DeadFraction(4)
+    first.update(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    second.update(torch.tensor([[0.0, 3.0, 0.0, 0.0]]))
+    first.merge_state(second)
+    assert first.compute().item() == pytest.approx(0.5)
+
+
 def test_reconstruction_metrics_match_direct_computation():
     model = tiny_model("sae", sparsity="topk", k=3).eval()
     x = prototype_images(40).float() / 255

@@ -19,6 +19,7 @@ from bench.suite import SuiteError, load_suite
 from tests.data_files import write_mnist_suite
 
 
+@pytest.mark.slow
 def test_a_killed_suite_loses_no_row_and_resumes_from_its_checkpoint(tmp_path):
     suite_path = write_mnist_suite(
         tmp_path, [{"model": "ae", "variant": "short", "budget": {"epochs": 1}},

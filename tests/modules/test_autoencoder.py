@@ -1,6 +1,7 @@
+import copy
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from modules.autoencoder import reconstruction_loss
 from tests.modules.conftest import prototype_images, tiny_model
@@ -42,9 +43,15 @@ def test_latent_mixture_reproduces_the_code_distribution():
     assert torch.allclose(drawn.std(0), codes.std(0), rtol=0.1)
 
 
-def test_mixture_uses_at_most_gmm_max_samples_codes():
-    model = tiny_model("ae", gmm_components=2, gmm_max_samples=100).eval()
-    model.fit_latent_density(iter([torch.rand(64, 1, 28, 28)] * 2 + [None]))  # stops at 128
-    assert bool(model.gmm_fitted)
-    probs = F.softmax(model.gmm_logits, 0)
-    assert torch.isclose(probs.sum(), torch.tensor(1.0))
+def test_mixture_is_fitted_on_the_first_gmm_max_samples_codes_only():
+    torch.manual_seed(0)
+    images = torch.rand(128, 1, 28, 28)
+    capped = tiny_model("ae", gmm_components=2, gmm_max_samples=100).eval()
+    exact, everything = copy.deepcopy(capped), copy.deepcopy(capped)
+    capped.fit_latent_density(iter([images[:64], images[64:], None]))  # stops after 128 read
+    exact.fit_latent_density([images[:100]])
+    everything.hparams.gmm_max_samples = 10**6
+    everything.fit_latent_density([images])
+    for key in ("gmm_logits", "gmm_means", "gmm_scale_tril"):
+        assert torch.allclose(getattr(capped, key), getattr(exact, key), atol=1e-5), key
+    assert not torch.allclose(capped.gmm_means, everything.gmm_means, atol=1e-5)

@@ -74,3 +74,14 @@ def test_aux_k_loss_trains_dead_latents(unit_images):
     terms["aux_k"].backward()
     encoder_out = [m for m in model.encoder if isinstance(m, torch.nn.Linear)][-1]
     assert encoder_out.weight.grad.abs().sum() > 0
+
+
+def test_aux_k_counts_images_since_each_latent_fired_and_resets_on_firing(unit_images):
+    model = tiny_model("sae", sparsity="topk", k=2, aux_k=4, dead_after_images=10**9).train()
+    model.images_since_active.fill_(500)
+    with torch.no_grad():
+        fired = (model.encode(unit_images) > 0).any(dim=0)
+    model.losses(unit_images)
+    assert fired.any() and (~fired).any()
+    assert (model.images_since_active[fired] == 0).all()
+    assert (model.images_since_active[~fired] == 500 + len(unit_images)).all()
