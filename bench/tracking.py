@@ -45,8 +45,13 @@ def make_logger(project: str, group: str, name: str, save_dir: Path, mode: str, 
 
     save_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(project=project, group=group, name=name, save_dir=str(save_dir),
-                       mode=mode, config=config, job_type="train")
+    logger = WandbLogger(project=project, group=group, name=name, save_dir=str(save_dir),
+                         mode=mode, config=config, job_type="train")
+    # Lightning 2.6 always hands wandb.init `anonymous=None`, and wandb >= 0.19 answers every
+    # run with "The anonymous setting has no effect": leave the deprecated key out.
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def finish_run_logging(logger, row: dict, images: dict[str, Path]) -> None:

@@ -1,13 +1,15 @@
 """bench.compare on small hand-made tables: provenance, missing and diverged runs, reruns,
 seed-aware verdicts, and the history over commits."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.compare import (DEFAULT_ALPHA, compare, config_differences, history,
-                           regression_rule)
+from bench.compare import (DEFAULT_ALPHA, _same, compare, config_differences, history,
+                           provenance_differences, regression_rule)
 from tests.bench.test_results import row
 
 GEN = {"features": "genbench-cnn-mnist-aaaa", "n_real": 1000, "n_fake": 1000,
@@ -42,8 +44,8 @@ def test_a_run_missing_from_the_current_table_is_a_regression():
 
 
 def test_a_run_only_in_the_current_table_is_new_and_passes():
-    report = compare(table(row(fid=10.0, **GEN)),
-                     table(row(fid=10.0, **GEN), row(model="vae", fid=50.0, **GEN)))
+    both = [row(fid=10.0, **GEN), row(model="sae", fid=11.0, **GEN)]
+    report = compare(table(*both), table(*both, row(model="vae", fid=50.0, **GEN)))
     assert report.runs.set_index("model").loc["vae", "status"] == "new"
     assert report.exit_status() == 0 and "1 new run(s)" in report.summary_line()
 
@@ -188,3 +190,67 @@ def test_history_does_not_judge_across_a_change_of_provenance():
     rows.loc[rows["git_commit"] == "c2", "n_fake"] = 5000
     course = history(rows, ["fid"])
     assert not course["regression"].any() and "n_fake" in course["note"].iloc[1]
+
+
+def test_provenance_values_compare_by_value_and_missing_ones_alike():
+    assert _same(float("nan"), None) and _same(1000, 1000.0) and _same("a", "a")
+    assert not _same(float("nan"), 1) and not _same(1, None) and not _same(1000, 1001)
+    assert not _same("a", "b")
+
+
+def test_a_provenance_column_in_one_table_only_differs_and_absent_ones_do_not_stop_the_search():
+    assert provenance_differences("fid", table(row(fid=1.0, n_fake=1000)),
+                                  table(row(fid=1.0, n_fake=1000, features="x"))) == [
+        "features: None -> x"]
+    # eval_split, test_images and features are absent from both: n_fake is still checked
+    assert provenance_differences("fid", table(row(fid=1.0, n_fake=10)),
+                                  table(row(fid=1.0, n_fake=20))) == ["n_fake: 10 -> 20"]
+
+
+def test_config_differences_cover_keys_of_either_side_at_every_depth():
+    base = '{"budget": {"epochs": 2}, "data": {"batch_size": 64}, "params": {}, "seed": 0}'
+    cur = '{"budget": {"epochs": 3}, "data": {"batch_size": 64}, "params": {"k": 8}, "seed": 1}'
+    assert config_differences(base, cur) == "budget.epochs: 2 -> 3; params.k: - -> 8"
+    assert config_differences(float("nan"), '{"lr": 1}') == "lr: - -> 1"  # a row without config
+
+
+def test_the_relative_change_is_against_the_baseline_for_small_metrics_too():
+    verdict = regression_rule(np.array([0.010]), np.array([0.0105]), direction=-1,
+                              tolerance=0.02)
+    assert verdict.change == pytest.approx(-0.05) and verdict.regression
+    assert math.isnan(verdict.noise) and math.isnan(verdict.p_value)
+
+
+def test_a_change_of_exactly_the_tolerance_is_not_a_regression():
+    verdict = regression_rule(np.array([100.0]), np.array([98.0]), direction=+1, tolerance=0.02)
+    assert verdict.change == -0.02 and not verdict.regression
+
+
+@pytest.mark.parametrize("n_base, n_cur, rule", [(2, 2, "welch"), (3, 1, "tolerance (1 seed)"),
+                                                 (1, 3, "tolerance (1 seed)")])
+def test_welch_needs_two_seeds_on_each_side(n_base, n_cur, rule):
+    base, cur = np.linspace(10, 11, n_base), np.linspace(20, 21, n_cur)
+    verdict = regression_rule(base, cur, direction=-1, tolerance=0.02)
+    assert verdict.rule == rule and verdict.regression
+
+
+def test_without_any_spread_a_worsening_is_significant_and_no_change_is_not():
+    ones, twos = np.ones(3), np.full(3, 2.0)
+    worse = regression_rule(ones, twos, direction=-1, tolerance=0.02)
+    assert (worse.noise, worse.p_value, worse.regression) == (0.0, 0.0, True)
+    better = regression_rule(twos, ones, direction=-1, tolerance=0.02)
+    same = regression_rule(ones, ones, direction=-1, tolerance=0.02)
+    assert better.p_value == same.p_value == 1.0 and not better.regression
+
+
+def test_every_kind_of_failure_fails_the_check_whatever_else_happened():
+    base = table(row(model="gan", fid=30.0, **GEN), row(model="vae", fid=20.0, **GEN))
+    one_missing_one_diverged = table({**row(model="gan", **GEN), "status": "diverged"})
+    report = compare(base, one_missing_one_diverged)
+    assert report.failures["missing"] == report.failures["diverged"] == 1
+    assert report.exit_status() == 1
+    worse_and_incomparable = table(row(model="gan", fid=40.0, **GEN),
+                                   row(model="vae", fid=20.0, **{**GEN, "n_fake": 7}))
+    report = compare(base, worse_and_incomparable, metrics=["fid"])
+    assert report.failures["regression"] == report.failures["incomparable"] == 1
+    assert report.exit_status() == 1 and report.exit_status(allow_incomparable=True) == 1
