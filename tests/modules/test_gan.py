@@ -87,3 +87,27 @@ def test_each_loss_takes_its_papers_adam_settings_unless_given(loss, lr, betas):
     given = GAN(backbone="mlp", hidden=8, latent_dim=4, loss=loss, lr=3e-3, betas=[0.1, 0.2])
     assert {(g.param_groups[0]["lr"], g.param_groups[0]["betas"])
             for g in given.configure_optimizers()} == {(3e-3, (0.1, 0.2))}
+
+
+def test_gradient_penalty_is_taken_at_random_interpolates_of_real_and_fake():
+    """For C(x) = 0.5 ||x||^2 the critic's gradient is x itself, so the penalty depends on where
+    it is taken: x_hat = eps x + (1 - eps) G(z), eps ~ U[0, 1] per image."""
+    real, fake = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
+    torch.manual_seed(3)
+    penalty = gradient_penalty(lambda v: 0.5 * v.pow(2).flatten(1).sum(1), real, fake)
+    torch.manual_seed(3)
+    eps = torch.rand(6, 1, 1, 1)
+    x_hat = eps * real + (1 - eps) * fake
+    expected = (x_hat.flatten(1).norm(dim=1) - 1).pow(2).mean()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_gradient_penalty_trains_the_critic():
+    """The penalty is a function of the critic's weights (create_graph), so it has a gradient."""
+    critic = torch.nn.Linear(16, 1)
+    penalty = gradient_penalty(lambda v: critic(v.flatten(1)), torch.rand(4, 1, 4, 4),
+                               torch.rand(4, 1, 4, 4))
+    penalty.backward()
+    weight = critic.weight.detach().flatten()
+    expected = 2 * (weight.norm() - 1) * weight / weight.norm()  # d/dw (||w|| - 1)^2
+    assert torch.allclose(critic.weight.grad.flatten(), expected, atol=1e-6)

@@ -85,3 +85,43 @@ def test_aux_k_counts_images_since_each_latent_fired_and_resets_on_firing(unit_i
     assert fired.any() and (~fired).any()
     assert (model.images_since_active[fired] == 0).all()
     assert (model.images_since_active[~fired] == 500 + len(unit_images)).all()
+
+
+def test_aux_k_loss_is_the_residual_error_of_the_top_dead_latents(unit_images):
+    """Gao et al. 2024, sec. 2.4, with our nonlinear decoder: z_aux holds the aux_k largest raw
+    pre-activations among dead latents; e_hat = D(codes + z_aux) - D(codes) must match the
+    residual x - D(codes); the loss is the mean squared difference."""
+    torch.manual_seed(0)
+    model = tiny_model("sae", sparsity="topk", k=2, aux_k=3, dead_after_images=10).train()
+    model.images_since_active.copy_(torch.tensor([0, 50, 50, 5, 50, 50, 50, 0]))
+    with torch.no_grad():
+        pre_codes = model.encoder(unit_images)
+        codes = model.code_activation(pre_codes)
+        fired = (codes > 0).any(0)
+        dead = (model.images_since_active + len(unit_images) > 10) & ~fired
+        assert dead.sum() > 3  # more dead latents than aux_k: the top 3 must be chosen
+        z_aux = torch.zeros_like(pre_codes)
+        top = pre_codes.masked_fill(~dead, float("-inf")).topk(3, dim=1)
+        z_aux.scatter_(1, top.indices, top.values)
+        x_hat = torch.sigmoid(model.decode_logits(codes))
+        e_hat = torch.sigmoid(model.decode_logits(codes + z_aux)) - x_hat
+        expected = (e_hat - (unit_images - x_hat)).pow(2).mean()
+    terms = model.losses(unit_images)
+    assert terms["aux_k"].item() == pytest.approx(model.hparams.aux_weight * expected.item(),
+                                                  rel=1e-5)
+
+
+def test_a_latent_is_dead_only_past_the_threshold(unit_images):
+    model = tiny_model("sae", sparsity="topk", k=2, aux_k=2,
+                       dead_after_images=500 + len(unit_images)).train()
+    model.images_since_active.fill_(500)  # reaches the threshold exactly: not yet dead
+    assert model.losses(unit_images)["aux_k"].item() == 0.0
+
+
+def test_kl_penalty_stays_finite_for_units_that_never_or_always_fire():
+    codes = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])
+    rho, eps = 0.05, 1e-6
+    rho_hat = torch.tensor([eps, 1 - eps, 0.5]).double()  # clamped as float32, as the codes
+    expected = (rho * torch.log(rho / rho_hat)
+                + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    assert kl_sparsity_penalty(codes, rho, eps).item() == pytest.approx(expected.item(), rel=1e-4)
