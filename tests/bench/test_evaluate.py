@@ -155,3 +155,22 @@ def test_inception_score_is_one_for_a_constant_classifier(tmp_path, monkeypatch)
 def test_unknown_eval_setting_lists_the_allowed_ones():
     with pytest.raises(ValueError, match=r"unknown eval setting\(s\) \['nfake'\]; allowed: .*n_fake"):
         EvalSettings.from_dict({"nfake": 10})
+
+
+def test_every_image_and_run_seed_gets_its_own_noise_stream():
+    from bench.evaluate import ImageNoise
+
+    draws = torch.cat([ImageNoise(torch.arange(300), seed, 2, torch.device("cpu"))()
+                       for seed in range(3)])
+    assert draws.unique(dim=0).shape[0] == 900
+
+
+def test_an_error_is_explained_as_a_weights_problem_only_when_it_is_one():
+    from bench.evaluate import explain_evaluation_error
+
+    plain = EvalSettings()
+    assert explain_evaluation_error(RuntimeError("boom\nmore"), plain) == "RuntimeError: boom"
+    with_weights = EvalSettings(inception_weights="/w.pth")
+    assert explain_evaluation_error(ValueError("pickle"), with_weights) == "ValueError: pickle"
+    for text in ("invalid load key, pickle", "PytorchStreamReader failed reading zip archive"):
+        assert "/w.pth is not" in explain_evaluation_error(RuntimeError(text), with_weights)

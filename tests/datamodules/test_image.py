@@ -210,3 +210,23 @@ def test_the_saved_state_counts_the_batches_the_trainer_finished():
     for _ in range(3):  # the trainer's fetcher reads one batch ahead of the step
         next(iterator)
     assert batches.state_dict() == {"epoch": 6, "batches": 2}
+
+
+def test_fixed_binarisation_draws_each_pixel_with_its_intensity():
+    from datamodules.image import binarized_once
+
+    white, black = torch.full((50, 1, 8, 8), 255, dtype=torch.uint8), torch.zeros(
+        50, 1, 8, 8, dtype=torch.uint8)
+    assert torch.equal(binarized_once(white, seed=1), white)  # p = 1 exactly: always on
+    assert torch.equal(binarized_once(black, seed=1), black)
+    grey = torch.full((200, 1, 8, 8), 64, dtype=torch.uint8)
+    assert (binarized_once(grey, seed=1) == 255).float().mean().item() == pytest.approx(
+        64 / 255, abs=0.01)
+
+
+def test_every_batch_of_every_epoch_gets_its_own_seed():
+    from datamodules.image import batch_seed
+
+    seeds = {batch_seed(seed, epoch, batch) for seed in range(3) for epoch in range(20)
+             for batch in range(200)}
+    assert len(seeds) == 3 * 20 * 200

@@ -89,3 +89,16 @@ def test_iw_nll_chunks_cover_all_k_samples(trained_vae, monkeypatch):
     exact = -trained_vae.log_likelihood(constant_logits.expand(8, 1, 28, 28), x)
     for chunk in (3, 10, 64):
         assert torch.allclose(trained_vae.iw_nll(x, k=10, chunk=chunk), exact, rtol=1e-5)
+
+
+def test_gaussian_log_likelihood_sums_each_images_pixels_only():
+    """iw_nll evaluates it on K x B x C x H x W: every (sample, image) pair keeps its own sum."""
+    from modules.vae import gaussian_log_likelihood
+
+    logits, x = torch.randn(3, 4, 1, 5, 5), torch.rand(3, 4, 1, 5, 5)
+    log_scale = torch.tensor(-1.0)
+    batched = gaussian_log_likelihood(logits, x, log_scale)
+    one_by_one = torch.stack([torch.stack([gaussian_log_likelihood(logits[k, b][None],
+                                                                   x[k, b][None], log_scale)[0]
+                                           for b in range(4)]) for k in range(3)])
+    assert batched.shape == (3, 4) and torch.allclose(batched, one_by_one)
