@@ -4,6 +4,8 @@ from bench.cli import main
 from bench.fit import expand_short_forms
 from tests.data_files import write_mnist_dir
 
+pytestmark = pytest.mark.integration  # trains through the CLI
+
 
 def test_short_forms_expand_to_lightning_cli_arguments():
     assert expand_short_forms(["--model", "vae", "--data", "Fashion-MNIST"]) == [

@@ -31,6 +31,7 @@ def quietly(suite, out, **kwargs):
                      **kwargs)
 
 
+@pytest.mark.integration
 def test_a_failed_evaluation_keeps_the_training_and_the_rerun_only_evaluates(two_runs, tmp_path,
                                                                             monkeypatch):
     honest_evaluate = bench.runner.evaluate
@@ -68,6 +69,7 @@ def test_a_failed_evaluation_keeps_the_training_and_the_rerun_only_evaluates(two
     assert latest.loc["first", "steps"] == rows.iloc[0]["steps"] > 0  # training figures kept
 
 
+@pytest.mark.integration
 def test_bench_eval_adds_rows_equal_to_a_fresh_evaluation_of_the_checkpoints(two_runs, tmp_path,
                                                                            capsys):
     out = tmp_path / "out"
@@ -93,6 +95,7 @@ def test_bench_eval_adds_rows_equal_to_a_fresh_evaluation_of_the_checkpoints(two
         assert again[metric] == original[metric], metric
 
 
+@pytest.mark.integration
 def test_bench_eval_rejects_unknown_settings_before_evaluating(two_runs, tmp_path, capsys):
     quietly(two_runs, tmp_path / "out")
     assert main(["eval", str(tmp_path / "out"), "--set", "n_fak=5"]) == 2

@@ -8,6 +8,8 @@ import pytest
 from bench.perf import ceiling, run_perf
 from tests.data_files import write_mnist_dir
 
+pytestmark = pytest.mark.integration  # trains through the CLI
+
 
 def test_ceiling_is_the_plain_step_over_the_plain_step_plus_the_fixed_cost():
     # 128,000 img/s at batch 128 is a 1000 us step; 250 us more per step leaves 1000 / 1250.

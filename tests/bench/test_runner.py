@@ -35,6 +35,7 @@ def run_quietly(suite, out, **kwargs):
                      **kwargs)
 
 
+@pytest.mark.integration
 def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tiny_suite, tmp_path, monkeypatch):
     honest_losses = Autoencoder.losses
 
@@ -50,6 +51,7 @@ def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tiny_suite, tmp_path, 
     assert rows.loc["cool", "status"] == "ok" and rows.loc["cool", "recon_mse"] > 0
 
 
+@pytest.mark.integration
 def test_an_interrupted_suite_keeps_finished_rows_and_resumes(tiny_suite, tmp_path, monkeypatch):
     real_run_one = bench.launch.run_one
 
@@ -73,6 +75,7 @@ def test_an_interrupted_suite_keeps_finished_rows_and_resumes(tiny_suite, tmp_pa
 
 
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="Debian dataset-fashion-mnist missing")
+@pytest.mark.integration
 def test_smoke_suite_matches_the_committed_baseline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "smoke"
@@ -100,6 +103,7 @@ def test_smoke_suite_matches_the_committed_baseline(tmp_path, monkeypatch, capsy
     assert len(read_rows(out / "runs.csv")) == 4
 
 
+@pytest.mark.integration
 def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path):
     cool = load_suite(str(tiny_suite.path))
     cool.specs = [s for s in cool.specs if s.variant == "cool"]
