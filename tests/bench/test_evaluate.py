@@ -174,3 +174,10 @@ def test_an_error_is_explained_as_a_weights_problem_only_when_it_is_one():
     assert explain_evaluation_error(ValueError("pickle"), with_weights) == "ValueError: pickle"
     for text in ("invalid load key, pickle", "PytorchStreamReader failed reading zip archive"):
         assert "/w.pth is not" in explain_evaluation_error(RuntimeError(text), with_weights)
+
+
+def test_hoyer_holds_for_codes_of_any_scale():
+    """Scale-free: small codes (norm below 1) give the same figures as large ones."""
+    for scale in (0.01, 1.0, 100.0):
+        codes = scale * torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+        assert hoyer_sparsity(codes).tolist() == pytest.approx([1.0, 0.0], abs=1e-6), scale

@@ -111,3 +111,21 @@ def test_gradient_penalty_trains_the_critic():
     weight = critic.weight.detach().flatten()
     expected = 2 * (weight.norm() - 1) * weight / weight.norm()  # d/dw (||w|| - 1)^2
     assert torch.allclose(critic.weight.grad.flatten(), expected, atol=1e-6)
+
+
+def test_the_discriminator_losses_are_composed_as_their_papers_say():
+    real, fake = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    ns = tiny_model("gan", "mlp")
+    terms = ns.discriminator_loss(real, fake)
+    expected = ns_discriminator_loss(ns.discriminator(real), ns.discriminator(fake))
+    assert set(terms) == {"d_loss"} and terms["d_loss"].item() == pytest.approx(expected.item())
+
+    wgan = tiny_model("gan", "mlp", loss="wgan-gp", gp_weight=7.0)
+    torch.manual_seed(2)
+    terms = wgan.discriminator_loss(real, fake)
+    critic = wasserstein_critic_loss(wgan.discriminator(real), wgan.discriminator(fake))
+    torch.manual_seed(2)
+    penalty = gradient_penalty(wgan.discriminator, real, fake)
+    assert terms["wasserstein"].item() == pytest.approx(-critic.item(), rel=1e-5)
+    assert terms["gp"].item() == pytest.approx(penalty.item(), rel=1e-5)
+    assert terms["d_loss"].item() == pytest.approx((critic + 7.0 * penalty).item(), rel=1e-5)

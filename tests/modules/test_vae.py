@@ -102,3 +102,26 @@ def test_gaussian_log_likelihood_sums_each_images_pixels_only():
                                                                    x[k, b][None], log_scale)[0]
                                            for b in range(4)]) for k in range(3)])
     assert batched.shape == (3, 4) and torch.allclose(batched, one_by_one)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_the_training_loss_is_the_negative_beta_elbo(likelihood):
+    """loss = -E_q[log p(x|z)] + beta KL(q || p), logged with elbo = -(recon + KL), in nats."""
+    from modules.vae import bernoulli_log_likelihood, gaussian_log_likelihood
+
+    model = tiny_model("vae", likelihood=likelihood, beta=2.5)
+    if model.log_scale is not None:
+        model.log_scale.data.fill_(-0.7)
+    x = prototype_images(12).float() / 255
+    torch.manual_seed(4)
+    terms = model.losses(x)
+    torch.manual_seed(4)
+    mu, logvar = model.posterior(x)
+    logits = model.decoder(mu + (0.5 * logvar).exp() * torch.randn_like(mu))
+    log_px = (bernoulli_log_likelihood(logits, x) if likelihood == "bernoulli"
+              else gaussian_log_likelihood(logits, x, torch.tensor(-0.7)))
+    recon, kl = -log_px.mean(), gaussian_kl(mu, logvar).mean()
+    assert terms["recon"].item() == pytest.approx(recon.item(), rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx((recon + 2.5 * kl).item(), rel=1e-5)
+    assert terms["elbo"].item() == pytest.approx(-(recon + kl).item(), rel=1e-5)
