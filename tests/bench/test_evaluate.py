@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import math
 
@@ -181,3 +182,47 @@ def test_hoyer_holds_for_codes_of_any_scale():
     for scale in (0.01, 1.0, 100.0):
         codes = scale * torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
         assert hoyer_sparsity(codes).tolist() == pytest.approx([1.0, 0.0], abs=1e-6), scale
+
+
+@pytest.mark.parametrize("family", ["ae", "vae"])
+def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, monkeypatch):
+    """The row's figures and how they were measured, each against its own computation."""
+    from bench.evaluate import evaluate, generate
+    from bench.extractor import get_extractor
+    from datamodules import ImageDataModule
+    from tests.data_files import write_mnist_dir
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    write_mnist_dir(tmp_path / "data", n_train=120, n_test=70)
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=0,
+                         eval_batch_size=32, test_subset=60)
+    dm.setup()
+    model = tiny_model(family).eval()
+    if family == "ae":
+        model.fit_latent_density([dm.train_images.float() / 255])
+    settings = EvalSettings(n_fake=80, n_real=50, kid_subset_size=200, prc_neighborhood=2,
+                            iw_k=3, iw_images=40, batch_size=30)
+    extractor = get_extractor("classifier", dm)
+    metrics, grids = evaluate(model, dm, settings, lambda: extractor, seed=9)
+
+    assert (metrics["eval_split"], metrics["test_images"]) == ("test", 60)
+    assert (metrics["n_fake"], metrics["n_real"], metrics["features"]) == (80, 50, extractor.name)
+    assert (metrics["kid_subset_size"], metrics["prc_neighborhood"]) == (50, 2)
+    assert metrics["features_acc"] == extractor.accuracy and metrics["sample_img_per_s"] > 0
+    test_batches = dm.test_dataloader()
+    assert metrics["recon_mse"] == pytest.approx(
+        reconstruction_metrics(model, test_batches)["recon_mse"], rel=1e-6)
+    if family == "vae":
+        expected = likelihood_metrics(model, test_batches, 3, 40, seed=9)
+        assert (metrics["iw_k"], metrics["iw_images"]) == (3, 40)
+        assert metrics["elbo"] == pytest.approx(expected["elbo"], rel=1e-6)
+        assert metrics["iw_nll"] == pytest.approx(expected["iw_nll"], rel=1e-6)
+    torch.manual_seed(9)
+    fake, _ = generate(model, 80, 30)
+    real = to_uint8_rgb(dm.test_images[:50])
+    by_hand = fidelity_metrics(fake, real, extractor, "by-hand", dataclasses.replace(
+        settings, kid_subset_size=50), cuda=False)
+    for key in ("fid", "kid_mean", "isc_mean", "precision", "recall"):
+        assert metrics[key] == pytest.approx(by_hand[key], rel=1e-6), key
+    assert grids["samples"].shape == (64, 3, 28, 28) and torch.equal(grids["samples"], fake[:64])
+    assert grids["reconstructions"].shape == (64, 1, 28, 28)
