@@ -230,3 +230,13 @@ def test_every_batch_of_every_epoch_gets_its_own_seed():
     seeds = {batch_seed(seed, epoch, batch) for seed in range(3) for epoch in range(20)
              for batch in range(200)}
     assert len(seeds) == 3 * 20 * 200
+
+
+def test_ordered_training_and_validation_batches_cover_their_splits_in_order(mnist_files):
+    directory, _ = mnist_files
+    dm = make_dm(directory, val_size=40, eval_batch_size=33, batch_size=10)
+    ordered = list(dm.ordered_train_dataloader())
+    assert len(ordered[0][0]) == 33  # the evaluation batch size, not the training one
+    assert torch.equal(torch.cat([x for x, _ in ordered]), dm.train_images.float() / 255)
+    assert torch.equal(torch.cat([x for x, _ in dm.val_dataloader()]),
+                       dm.val_images.float() / 255)
