@@ -222,7 +222,7 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
     real = to_uint8_rgb(dm.test_images[:50])
     by_hand = fidelity_metrics(fake, real, extractor, "by-hand", dataclasses.replace(
         settings, kid_subset_size=50), cuda=False)
-    for key in ("fid", "kid_mean", "isc_mean", "precision", "recall"):
+    for key in ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "precision", "recall"):
         assert metrics[key] == pytest.approx(by_hand[key], rel=1e-6), key
     assert grids["samples"].shape == (64, 3, 28, 28) and torch.equal(grids["samples"], fake[:64])
     assert grids["reconstructions"].shape == (64, 1, 28, 28)

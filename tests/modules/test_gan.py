@@ -5,7 +5,7 @@ import torch
 
 from modules.gan import (GAN, gradient_penalty, ns_discriminator_loss, ns_generator_loss,
                          wasserstein_critic_loss, wasserstein_generator_loss)
-from tests.modules.conftest import prototype_batches, quiet_trainer, tiny_model
+from tests.modules.conftest import prototype_batches, prototype_images, quiet_trainer, tiny_model
 
 REAL, FAKE = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
 
@@ -129,3 +129,20 @@ def test_the_discriminator_losses_are_composed_as_their_papers_say():
     assert terms["wasserstein"].item() == pytest.approx(-critic.item(), rel=1e-5)
     assert terms["gp"].item() == pytest.approx(penalty.item(), rel=1e-5)
     assert terms["d_loss"].item() == pytest.approx((critic + 7.0 * penalty).item(), rel=1e-5)
+
+
+def test_the_discriminator_sees_real_images_in_the_generators_range(monkeypatch):
+    """The generator works in [-1, 1] (tanh), so real images in [0, 1] are mapped to 2x - 1."""
+    model = tiny_model("gan", "mlp")
+    seen = {}
+    honest = model.discriminator_loss
+
+    def spy(real, fake, *args, **kwargs):
+        seen["real"], seen["fake"] = real.detach(), fake.detach()
+        return honest(real, fake, *args, **kwargs)
+
+    monkeypatch.setattr(model, "discriminator_loss", spy)
+    x = prototype_images(8).float() / 255
+    quiet_trainer(max_steps=1).fit(model, [(x, torch.zeros(8))])
+    assert torch.allclose(seen["real"], x * 2 - 1)
+    assert seen["fake"].abs().max() <= 1
