@@ -5,7 +5,7 @@ import torch
 
 from modules.gan import (GAN, gradient_penalty, ns_discriminator_loss, ns_generator_loss,
                          wasserstein_critic_loss, wasserstein_generator_loss)
-from tests.modules.conftest import prototype_batches, prototype_images, quiet_trainer, tiny_model
+from tests.modules.conftest import prototype_batches, quiet_trainer, tiny_model
 
 REAL, FAKE = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
 
@@ -142,7 +142,7 @@ def test_the_discriminator_sees_real_images_in_the_generators_range(monkeypatch)
         return honest(real, fake, *args, **kwargs)
 
     monkeypatch.setattr(model, "discriminator_loss", spy)
-    x = prototype_images(8).float() / 255
-    quiet_trainer(max_steps=1).fit(model, [(x, torch.zeros(8))])
+    x, _ = next(iter(prototype_batches(8, 8)))  # the first epoch's batch, as the trainer's
+    quiet_trainer(max_steps=1).fit(model, train_dataloaders=prototype_batches(8, 8))
     assert torch.allclose(seen["real"], x * 2 - 1)
     assert seen["fake"].abs().max() <= 1
