@@ -31,6 +31,20 @@ def save_run_grids(grids: dict[str, torch.Tensor], out_dir: Path, run_id: str) -
     return paths
 
 
+def better_direction(metric: str) -> str:
+    return "lower" if DIRECTIONS[metric] < 0 else "higher"
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure to PNG, closed afterwards (suites draw many)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def metric_bar_charts(rows: pd.DataFrame, out_dir: Path) -> list[Path]:
     """One PNG per headline metric: mean over seeds per model/variant, error bars one std,
     one bar colour per dataset."""
@@ -55,15 +69,10 @@ def metric_bar_charts(rows: pd.DataFrame, out_dir: Path) -> list[Path]:
         stds.index = means.index
         fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(means) + 1.5), 3.4))
         means.plot.bar(ax=ax, yerr=stds, rot=0, capsize=3, legend=means.shape[1] > 1)
-        better = "lower" if DIRECTIONS[metric] < 0 else "higher"
-        ax.set_title(f"{metric} ({better} is better)")
+        ax.set_title(f"{metric} ({better_direction(metric)} is better)")
         ax.set_xlabel("")
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"metric-{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"metric-{metric}.png"))
     return paths
 
 
@@ -90,14 +99,9 @@ def history_charts(course: pd.DataFrame, out_dir: Path) -> list[Path]:
                        edgecolors="red", linewidths=2, zorder=3)
         ax.set_xticks(commits["commit_index"], [str(c)[:8] for c in commits["commit"]],
                       rotation=45, ha="right")
-        better = "lower" if DIRECTIONS[metric] < 0 else "higher"
-        ax.set_title(f"{metric} over commits ({better} is better)\nband: one std over seeds; "
-                     "red ring: a regression began", fontsize=10)
+        ax.set_title(f"{metric} over commits ({better_direction(metric)} is better)\nband: one "
+                     "std over seeds; red ring: a regression began", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"history-{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"history-{metric}.png"))
     return paths
