@@ -35,7 +35,7 @@ bench: setup
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
-# Mutation testing, not part of `make test` or CI: about an hour on 2 cores (config in
+# Mutation testing, not part of `make test` or CI: about 25 minutes on 2 cores (config in
 # pyproject.toml [tool.mutmut]; equivalent mutants in mutation-equivalents.md). A rerun only
 # tests what changed; `rm -rf mutants` starts afresh.
 SCORE = import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \

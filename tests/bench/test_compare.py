@@ -254,3 +254,29 @@ def test_every_kind_of_failure_fails_the_check_whatever_else_happened():
     report = compare(base, worse_and_incomparable, metrics=["fid"])
     assert report.failures["regression"] == report.failures["incomparable"] == 1
     assert report.exit_status() == 1 and report.exit_status(allow_incomparable=True) == 1
+
+
+def test_a_missing_group_does_not_stop_the_groups_after_it_from_being_judged():
+    base = table(row(model="ae", fid=10.0, **GEN), row(model="gan", fid=30.0, **GEN))
+    report = compare(base, table(row(model="gan", fid=40.0, **GEN)), metrics=["fid"])
+    assert report.failures == {"regression": 1, "missing": 1, "diverged": 0, "incomparable": 0}
+    assert metric_row(report, "fid", "gan")["verdict"] == "REGRESSION"
+    assert metric_row(report, "fid", "gan")["delta"] == pytest.approx(10.0)
+
+
+def test_a_metric_only_in_the_current_table_is_new_not_a_regression():
+    report = compare(table(row(fid=10.0, **GEN)), table(row(fid=10.0, recon_mse=0.1, **GEN)))
+    assert metric_row(report, "recon_mse")["verdict"] == "new metric"
+    assert report.exit_status() == 0
+
+
+def test_the_significance_level_is_the_callers():
+    base, cur = table(*seeds([10.0, 11.0, 12.0])), table(*seeds([13.0, 14.0, 15.0]))  # p ~ 0.012
+    assert metric_row(compare(base, cur), "fid")["verdict"] == "REGRESSION"
+    assert metric_row(compare(base, cur, alpha=0.001), "fid")["verdict"] == "ok"
+
+
+def test_one_group_judged_over_seeds_makes_the_report_seed_aware():
+    base = table(*seeds([10.0, 11.0, 12.0]), row(model="vae", fid=5.0, **GEN))
+    cur = table(*seeds([10.0, 11.0, 12.0]), row(model="vae", fid=5.0, **GEN))
+    assert compare(base, cur).seed_aware  # ae over 3 seeds, vae with one
