@@ -125,3 +125,33 @@ def test_kl_penalty_stays_finite_for_units_that_never_or_always_fire():
     expected = (rho * torch.log(rho / rho_hat)
                 + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
     assert kl_sparsity_penalty(codes, rho, eps).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("sparsity, options", [
+    ("l1", {"l1_weight": 0.3}), ("kl", {"kl_weight": 0.7, "kl_rho": 0.2}),
+    ("topk", {"k": 3, "aux_k": 1, "dead_after_images": 0}), ("topk", {"k": 3, "aux_k": 0}),
+    ("input_mask", {"mask_fraction": 0.5})])
+def test_the_loss_is_the_reconstruction_plus_each_weighted_penalty(sparsity, options,
+                                                                   unit_images):
+    from modules.autoencoder import reconstruction_loss
+
+    model = tiny_model("sae", sparsity=sparsity, loss="bce", **options).train()
+    torch.manual_seed(1)
+    terms = model.losses(unit_images)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        x_in = (mask_inputs(unit_images, 0.5) if sparsity == "input_mask" else unit_images)
+        codes = model.code_activation(model.encoder(x_in))
+        expected = {"recon": reconstruction_loss(model.decode_logits(codes), unit_images, "bce")}
+    if sparsity == "l1":
+        expected["l1"] = 0.3 * l1_penalty(codes)
+    if sparsity == "kl":
+        expected["kl_sparsity"] = 0.7 * kl_sparsity_penalty(codes, 0.2)
+    with_aux = options.get("aux_k", 0) > 0
+    assert set(terms) == set(expected) | {"loss"} | ({"aux_k"} if with_aux else set())
+    for name, value in expected.items():
+        assert terms[name].item() == pytest.approx(value.item(), rel=1e-5), name
+    assert terms["loss"].item() == pytest.approx(sum(terms[k].item() for k in terms
+                                                     if k != "loss"), rel=1e-6)
+    if with_aux:  # the auxiliary loss is a training term only
+        assert "aux_k" not in model.eval().losses(unit_images)
