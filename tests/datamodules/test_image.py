@@ -240,3 +240,13 @@ def test_ordered_training_and_validation_batches_cover_their_splits_in_order(mni
     assert torch.equal(torch.cat([x for x, _ in ordered]), dm.train_images.float() / 255)
     assert torch.equal(torch.cat([x for x, _ in dm.val_dataloader()]),
                        dm.val_images.float() / 255)
+
+
+def test_training_batches_are_shuffled_full_and_binarised_when_asked(mnist_files):
+    directory, _ = mnist_files
+    dm = make_dm(directory, val_size=50, batch_size=32, binarize=True)  # 250 training images
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 250 // 32 and all(len(x) == 32 for x, _ in batches)  # drop_last
+    order = torch.cat([y for _, y in batches])
+    assert not torch.equal(order, dm.train_labels[: len(order)].long())  # shuffled
+    assert set(torch.cat([x for x, _ in batches]).unique().tolist()) == {0.0, 1.0}
