@@ -26,10 +26,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, NetOptions,
-                              RandomState, TrainThroughput, drop_failing_nvml_check)
+                             RandomState, TrainThroughput, drop_failing_nvml_check)
+from bench.compare import PROVENANCE
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
 from bench.plots import save_run_grids
+from bench.results import DIRECTIONS
 from bench.suite import RunSpec, Suite
 from bench.tracking import finish_run_logging, make_logger
 from datamodules import ImageDataModule
@@ -217,12 +219,12 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
     return safe_evaluate(model.eval(), dm, settings, spec.seed, generate_here=True, log=log)
 
 
-# Columns of a row that come from evaluation; the rest describe the training.
-EVALUATION_COLUMNS = {"status", "error", "eval_s", "eval_split", "test_images", "sample_img_per_s",
-                      "n_fake", "n_real", "features", "features_acc", "kid_subset_size",
-                      "prc_neighborhood", "iw_k", "iw_images", "recon_mse", "psnr", "ssim", "l0",
-                      "dead_fraction", "hoyer", "elbo", "iw_nll", "fid", "isc_mean", "isc_std",
-                      "kid_mean", "kid_std", "precision", "recall"}
+# Columns of a row that come from evaluation (every metric but the training's figures, and
+# every provenance column but the device's); the rest describe the training.
+TRAINING_FIGURES = {"train_img_per_s", "wall_s", "peak_mem_mb", "device", "devices"}
+EVALUATION_COLUMNS = ({"status", "error", "features_acc", "isc_std", "kid_std"}
+                      | set(DIRECTIONS) | {c for cs in PROVENANCE.values() for c in cs}) \
+    - TRAINING_FIGURES
 
 
 def evaluated_row(trained: dict, spec: RunSpec, metrics: dict, commit: str) -> dict:
