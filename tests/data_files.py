@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,28 @@ def write_mnist_dir(directory: Path, n_train: int = 300, n_test: int = 100,
     return written
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` (the BINSTRING opcodes), as the CIFAR-10 batches were
+    pickled: they load only with `encoding="bytes"` (or latin1), not Python 3's default."""
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = pickle._Pickler.dispatch.copy()
+    dispatch[bytes] = save_bytes
+
+
 def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """One batch as cifar-10-python.tar.gz has it: a Python-2-style dict of bytes keys."""
+    """One batch as cifar-10-python.tar.gz has it: a dict pickled by Python 2 (protocol 2),
+    its keys and the image array's bytes Python 2 strings."""
     entry = {b"batch_label": b"genbench test", b"data": images.reshape(len(images), -1),
              b"labels": [int(v) for v in labels], b"filenames": [b"x.png"] * len(images)}
     with open(path, "wb") as f:
-        pickle.dump(entry, f, protocol=2)
+        _Python2Pickler(f, protocol=2).dump(entry)
     return path
 
 

@@ -1,6 +1,7 @@
 import dataclasses
 import itertools
 import math
+import time
 
 import pytest
 import torch
@@ -226,3 +227,109 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
         assert metrics[key] == pytest.approx(by_hand[key], rel=1e-6), key
     assert grids["samples"].shape == (64, 3, 28, 28) and torch.equal(grids["samples"], fake[:64])
     assert grids["reconstructions"].shape == (64, 1, 28, 28)
+
+
+@pytest.mark.parametrize("name, least", [("n_fake", 2), ("batch_size", 1),
+                                         ("kid_subset_size", 2), ("prc_neighborhood", 1),
+                                         ("iw_k", 0)])
+def test_a_count_setting_takes_its_least_value_and_refuses_one_below(name, least):
+    assert getattr(EvalSettings(**{name: least}), name) == least
+    for bad in (least - 1, True, 2.5):
+        with pytest.raises(ValueError, match=rf"eval setting {name}={bad!r} must be an integer "
+                                             rf">= {least}"):
+            EvalSettings(**{name: bad})
+
+
+@pytest.mark.parametrize("name", ["n_real", "iw_images", "extractor_epochs"])
+def test_an_optional_count_takes_null_or_a_positive_integer(name):
+    assert getattr(EvalSettings(**{name: None}), name) is None
+    assert getattr(EvalSettings(**{name: 1}), name) == 1
+    for bad in (0, True, "5"):
+        with pytest.raises(ValueError, match=rf"eval setting {name}={bad!r} must be a positive "
+                                             r"integer or null \("):
+            EvalSettings(**{name: bad})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"features": "clip"}, "features='clip'; choose one of: auto, inception, classifier"),
+    ({"generation": "yes"}, "generation='yes' must be true or false"),
+    ({"extractor_weights": 3}, "extractor_weights must be a file path"),
+    ({"inception_weights": 3}, "inception_weights must be a file path")])
+def test_a_bad_eval_setting_is_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        EvalSettings(**values)
+
+
+def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al. 2019, by hand: precision is the share of fake features inside some
+    real feature's ball (radius: distance to its k-th nearest other real feature); recall the
+    same with the roles swapped."""
+    def share_inside(ref, query):
+        radii = torch.cdist(ref, ref).kthvalue(k + 1, dim=1).values  # +1: itself at distance 0
+        return (torch.cdist(query, ref) <= radii).any(dim=1).float().mean().item()
+    return share_inside(real, fake), share_inside(fake, real)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_precision_recall_use_the_neighbourhood_size_asked_for(k, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    extractor = registered_random_extractor()
+    # noise images, the fakes a little darker: overlapping sets whose shares depend on k
+    g = torch.Generator().manual_seed(5)
+    real = torch.randint(0, 256, (120, 1, 28, 28), generator=g).float() / 255
+    fake = torch.randint(0, 256, (120, 1, 28, 28), generator=g).float() / 255 * 0.95
+    real, fake = to_uint8_rgb(real), to_uint8_rgb(fake)
+    ours = fidelity_metrics(fake, real, extractor, f"real-prc-{k}", EvalSettings(
+        kid_subset_size=50, prc_neighborhood=k), cuda=False)
+    with torch.no_grad():
+        features = [extractor.net(x[:, :1].float() / 255)[0].double() for x in (real, fake)]
+    precision, recall = knn_precision_recall(*features, k)
+    assert 0 < recall < precision < 1  # neither share saturated, so k shows
+    assert (ours["precision"], ours["recall"]) == pytest.approx((precision, recall), abs=1e-6)
+    assert ours["prc_neighborhood"] == k
+
+
+@pytest.mark.parametrize("n_fake, n_real", [(30, 60), (60, 40)])
+def test_kid_subsets_are_no_larger_than_either_set(n_fake, n_real, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    fake = to_uint8_rgb(prototype_images(n_fake, seed=7))
+    real = to_uint8_rgb(prototype_images(n_real, seed=8))
+    metrics = fidelity_metrics(fake, real, registered_random_extractor(), f"kid-{n_real}",
+                               EvalSettings(kid_subset_size=1000), cuda=False)
+    assert metrics["kid_subset_size"] == min(n_fake, n_real)
+
+
+def _small_mnist(tmp_path):
+    from datamodules import ImageDataModule
+    from tests.data_files import write_mnist_dir
+
+    write_mnist_dir(tmp_path / "data", n_train=60, n_test=40)
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=0,
+                         eval_batch_size=16)
+    dm.setup()
+    return dm
+
+
+def test_reconstruction_grid_is_test_images_over_their_reconstructions(tmp_path):
+    from bench.evaluate import evaluate
+
+    dm = _small_mnist(tmp_path)
+    model = tiny_model("ae").eval()
+    _, grids = evaluate(model, dm, EvalSettings(generation=False), log=lambda _: None)
+    originals = dm.test_images[:32].float() / 255
+    with torch.no_grad():
+        assert torch.equal(grids["reconstructions"], torch.cat([originals,
+                                                                model.reconstruct(originals)]))
+
+
+def test_generation_metrics_are_skipped_when_turned_off(tmp_path):
+    from bench.evaluate import evaluate
+
+    dm = _small_mnist(tmp_path)
+    extractor_fetched = []
+    start = time.perf_counter()
+    metrics, grids = evaluate(tiny_model("vae").eval(), dm, EvalSettings(generation=False, iw_k=2),
+                              lambda: extractor_fetched.append(1), log=lambda _: None)
+    assert not extractor_fetched and "samples" not in grids
+    assert not {"fid", "n_fake", "features"} & set(metrics) and "elbo" in metrics
+    assert 0 < metrics["eval_s"] <= time.perf_counter() - start

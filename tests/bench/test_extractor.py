@@ -153,3 +153,38 @@ def test_auto_falls_back_to_the_classifier_without_weights(small_mnist, tmp_path
 def test_unknown_features_choice_lists_the_options(small_mnist):
     with pytest.raises(ValueError, match="choose one of: auto, inception, classifier"):
         get_extractor("clip", small_mnist)
+
+
+@pytest.mark.parametrize("content", [{"weights": torch.zeros(2)}, [torch.zeros(2)]])
+def test_a_torch_file_that_is_not_a_classifier_says_so(tmp_path, content):
+    path = tmp_path / "other.pt"
+    torch.save(content, path)
+    with pytest.raises(ExtractorError, match=r"other.pt are not a genbench classifier file "
+                                             r"\(expected format"):
+        load_classifier(path)
+
+
+class _Payload:
+    """Unpickling this would run code: a weights file must never be loaded with full pickle."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_a_weights_file_is_loaded_without_running_its_code(tmp_path, capsys):
+    path = tmp_path / "payload.pt"
+    torch.save({"format": "x", "obj": _Payload()}, path)
+    with pytest.raises(ExtractorError, match=r"payload.pt do not load \(UnpicklingError"):
+        load_classifier(path)
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_a_classifier_of_another_width_loads_with_its_width(small_mnist, tmp_path):
+    from bench.extractor import ClassifierNet, weights_hash
+
+    saved = train_classifier(small_mnist, epochs=1)
+    narrow = ClassifierNet(1, 28, 10, width=8)
+    saved |= {"width": 8, "state_dict": narrow.state_dict(),
+              "sha256": weights_hash(narrow.state_dict())}
+    net, _ = load_classifier(save_classifier(saved, tmp_path / "narrow.pt"))
+    assert net.body[0].out_channels == 8

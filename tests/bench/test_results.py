@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.results import append_row, format_table, latest_runs, read_rows, seed_table
+from bench.results import (append_row, eval_failed_rows, format_table, latest_runs, read_rows,
+                           seed_table)
 
 
 def row(model="ae", variant="mlp", dataset="mnist", seed=0, **metrics):
@@ -80,3 +81,20 @@ def test_a_forced_rerun_counts_once_in_the_table_with_the_latest_figures():
     stats = seed_table(rows, ["fid"])
     assert stats[("mnist", "fid", "count")].item() == 2
     assert stats[("mnist", "fid", "mean")].item() == pytest.approx(13.0)
+
+
+def test_eval_failed_rows_are_the_runs_whose_latest_evaluation_failed(tmp_path):
+    path = tmp_path / "runs.csv"
+    assert eval_failed_rows(path) == {}  # no table yet
+    append_row(path, row(seed=0, status="eval_failed", error="no weights"), unique=False)
+    append_row(path, row(seed=0, recon_mse=0.1), unique=False)  # evaluated again since: done
+    append_row(path, row(seed=1, status="eval_failed", error="no weights"), unique=False)
+    append_row(path, row(seed=2, recon_mse=0.3), unique=False)
+    failed = eval_failed_rows(path)
+    assert list(failed) == ["aemlpmnist1"] and failed["aemlpmnist1"]["error"] == "no weights"
+
+
+def test_append_creates_the_results_folder(tmp_path):
+    path = tmp_path / "new" / "nested" / "runs.csv"
+    append_row(path, row(recon_mse=0.1))
+    assert read_rows(path)["recon_mse"].tolist() == [0.1]

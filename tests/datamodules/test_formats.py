@@ -60,3 +60,59 @@ def test_read_cifar_batch_checks_image_size(tmp_path):
     path = write_cifar_batch(tmp_path / "test_batch", images, labels)
     with pytest.raises(CorruptDataError, match=r"test_batch: b'data' has shape \(4, 768\)"):
         read_cifar_batch(path)
+
+
+def test_read_idx_reads_dimensions_as_big_endian_words(tmp_path):
+    array = np.arange(3 * 300, dtype=np.uint16).astype(np.uint8).reshape(3, 300)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "wide", array), expected_ndim=2), array)
+
+
+@pytest.mark.parametrize("header", [b"\x01\x00\x08\x03", b"\x00\x01\x08\x03"])
+def test_read_idx_requires_both_leading_zero_bytes(tmp_path, header):
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(header + idx_bytes(random_images(2, (28, 28), 0)[0])[4:])
+    with pytest.raises(CorruptDataError, match="x-idx3-ubyte: magic number"):
+        read_idx(path, expected_ndim=3)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\x00\x08", "3 bytes, too short for an IDX header"),
+    (b"\x00\x00\x08\x03", r"truncated header \(4 bytes, need 16\)"),
+    (idx_bytes(np.zeros((2, 28, 28), np.uint8)) + b"\x00",
+     r"has trailing bytes: header says shape \(2, 28, 28\) \(1568 bytes\) but the file holds "
+     "1569 data bytes")])
+def test_read_idx_says_what_is_wrong_with_a_short_or_long_file(tmp_path, content, message):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(CorruptDataError, match=f"t10k-images-idx3-ubyte: {message}"):
+        read_idx(path, expected_ndim=3)
+
+
+def _pickle(tmp_path, entry):
+    import pickle
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+    return path
+
+
+@pytest.mark.parametrize("entry, found", [
+    ({b"data": np.zeros((2, 3072), np.uint8)}, r"found \[b'data'\]"),
+    ({b"labels": [0, 1]}, r"found \[b'labels'\]"),
+    ([1, 2], "found list")])
+def test_read_cifar_batch_names_missing_keys(tmp_path, entry, found):
+    with pytest.raises(CorruptDataError, match=r"data_batch_1: expected a dict with b'data' and "
+                                               rf"b'labels', {found}"):
+        read_cifar_batch(_pickle(tmp_path, entry))
+
+
+def test_read_cifar_batch_refuses_images_that_are_not_bytes(tmp_path):
+    entry = {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}
+    with pytest.raises(CorruptDataError, match=r"b'data' has shape \(2, 3072\) and dtype float32"):
+        read_cifar_batch(_pickle(tmp_path, entry))
+
+
+def test_read_cifar_batch_counts_images_against_labels(tmp_path):
+    entry = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1, 2]}
+    with pytest.raises(CorruptDataError, match="data_batch_1: 2 images but 3 labels"):
+        read_cifar_batch(_pickle(tmp_path, entry))

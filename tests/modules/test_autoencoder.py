@@ -55,3 +55,21 @@ def test_mixture_is_fitted_on_the_first_gmm_max_samples_codes_only():
     for key in ("gmm_logits", "gmm_means", "gmm_scale_tril"):
         assert torch.allclose(getattr(capped, key), getattr(exact, key), atol=1e-5), key
     assert not torch.allclose(capped.gmm_means, everything.gmm_means, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["ae", "sae"])
+def test_training_ends_by_fitting_the_mixture_on_the_training_split_in_order(family, tmp_path):
+    from datamodules import ImageDataModule
+    from tests.data_files import write_mnist_dir
+    from tests.modules.conftest import quiet_trainer
+
+    write_mnist_dir(tmp_path, n_train=96, n_test=10)
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=16, val_size=0,
+                         eval_batch_size=32)
+    model = tiny_model(family, gmm_components=2, gmm_max_samples=40)
+    quiet_trainer(max_steps=3, limit_val_batches=0).fit(model, datamodule=dm)
+    by_hand = copy.deepcopy(model)
+    by_hand.gmm_means.zero_()
+    by_hand.fit_latent_density(dm.ordered_train_dataloader())
+    for key in ("gmm_logits", "gmm_means", "gmm_scale_tril"):
+        assert torch.equal(getattr(model, key), getattr(by_hand, key)), key

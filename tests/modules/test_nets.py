@@ -24,3 +24,37 @@ def test_conv_backbone_rejects_other_sizes():
 def test_unknown_backbone_lists_the_choices():
     with pytest.raises(ValueError, match="unknown backbone 'resnet'; choose one of: mlp, conv"):
         make_encoder("resnet", (1, 28, 28), 8, 16, 4)
+
+
+def _layers(net):
+    return [type(m).__name__ for m in net]
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_conv_encoder_is_the_dcgan_discriminator(shape, batch_norm):
+    """Two 4x4 stride-2 convs with LeakyReLU(0.2), BatchNorm (and no conv bias before it) unless
+    it is a WGAN-GP critic, then a linear head; parameters counted in closed form."""
+    c, w, out, side = shape[0], 4, 3, shape[1] // 4
+    encoder = make_encoder("conv", shape, out, hidden=0, width=w, batch_norm=batch_norm)
+    norm = "BatchNorm2d" if batch_norm else "Identity"
+    assert _layers(encoder) == ["Conv2d", "LeakyReLU", "Conv2d", norm, "LeakyReLU", "Flatten",
+                                "Linear"]
+    assert [m.negative_slope for m in encoder if isinstance(m, torch.nn.LeakyReLU)] == [0.2, 0.2]
+    convs = [m for m in encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.kernel_size, m.stride, m.padding) for m in convs] == [((4, 4), (2, 2), (1, 1))] * 2
+    expected = (c * w * 16 + w) + (w * 2 * w * 16 + (0 if batch_norm else 2 * w)) \
+        + (2 * 2 * w if batch_norm else 0) + (2 * w * side * side * out + out)
+    assert sum(p.numel() for p in encoder.parameters()) == expected
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_conv_decoder_is_the_dcgan_generator(shape):
+    """A bias-free projection to a 2w x s x s map, BatchNorm + ReLU, a bias-free 4x4 stride-2
+    transposed conv, BatchNorm + ReLU, and a last transposed conv with a bias."""
+    c, w, z, side = shape[0], 4, 5, shape[1] // 4
+    decoder = make_decoder("conv", shape, latent_dim=z, hidden=0, width=w)
+    assert _layers(decoder) == ["Linear", "Unflatten", "BatchNorm2d", "ReLU", "ConvTranspose2d",
+                                "BatchNorm2d", "ReLU", "ConvTranspose2d"]
+    expected = z * 2 * w * side * side + 2 * 2 * w + 2 * w * w * 16 + 2 * w + (w * c * 16 + c)
+    assert sum(p.numel() for p in decoder.parameters()) == expected
