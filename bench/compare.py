@@ -43,6 +43,7 @@ PROVENANCE: dict[str, list[str]] = {
     "fid": _GENERATION, "isc_mean": _GENERATION,
     "kid_mean": _GENERATION + ["kid_subset_size"],
     "precision": _GENERATION + ["prc_neighborhood"], "recall": _GENERATION + ["prc_neighborhood"],
+    "density": _GENERATION + ["dc_neighborhood"], "coverage": _GENERATION + ["dc_neighborhood"],
     **{m: ["device", "devices"] for m in TIMING_METRICS},
 }
 # Columns a table needs before it can be compared at all.

@@ -1,14 +1,18 @@
 """Evaluation on the test split: reconstruction, code sparsity, likelihood bounds and generation
 metrics, each defined as in DESIGN.md and computed by the library that owns it (torchmetrics for
-running means, MSE, PSNR and SSIM; torch-fidelity for FID, IS, KID and precision-recall)."""
+running means, MSE, PSNR and SSIM; torch-fidelity for FID, IS, KID and precision-recall; prdc
+for density and coverage)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError, Metric, SumMetric
@@ -32,6 +36,7 @@ class EvalSettings:
     batch_size: int = 500
     kid_subset_size: int = 1000
     prc_neighborhood: int = 3
+    dc_neighborhood: int = 5  # k of density and coverage (Naeem et al. 2020 use 5)
     generation: bool = True  # compute FID and friends for families that sample
 
     @classmethod
@@ -45,7 +50,7 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         counts = {"n_fake": 2, "batch_size": 1, "kid_subset_size": 2, "prc_neighborhood": 1,
-                  "iw_k": 0}
+                  "dc_neighborhood": 1, "iw_k": 0}
         for name, least in counts.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -223,6 +228,37 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+def density_coverage(real_features: np.ndarray, fake_features: np.ndarray,
+                     k: int) -> tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020, "Reliable fidelity and diversity metrics for
+    generative models", eq. 3 and 4), with B_k(x) the ball around a real feature x reaching its
+    k-th nearest other real feature:
+        density  = 1/(k M) sum_j sum_i 1[fake_j in B_k(real_i)]   (about 1 when fakes match)
+        coverage = 1/N sum_i 1[some fake_j in B_k(real_i)]
+    Unlike precision/recall they are not inflated by outlying fakes or reals. Computed by the
+    authors' `prdc` package (which prints its sample counts: silenced here)."""
+    from prdc import compute_prdc
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = compute_prdc(real_features, fake_features, nearest_k=k)
+    return float(out["density"]), float(out["coverage"])
+
+
+def prc_features(**kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """The features torch-fidelity computes precision/recall on, real (input2, from its cache)
+    and generated (input1), for the same `calculate_metrics` arguments: density and coverage
+    are measured on the very features FID and precision/recall use."""
+    from torch_fidelity.utils import (create_feature_extractor,
+                                      extract_featuresdict_from_input_id_cached,
+                                      resolve_feature_extractor, resolve_feature_layer_for_metric)
+
+    layer = resolve_feature_layer_for_metric("prc", **kwargs)
+    extractor = create_feature_extractor(resolve_feature_extractor(**kwargs), [layer], **kwargs)
+    real, fake = (extract_featuresdict_from_input_id_cached(i, extractor, **kwargs)[layer]
+                  for i in (2, 1))
+    return real.double().numpy(), fake.double().numpy()
+
+
 def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str,
                      settings: EvalSettings, cuda: bool) -> dict[str, float]:
     """FID, IS, KID and precision/recall from torch-fidelity, generated vs real uint8 RGB images.
@@ -241,13 +277,17 @@ def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str
     if extractor.weights_path:
         kwargs["feature_extractor_weights_path"] = extractor.weights_path
     raw = torch_fidelity.calculate_metrics(**kwargs)
+    real_features, fake_features = prc_features(**kwargs)
+    density, coverage = density_coverage(real_features, fake_features, settings.dc_neighborhood)
     return {"fid": raw["frechet_inception_distance"],
             "isc_mean": raw["inception_score_mean"], "isc_std": raw["inception_score_std"],
             "kid_mean": raw["kernel_inception_distance_mean"],
             "kid_std": raw["kernel_inception_distance_std"],
             "precision": raw["precision"], "recall": raw["recall"],
-            # provenance: what KID and precision/recall were computed with
-            "kid_subset_size": subset, "prc_neighborhood": settings.prc_neighborhood}
+            "density": density, "coverage": coverage,
+            # provenance: what KID, precision/recall and density/coverage were computed with
+            "kid_subset_size": subset, "prc_neighborhood": settings.prc_neighborhood,
+            "dc_neighborhood": settings.dc_neighborhood}
 
 
 def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,

@@ -132,7 +132,7 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOpti
 def one_line(row: dict) -> str:
     """The per-run line printed after each run: the metrics that apply, in a fixed order."""
     shown = ["recon_mse", "l0", "dead_fraction", "elbo", "iw_nll", "fid", "isc_mean",
-             "precision", "recall", "train_img_per_s"]
+             "precision", "recall", "density", "coverage", "train_img_per_s"]
     parts = [f"{k}={row[k]:.4g}" for k in shown if isinstance(row.get(k), (int, float))
              and not pd.isna(row.get(k))]
     status = {"ok": "", "eval_failed": f" [eval_failed: {row.get('error')}]"}.get(

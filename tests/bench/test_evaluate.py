@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch_fidelity
 
-from bench.evaluate import (DeadFraction, EvalSettings, fidelity_metrics, hoyer_sparsity,
-                            l0_count, likelihood_metrics, reconstruction_metrics, to_uint8_rgb)
+from bench.evaluate import (DeadFraction, EvalSettings, density_coverage, fidelity_metrics,
+                            hoyer_sparsity, l0_count, likelihood_metrics, reconstruction_metrics,
+                            to_uint8_rgb)
 from bench.extractor import ClassifierNet, Extractor, make_fidelity_extractor_class
 from tests.modules.conftest import prototype_images, tiny_model
 
@@ -231,7 +232,7 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
 
 @pytest.mark.parametrize("name, least", [("n_fake", 2), ("batch_size", 1),
                                          ("kid_subset_size", 2), ("prc_neighborhood", 1),
-                                         ("iw_k", 0)])
+                                         ("dc_neighborhood", 1), ("iw_k", 0)])
 def test_a_count_setting_takes_its_least_value_and_refuses_one_below(name, least):
     assert getattr(EvalSettings(**{name: least}), name) == least
     for bad in (least - 1, True, 2.5):
@@ -333,3 +334,47 @@ def test_generation_metrics_are_skipped_when_turned_off(tmp_path):
     assert not extractor_fetched and "samples" not in grids
     assert not {"fid", "n_fake", "features"} & set(metrics) and "elbo" in metrics
     assert 0 < metrics["eval_s"] <= time.perf_counter() - start
+
+
+def density_coverage_by_hand(real, fake, k):
+    """Naeem et al. 2020, eq. 3 and 4, written out: B_k(x_i) reaches the k-th nearest other
+    real feature."""
+    radii = torch.cdist(real, real).kthvalue(k + 1, dim=1).values
+    inside = torch.cdist(fake, real) < radii  # (fake j, real i): fake j in B_k(real i)
+    return inside.sum().item() / (k * len(fake)), inside.any(dim=0).double().mean().item()
+
+
+def test_identical_sets_have_density_and_coverage_one():
+    features = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)).numpy()
+    assert density_coverage(features, features.copy(), k=5) == pytest.approx((1.0, 1.0))
+
+
+def test_disjoint_sets_have_density_and_coverage_zero():
+    features = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)).numpy()
+    assert density_coverage(features, features + 100.0, k=5) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_density_and_coverage_follow_their_definition(k):
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(150, 6, generator=g, dtype=torch.float64)
+    fake = 0.7 * torch.randn(120, 6, generator=g, dtype=torch.float64) + 0.3  # overlapping
+    density, coverage = density_coverage(real.numpy(), fake.numpy(), k)
+    assert (density, coverage) == pytest.approx(density_coverage_by_hand(real, fake, k),
+                                                abs=1e-12)
+    assert 0 < coverage < 1 and density > 0
+
+
+def test_density_and_coverage_are_measured_on_the_fid_features(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    extractor = registered_random_extractor()
+    g = torch.Generator().manual_seed(5)
+    real = to_uint8_rgb(torch.randint(0, 256, (120, 1, 28, 28), generator=g).float() / 255)
+    fake = to_uint8_rgb(torch.randint(0, 256, (100, 1, 28, 28), generator=g).float() / 255 * .95)
+    ours = fidelity_metrics(fake, real, extractor, "real-dc", EvalSettings(
+        kid_subset_size=50, dc_neighborhood=3), cuda=False)
+    with torch.no_grad():
+        features = [extractor.net(x[:, :1].float() / 255)[0].double() for x in (real, fake)]
+    expected = density_coverage_by_hand(*features, 3)
+    assert (ours["density"], ours["coverage"]) == pytest.approx(expected, abs=1e-6)
+    assert ours["dc_neighborhood"] == 3 and 0 < ours["coverage"] < 1
