@@ -6,9 +6,12 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+
+from datamodules.image import batch_images, is_chunk
 
 PROGRESS_REFRESH_STEPS = 20
 
@@ -39,32 +42,54 @@ class Diverged(RuntimeError):
         self.step = step
 
 
+def trained_in_call(outputs) -> torch.Tensor | None:
+    """The losses a training step returned: one per batch it trained (a chunk's batches, or
+    one), or None."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return loss.detach().reshape(-1) if isinstance(loss, torch.Tensor) else None
+
+
 class DivergenceGuard(L.Callback):
-    """Stops a run whose training loss turns NaN or infinite. It looks at the loss the training
-    step returned every `every_n_batches` batches and at each epoch's end: one host sync per
-    look, not per step."""
+    """Stops a run whose training loss turns NaN or infinite, naming the training step (the
+    run-wide count of batches, 1-based, as budgets count steps) of the first non-finite loss,
+    whatever the steps per Trainer step. The losses are kept on the device and looked at every
+    `every_n_batches` batches and at each epoch's end: one host sync per look, not per step."""
 
     def __init__(self, every_n_batches: int = 50) -> None:
         self.every_n_batches = every_n_batches
-        self.last_loss: torch.Tensor | None = None
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (first batch index, its losses)
 
-    def _check(self, trainer: L.Trainer) -> None:
-        if self.last_loss is not None and not bool(torch.isfinite(self.last_loss)):
-            raise Diverged(trainer.global_step, {"loss": float(self.last_loss)})
+    def _check(self) -> None:
+        if not self.pending:
+            return
+        firsts, losses = zip(*self.pending)
+        self.pending = []
+        finite = torch.isfinite(torch.cat(losses)).tolist()  # the host sync
+        if all(finite):
+            return
+        offset = 0
+        for first, values in zip(firsts, losses):
+            for j in range(len(values)):
+                if not finite[offset + j]:
+                    raise Diverged(first + j + 1, {"loss": float(values[j])})
+            offset += len(values)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self.last_loss = loss.detach()
-        if (batch_idx + 1) % self.every_n_batches == 0:
-            self._check(trainer)
+        losses = trained_in_call(outputs)
+        if losses is None or not len(losses):
+            return
+        first = pl_module.first_batch_index(batch)
+        self.pending.append((first, losses))
+        every = self.every_n_batches
+        if (first + len(losses)) // every > first // every:
+            self._check()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._check(trainer)
+        self._check()
 
 
 class TrainThroughput(L.Callback):
-    """Training images per second after `warmup_batches`, validation time excluded.
+    """Training images per second after `warmup_batches` batches, validation time excluded.
     Hand-written: Lightning's ThroughputMonitor synchronises the device and logs every step,
     and we want one number per run from two synchronisations."""
 
@@ -82,15 +107,19 @@ class TrainThroughput(L.Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.batches == self.warmup_batches and self.start is None:
+        if self.batches >= self.warmup_batches and self.start is None:
             self._sync(pl_module)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches += 1
+        batches, images = 1, batch_images(batch)
+        if is_chunk(batch):  # a chunk cut short by the step budget trains only its first ones
+            losses = trained_in_call(outputs)
+            batches = len(batch) if losses is None else len(losses)
+            images = batches * batch.source.batch_size
+        self.batches += batches
         if self.start is not None:
-            self.images += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
+            self.images += images
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.start is not None and not trainer.sanity_checking:
             self._sync(pl_module)
@@ -159,3 +188,30 @@ class NetOptions(L.Callback):
                 net = getattr(pl_module, name, None)
                 if isinstance(net, torch.nn.Module):
                     net.compile()
+
+
+class PeriodicCheckpoint(L.Callback):
+    """`<dirpath>/last.ckpt`, rewritten at the end of the Trainer step that completes each
+    `every_n_steps`-th optimiser step (exactly at the multiple with one batch per Trainer step;
+    with K, at the end of the step that crosses it), so that a killed run resumes from there.
+
+    Hand-written: ModelCheckpoint(every_n_train_steps) saves only when global_step is an exact
+    multiple, which K optimiser steps per Trainer step (and the GAN's two optimisers) jump
+    over, and under manual optimisation it warns that it may pair weights with the wrong batch
+    count. Ours saves after the Trainer step's last update, with the loader state counting the
+    batches trained, and a resumed run ends bitwise equal to an uninterrupted one
+    (tests/bench/test_faults.py)."""
+
+    def __init__(self, dirpath, every_n_steps: int) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self.saved_at = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.saved_at = trainer.global_step  # a resumed run counts from its checkpoint
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self.every_n_steps
+        if every > 0 and step // every > self.saved_at // every:
+            trainer.save_checkpoint(self.path)
+            self.saved_at = step

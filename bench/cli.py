@@ -189,13 +189,25 @@ def _history_cell(r) -> str:
     return text
 
 
+def _steps_per_call(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a whole number >= 1")
+    return value
+
+
 def cmd_perf(args: argparse.Namespace) -> int:
     from bench.perf import run_perf
 
     table = run_perf(args.families, args.backbones, dataset=args.dataset,
                      batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                      repeats=args.repeats, accelerator=args.accelerator,
-                     progress_bar=not args.no_progress)
+                     progress_bar=not args.no_progress, steps_per_call=args.steps_per_call)
     print()
     print(table.to_markdown(index=False, floatfmt=",.3f"))
     if args.out:
@@ -427,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--repeats", type=int, default=3)
     perf.add_argument("--accelerator", default="auto")
     perf.add_argument("--no-progress", action="store_true", help="time without progress bars")
+    perf.add_argument("--steps-per-call", type=_steps_per_call, default="auto",
+                      help="optimiser steps per Trainer step for the harness column: auto "
+                           "(default, as bench run picks it) or a number")
     perf.add_argument("--target", type=float, default=0.95)
     perf.add_argument("--out", help="also write the table to this CSV")
     perf.set_defaults(func=cmd_perf)

@@ -1,106 +1,55 @@
 """`bench perf`: training throughput of the harness against a plain PyTorch loop.
 
-For each family and backbone, three feeds of the same nets and the same batches:
-  plain    a hand-written PyTorch loop over the tensor batches (the reference);
-  harness  the harness's path: lightning.Trainer with bench run's callbacks and settings over the
-           ImageDataModule's tensor batches (no logger: W&B is not part of the timing);
-  loader   the same Trainer fed by torch.utils.data.DataLoader(TensorDataset), the usual route.
-harness/plain shows Lightning's overhead (target >= 0.95); loader/harness shows what the data
-path saves. Each figure is the best of `repeats` runs of `steps` steps after `warmup` steps,
-the three feeds interleaved so that a busy machine slows them alike.
+For each family and backbone, four feeds of the same nets and the same batches:
+  plain       a hand-written PyTorch loop over the tensor batches (the reference);
+  harness     the harness's path: lightning.Trainer with bench run's callbacks and settings over
+              tensor batches, K batches (optimiser steps) per Trainer step, K as `auto` picks it
+              for this row (or --steps-per-call);
+  harness_k1  the same at one batch per Trainer step;
+  loader      a Trainer fed by torch.utils.data.DataLoader(TensorDataset), one batch per step and
+              Lightning's automatic optimisation: the usual route.
+harness/plain shows what the harness costs (target >= 0.95); loader/harness what the harness
+saves. Each figure is the best of `repeats` runs of `steps` steps after `warmup` steps, the
+feeds interleaved so that a busy machine slows them alike.
 
-The Trainer's own work per step (hook dispatch, progress tracking, closures) does not shrink
-with the model, so it is measured apart, on a model with one weight (`fixed_step_cost_us`), and
-each row shows the best harness/plain that cost leaves (`ceiling`): plain step time over plain
-step time plus the fixed cost.
+The harness's own costs do not shrink with the model, so they are measured apart, on a model
+with one weight (`harness_costs_us`): per Trainer step (hook dispatch, progress tracking; shared
+by its K optimiser steps) and per optimiser step (Lightning's wrapped backward and step). Each row
+shows the best harness/plain they leave at its K (`ceiling`).
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import torch
-from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.amortise import OneWeight, choose_steps_per_call, time_plain
 from bench.callbacks import DivergenceGuard, TrainThroughput
 from bench.runner import (CHECKPOINT_EVERY_STEPS, HARNESS_TRAINER_ARGS, harness_callbacks,
                           optimizer_steps, prepare_run_process)
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
-from modules.steps import LossSteps
 
 FAMILY_ARGS = {"ae": {}, "sae": {"sparsity": "topk", "k": 8}, "vae": {}, "gan": {}}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def plain_step_fn(model):
-    """One optimisation step written out in plain PyTorch, using the module's own losses."""
-    if model.automatic_optimization:
-        optimizer = torch.optim.Adam(model.parameters(), lr=model.hparams.lr)
-
-        def step(x: torch.Tensor) -> None:
-            loss = model.losses(x)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return step
-
-    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=model.lr, betas=model.betas)
-                    for net in (model.generator, model.discriminator))
-    counter = {"batch": 0}
-
-    def gan_step(x: torch.Tensor) -> None:
-        real = x * 2 - 1
-        fake = torch.tanh(model.generator(torch.randn(len(real), model.hparams.latent_dim,
-                                                      device=real.device)))
-        d_loss = model.discriminator_loss(real, fake.detach())["d_loss"]
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-        counter["batch"] += 1
-        if counter["batch"] % model.n_critic == 0:
-            g_loss = model.generator_loss(fake)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
-    return gan_step
-
-
-def time_plain(model, batches, steps: int, warmup: int, device: torch.device) -> float:
-    model.to(device).train()
-    step = plain_step_fn(model)
-    iterator = iter(_cycle(batches))
-    for _ in range(warmup):
-        step(next(iterator)[0])
-    _sync(device)
-    start, images = time.perf_counter(), 0
-    for _ in range(steps):
-        x = next(iterator)[0]
-        step(x)
-        images += len(x)
-    _sync(device)
-    return images / (time.perf_counter() - start)
-
-
-def _cycle(batches):
-    while True:
-        yield from batches
-
-
 def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str,
                  progress_bar: bool) -> float:
-    """Images per second through a Trainer set up as bench run sets one up."""
+    """Images per second through a Trainer set up as bench run sets one up; chunked batches
+    (`steps_per_call`) train under manual optimisation, as a datamodule would arrange."""
+    if getattr(train_batches, "steps_per_call", None) is not None:
+        model.automatic_optimization = False
     throughput = TrainThroughput(warmup_batches=warmup)
-    with tempfile.TemporaryDirectory() as ckpt_dir:
+    with tempfile.TemporaryDirectory() as ckpt_dir, warnings.catch_warnings():
+        # the timed model's validation_step is unused here, as Lightning notes
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
         callbacks = harness_callbacks(throughput, DivergenceGuard(), Path(ckpt_dir),
                                       CHECKPOINT_EVERY_STEPS, progress_bar)
         trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False,
@@ -111,41 +60,56 @@ def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str
     return throughput.images_per_second
 
 
-class OneWeight(LossSteps):
-    """A model with a single weight: its training step is the harness's fixed cost per step."""
-
-    def __init__(self, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.weight = nn.Parameter(torch.ones(()))
-
-    def losses(self, x: Tensor) -> dict[str, Tensor]:
-        return {"loss": (self.weight * x[:, 0, 0, 0]).square().mean()}
+PROBE_K = 16  # the second K the harness's costs are measured at
 
 
-def fixed_step_cost_us(batches, steps: int, warmup: int, repeats: int, accelerator: str,
-                       device: torch.device, progress_bar: bool) -> tuple[float, float, float]:
-    """(plain, Trainer, Trainer - plain) microseconds per step for OneWeight, best of `repeats`:
-    what the Trainer adds to every step whatever the model."""
+@dataclass
+class HarnessCosts:
+    """What the harness adds to a plain loop, in microseconds, measured on a one-weight model:
+    `per_call` for each Trainer step (hooks, progress tracking: what K steps per call share)
+    and `per_step` for each optimiser step (Lightning's wrapped backward and optimiser step,
+    with their hooks: what K cannot share). From the step time at K = 1 and K = PROBE_K:
+    t_K = plain + per_step + per_call / K."""
+
+    plain_us: float
+    k1_us: float
+    per_call: float
+    per_step: float
+
+
+def harness_costs_us(batches, steps: int, warmup: int, repeats: int, accelerator: str,
+                     device: torch.device, progress_bar: bool) -> HarnessCosts:
+    """HarnessCosts, each step time the best of `repeats`. `batches` must be unchunked."""
     batch = len(next(iter(batches))[0])
-    plain = harness = 0.0
+    best = {"plain": 0.0, 1: 0.0, PROBE_K: 0.0}
     for _ in range(repeats):
-        plain = max(plain, time_plain(OneWeight(), batches, steps, warmup, device))
-        harness = max(harness, time_trainer(OneWeight(), batches, steps, warmup, accelerator,
-                                            progress_bar))
-    plain_us, harness_us = 1e6 * batch / plain, 1e6 * batch / harness
-    return plain_us, harness_us, harness_us - plain_us
+        best["plain"] = max(best["plain"], time_plain(OneWeight(), batches, steps, warmup,
+                                                      device))
+        for k in (1, PROBE_K):
+            chunked = TensorBatches(batches.images, batches.labels, batches.batch_size,
+                                    shuffle=True, drop_last=True, steps_per_call=k)
+            best[k] = max(best[k], time_trainer(OneWeight(), chunked, steps, warmup,
+                                                accelerator, progress_bar))
+    plain, t1 = 1e6 * batch / best["plain"], 1e6 * batch / best[1]
+    if not best[PROBE_K] > 0:  # too few steps for a chunk after warm-up: all per call
+        return HarnessCosts(plain, t1, max(t1 - plain, 0.0), 0.0)
+    tk = 1e6 * batch / best[PROBE_K]
+    per_call = max(t1 - tk, 0.0) * PROBE_K / (PROBE_K - 1)
+    return HarnessCosts(plain, t1, per_call, max(tk - plain - per_call / PROBE_K, 0.0))
 
 
-def ceiling(plain_img_per_s: float, batch_size: int, fixed_us: float) -> float:
-    """The best harness/plain a fixed per-step cost allows: t / (t + fixed), t the plain step."""
+def ceiling(plain_img_per_s: float, batch_size: int, per_call_us: float,
+            steps_per_call: int = 1, per_step_us: float = 0.0) -> float:
+    """The best harness/plain the harness's costs allow: t / (t + per_step + per_call / K), t
+    the plain step, K the optimiser steps per Trainer step."""
     plain_us = 1e6 * batch_size / plain_img_per_s
-    return plain_us / (plain_us + max(fixed_us, 0.0))
+    return plain_us / (plain_us + max(per_step_us, 0.0) + max(per_call_us, 0.0) / steps_per_call)
 
 
 def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_mnist",
              batch_size: int = 128, steps: int = 200, warmup: int = 20, repeats: int = 3,
-             accelerator: str = "auto", progress_bar: bool = True, log=print) -> pd.DataFrame:
+             accelerator: str = "auto", progress_bar: bool = True,
+             steps_per_call: int | str = "auto", log=print) -> pd.DataFrame:
     # As in bench run; it also makes the plain loop what a script without Lightning gets.
     prepare_run_process()
     dm = ImageDataModule(dataset, batch_size=batch_size, val_size=0)
@@ -154,48 +118,61 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
     device = probe.strategy.root_device
     images = dm.train_images.to(device)
     labels = dm.train_labels.to(device)
-    fixed = fixed_step_cost_us(
+    costs = harness_costs_us(
         TensorBatches(images, labels, batch_size, shuffle=True, drop_last=True),
         steps, warmup, repeats, accelerator, device, progress_bar)
-    log(f"fixed cost per step (a one-weight model): plain {fixed[0]:.0f} us, harness "
-        f"{fixed[1]:.0f} us, the harness's Trainer adds {fixed[2]:.0f} us")
-    records = []
+    log(f"harness costs (a one-weight model, plain step {costs.plain_us:.0f} us): "
+        f"{costs.per_call:.0f} us per Trainer step (shared by its K steps), "
+        f"{costs.per_step:.0f} us per optimiser step")
+    per_epoch = len(images) // batch_size
+    records, calls = [], {}
     for family in families:
         for backbone in backbones:
-            best = {"plain": 0.0, "harness": 0.0, "loader": 0.0}
+            best = {"plain": 0.0, "harness_k1": 0.0, "harness": 0.0, "loader": 0.0}
+            k = steps_per_call
             for repeat in range(repeats):
                 for feed in best:
                     L.seed_everything(repeat, verbose=False)
                     model = MODELS[family](backbone=backbone, image_shape=dm.image_shape,
                                            **FAMILY_ARGS[family])
+                    chunk = {"plain": None, "harness_k1": 1, "harness": k, "loader": None}[feed]
                     batches = TensorBatches(images, labels, batch_size, shuffle=True,
-                                            drop_last=True, seed=repeat)
+                                            drop_last=True, seed=repeat, steps_per_call=chunk)
                     if feed == "plain":
                         rate = time_plain(model, batches, steps, warmup, device)
-                    elif feed == "harness":
-                        rate = time_trainer(model, batches, steps, warmup, accelerator,
-                                            progress_bar)
-                    else:
+                    elif feed == "loader":
                         # The usual route: float images in a TensorDataset, collated per item.
                         dataset_ = TensorDataset(images.float().div(255).cpu(), labels.cpu())
                         loader = DataLoader(dataset_, batch_size=batch_size, shuffle=True,
                                             drop_last=True)
                         rate = time_trainer(model, loader, steps, warmup, accelerator,
                                             progress_bar)
+                    else:
+                        rate = time_trainer(model, batches, steps, warmup, accelerator,
+                                            progress_bar)
                     best[feed] = max(best[feed], rate)
-            record = {"family": family, "backbone": backbone,
+                    if feed == "harness_k1" and steps_per_call == "auto" and repeat == 0:
+                        # as `auto` picks it: this model's cost per Trainer step, at K = 1
+                        step_us = 1e6 * batch_size / best["plain"]
+                        call_us = max(1e6 * batch_size / rate - step_us - costs.per_step,
+                                      costs.per_call)
+                        k = choose_steps_per_call(call_us, step_us, per_epoch, warmup + steps)
+                        calls[family, backbone] = call_us
+            call_us = calls.get((family, backbone), costs.per_call)
+            record = {"family": family, "backbone": backbone, "steps_per_call": k,
                       "plain_img_per_s": best["plain"], "harness_img_per_s": best["harness"],
+                      "harness_k1_img_per_s": best["harness_k1"],
                       "loader_img_per_s": best["loader"],
                       "harness_vs_plain": best["harness"] / best["plain"],
+                      "harness_k1_vs_plain": best["harness_k1"] / best["plain"],
                       "loader_vs_harness": best["loader"] / best["harness"],
-                      "ceiling": ceiling(best["plain"], batch_size, fixed[2]),
-                      "fixed_step_us": fixed[2]}
+                      "ceiling": ceiling(best["plain"], batch_size, call_us, k, costs.per_step),
+                      "per_call_us": call_us, "per_step_us": costs.per_step}
             records.append(record)
-            log(f"{family:>4} {backbone:<5} plain {best['plain']:>9,.0f}  harness "
-                f"{best['harness']:>9,.0f}  loader {best['loader']:>9,.0f} img/s  "
-                f"harness/plain {record['harness_vs_plain']:.3f}  "
-                f"loader/harness {record['loader_vs_harness']:.3f}  "
-                f"ceiling {record['ceiling']:.3f}")
+            log(f"{family:>4} {backbone:<5} K={k:<3} plain {best['plain']:>9,.0f}  harness "
+                f"{best['harness']:>9,.0f}  (K=1 {best['harness_k1']:>9,.0f})  loader "
+                f"{best['loader']:>9,.0f} img/s  harness/plain {record['harness_vs_plain']:.3f}"
+                f"  (K=1 {record['harness_k1_vs_plain']:.3f})  ceiling {record['ceiling']:.3f}")
     table = pd.DataFrame(records)
     log(f"\ndevice {device}, batch {batch_size}, {steps} steps after {warmup} warm-up, best of "
         f"{repeats}, torch threads {torch.get_num_threads()}")

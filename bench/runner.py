@@ -21,12 +21,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
+from bench.amortise import AutoStepsPerCall
 from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, NetOptions,
-                             RandomState, TrainThroughput, drop_failing_nvml_check)
+                             PeriodicCheckpoint, RandomState, TrainThroughput,
+                             drop_failing_nvml_check)
 from bench.compare import PROVENANCE
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
@@ -34,7 +36,7 @@ from bench.plots import save_run_grids
 from bench.results import DIRECTIONS
 from bench.suite import RunSpec, Suite
 from bench.tracking import finish_run_logging, make_logger
-from datamodules import ImageDataModule
+from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
 from modules.nets import count_parameters
 
@@ -129,9 +131,18 @@ def build_model(spec: RunSpec, image_shape):
 def optimizer_steps(model, batches: int) -> int:
     """Lightning's max_steps counts optimiser steps: one per batch, except for the GAN, which
     takes a discriminator step per batch plus a generator step every n_critic batches."""
-    if model.automatic_optimization:
-        return batches
-    return batches + batches // model.n_critic
+    n_critic = getattr(model, "n_critic", None)
+    return batches if n_critic is None else batches + batches // n_critic
+
+
+def budget_batches(spec: RunSpec) -> int:
+    """Training batches the run's budget allows (an epoch budget counted without the data:
+    the datasets' smallest training split, 45,000 CIFAR-10 images, over the batch size)."""
+    if "steps" in spec.budget:
+        return spec.budget["steps"]
+    batch_size = spec.data.get("batch_size", 128)
+    images = spec.data.get("train_subset") or 45_000
+    return spec.budget["epochs"] * (images // batch_size)
 
 
 def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
@@ -142,23 +153,82 @@ def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
 
 
 NET_OPTIONS = ("channels_last", "compile")  # keys of a suite's `trainer:` that NetOptions takes
+# Training batches (optimiser steps) per Trainer step unless a suite's `trainer:` says otherwise.
+DEFAULT_STEPS_PER_CALL = "auto"
+# The Trainer's cost per Trainer step that `auto` assumes where it is not measured: under DDP,
+# where a second Trainer would join the process group, and for runs too short to repay the
+# measurement (under MEASURE_FROM_BATCHES). About what one process measures for the MLP
+# families on the 2-core CPU (bench perf), which DDP's own per-step work only adds to.
+ASSUMED_CALL_COST_US = 1000.0
+MEASURE_FROM_BATCHES = 2000
+
+
+def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
+                          warmup: int = 16) -> tuple[float, float]:
+    """(Trainer cost per Trainer step, the model's plain step), microseconds, measured on a copy
+    of the run's model and data: its plain-loop step, and its step through the harness at one
+    batch per Trainer step, whose excess over the plain step, less Lightning's cost per
+    optimiser step (bench.perf.harness_costs_us), is what K steps per call share. Measured on
+    the model itself because that cost grows with it (on a CPU the Trainer's work between steps
+    evicts the model's data from the caches): for the MLP VAE it is five times a one-weight
+    model's. A conv-sized step needs no K, and is not measured twice. The random state is left
+    as it was."""
+    from bench.amortise import TARGET_SHARE, model_step_us, time_plain
+    from bench.perf import harness_costs_us, time_trainer
+
+    probe = ImageDataModule(spec.dataset, seed=spec.seed, steps_per_call=1, **spec.data)
+    probe.setup()
+    device = L.Trainer(accelerator=accelerator, devices=1, logger=False).strategy.root_device
+    images = probe.train_images.to(device)
+    batch_size = probe.hparams.batch_size
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = build_model(spec, probe.image_shape)
+        step_us = model_step_us(model, images, batch_size)
+        costs = _HARNESS_COSTS.get(accelerator)
+        if costs is None:
+            generator = torch.Generator().manual_seed(0)
+            noise = torch.randint(0, 256, (128 * 64, 1, 28, 28), dtype=torch.uint8,
+                                  generator=generator).to(device)
+            costs = _HARNESS_COSTS[accelerator] = harness_costs_us(
+                TensorBatches(noise, torch.zeros(len(noise), dtype=torch.long, device=device),
+                              128, shuffle=True, drop_last=True),
+                steps=96, warmup=32, repeats=1, accelerator=accelerator, device=device,
+                progress_bar=False)
+        if step_us * TARGET_SHARE >= 5 * costs.per_call:  # K = 1 even at 5 x a small model's
+            return costs.per_call, step_us
+        labels = torch.zeros(len(images), dtype=torch.long, device=device)
+        n = min(len(images), batch_size * (steps + warmup))
+        plain = time_plain(build_model(spec, probe.image_shape), TensorBatches(
+            images[:n], labels[:n], batch_size, shuffle=True, drop_last=True), steps, warmup,
+            device)
+        try:
+            harness = time_trainer(build_model(spec, probe.image_shape), TensorBatches(
+                images[:n], labels[:n], batch_size, shuffle=True, drop_last=True,
+                steps_per_call=1), steps, warmup, accelerator, progress_bar=False)
+        except Diverged:  # the run itself will say so; the timing is of no use then
+            return costs.per_call, 1e6 * batch_size / plain
+    per_call = 1e6 * batch_size * (1 / harness - 1 / plain) - costs.per_step
+    return max(per_call, costs.per_call), 1e6 * batch_size / plain
+
+
+_HARNESS_COSTS: dict = {}
 
 
 # The Trainer settings of every run that matter for speed; `bench perf` times the same.
+# `enable_checkpointing=False` turns off only Lightning's default ModelCheckpoint; ours is
+# PeriodicCheckpoint (harness_callbacks).
 HARNESS_TRAINER_ARGS = {"enable_model_summary": False, "num_sanity_val_steps": 0,
-                        "log_every_n_steps": 50}
+                        "log_every_n_steps": 50, "enable_checkpointing": False}
 
 
 def harness_callbacks(throughput: TrainThroughput, guard: DivergenceGuard, ckpt_dir: Path,
                       checkpoint_every: int, progress: bool,
                       net_options: NetOptions | None = None) -> list[L.Callback]:
     """The callbacks of every run: throughput, divergence guard, a resumable checkpoint every
-    `checkpoint_every` steps (<ckpt_dir>/last.ckpt), GPU net options when any is on, and a
-    progress bar that refreshes every PROGRESS_REFRESH_STEPS steps (each refresh costs a host
-    sync)."""
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
-                                 every_n_train_steps=checkpoint_every,
-                                 enable_version_counter=False)
+    `checkpoint_every` optimiser steps (<ckpt_dir>/last.ckpt), GPU net options when any is on,
+    and a progress bar that refreshes every PROGRESS_REFRESH_STEPS Trainer steps (each refresh
+    costs a host sync)."""
+    checkpoint = PeriodicCheckpoint(ckpt_dir, checkpoint_every)
     callbacks: list[L.Callback] = [throughput, guard, checkpoint, RandomState()]
     if net_options is not None and net_options.enabled:  # each callback costs ~10 us a step
         callbacks.append(net_options)
@@ -258,8 +328,17 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
         return evaluated_row(trained, spec, metrics, commit) | {"rank": rank_zero_only.rank}
     start = time.perf_counter()
     settings = EvalSettings.from_dict(spec.eval)
+    steps_per_call = spec.trainer.get("steps_per_call", DEFAULT_STEPS_PER_CALL)
+    multi_process = strategy == "ddp" or devices not in (1, "1") or num_nodes > 1
+    auto = None
+    if steps_per_call == "auto":
+        # Otherwise the model's step is timed at the start of fit, against an assumed cost.
+        auto = AutoStepsPerCall(ASSUMED_CALL_COST_US, spec.budget.get("steps"))
+        if not multi_process and budget_batches(spec) >= MEASURE_FROM_BATCHES:
+            auto.call_us, auto.step_us = measured_call_cost_us(spec, accelerator)
     L.seed_everything(spec.seed, verbose=False)
-    dm = ImageDataModule(spec.dataset, seed=spec.seed, **spec.data)
+    dm = ImageDataModule(spec.dataset, seed=spec.seed, steps_per_call=steps_per_call,
+                         **spec.data)
     model = build_model(spec, dm.image_shape)
     throughput, guard = TrainThroughput(), DivergenceGuard()
     project = suite.wandb.get("project", "genbench")
@@ -267,7 +346,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     logger = make_logger(project, group, spec.run_id, out_dir, wandb_mode,
                          {**spec.config(), "suite": suite.name, "config_hash": spec.config_hash})
     ckpt_dir = out_dir / "checkpoints" / spec.config_hash
-    trainer_args = {k: v for k, v in spec.trainer.items() if k not in NET_OPTIONS}
+    trainer_args = {k: v for k, v in spec.trainer.items()
+                    if k not in NET_OPTIONS and k != "steps_per_call"}
     if strategy == "ddp":  # a short collective timeout turns a mismatch into an error, not a hang
         timeout = timedelta(seconds=int(os.environ.get("GENBENCH_DDP_TIMEOUT_S", "1800")))
         # Each family says whether some parameters get no gradient in a backward pass (the GAN's
@@ -278,6 +358,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     callbacks = harness_callbacks(
         throughput, guard, ckpt_dir, checkpoint_every, progress,
         NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS}))
+    if auto is not None:
+        callbacks.append(auto)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
                         num_nodes=num_nodes, logger=logger or False, callbacks=callbacks,
                         **HARNESS_TRAINER_ARGS, enable_progress_bar=progress,
@@ -312,8 +394,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
     device = trainer.strategy.root_device
     row |= metrics
     row |= whole_run_figures(trainer, throughput, peak_memory_mb(device))
-    # every batch of the run, those before a resume too (the loop's progress is checkpointed)
-    row |= {"steps": trainer.fit_loop.epoch_loop.batch_progress.total.completed,
+    # every batch of the run, those before a resume too (global_step is checkpointed)
+    row |= {"steps": model.batches_trained(), "steps_per_call": dm.steps_per_call or 1,
             "epochs": trainer.current_epoch, "params": count_parameters(model),
             "wall_s": time.perf_counter() - start,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -334,10 +416,5 @@ def prepare_run_process() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     drop_failing_nvml_check()
     for noise in (".*smaller than the logging interval.*", ".*LeafSpec.*is deprecated.*",
-                  ".*does not have many workers.*",
-                  # ModelCheckpoint fears that under manual optimisation a checkpoint pairs the
-                  # weights after a step with the batch count before it. Ours are saved after the
-                  # batch's steps with the loader state "batch done", and a resumed GAN ends
-                  # bitwise equal to an uninterrupted one (tests/bench/test_faults.py).
-                  ".*ModelCheckpoint with manual optimization and every_n_train_steps.*"):
+                  ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=noise)

@@ -7,7 +7,8 @@
       seeds: [0]
       budget: {epochs: 3}          # or {steps: N}
       data: {batch_size: 128}      # ImageDataModule arguments
-      trainer: {}                  # extra lightning.Trainer arguments (precision, ...)
+      trainer: {}                  # lightning.Trainer arguments (precision, ...), and
+                                   # steps_per_call: auto (default), K, or null (see bench.amortise)
       eval: {n_fake: 10000}        # see bench.evaluate.EvalSettings
     runs:
       - {model: vae, variant: conv, params: {backbone: conv}}
@@ -246,18 +247,25 @@ def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
 
     from bench.evaluate import EvalSettings
     from datamodules import ImageDataModule
+    from datamodules.image import check_steps_per_call
 
     allowed = {
-        "data": set(inspect.signature(ImageDataModule.__init__).parameters) - {"self", "dataset",
-                                                                                "seed"},
+        "data": set(inspect.signature(ImageDataModule.__init__).parameters)
+        - {"self", "dataset", "seed", "steps_per_call"},
         "trainer": (set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
-        | {"channels_last", "compile"},
+        | {"channels_last", "compile", "steps_per_call"},
     }
     for section, keys in allowed.items():
         unknown = set(merged.get(section) or {}) - keys
         if unknown:
             raise fail(f"unknown key(s) {sorted(map(str, unknown))}; allowed: "
                        f"{', '.join(sorted(keys))}", "runs", i, section)
+    steps_per_call = (merged.get("trainer") or {}).get("steps_per_call", "auto")
+    if steps_per_call != "auto":
+        try:
+            check_steps_per_call(steps_per_call)
+        except ValueError as err:
+            raise fail(f"{err}, or auto (the default)", "runs", i, "trainer") from err
     try:
         EvalSettings.from_dict(merged.get("eval") or {})
     except (TypeError, ValueError) as err:

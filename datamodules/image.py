@@ -44,6 +44,48 @@ def binarized_once(images: torch.Tensor, seed: int) -> torch.Tensor:
     return (draws * 255).to(torch.uint8).to(images.device)
 
 
+def check_steps_per_call(value) -> None:
+    """None, or a whole number of optimiser steps >= 1 per Trainer step."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"steps_per_call={value!r}: give a whole number >= 1 (optimiser steps "
+                         "per Trainer step), or null for one batch per Trainer step")
+
+
+class Chunk:
+    """Up to K consecutive training batches handed to one Trainer step. Iterating it gives the
+    (images, labels) batches, each made when it is reached: holding K float batches at once
+    would take K times the memory (and, on a CPU, fresh pages for every chunk). `first` is the
+    run-wide index of its first batch (epoch x batches per epoch + position), `ends_epoch`
+    whether its last batch is the epoch's last. Lightning passes such an object to the
+    training step as it is; the tensors it slices are on the training device already."""
+
+    def __init__(self, source: TensorBatches, order: torch.Tensor | None, epoch: int,
+                 start: int, stop: int) -> None:
+        self.source, self.order, self.epoch = source, order, epoch
+        self.start, self.stop = start, stop
+        per_epoch = source.batches_per_epoch()
+        self.first = epoch * per_epoch + start
+        self.ends_epoch = stop == per_epoch
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(self.start, self.stop):
+            yield self.source._batch(self.order, self.epoch, i)
+
+
+def is_chunk(batch) -> bool:
+    return isinstance(batch, Chunk)
+
+
+def batch_images(batch) -> int:
+    """Images in a loader item: a batch, or every batch of a chunk (training batches are full)."""
+    if is_chunk(batch):
+        return len(batch) * batch.source.batch_size
+    return len(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+
 class TensorBatches:
     """Batches as slices of in-memory tensors, in a fresh random order each epoch when shuffling.
 
@@ -58,15 +100,20 @@ class TensorBatches:
                  shuffle: bool, drop_last: bool, binarize: bool = False, seed: int = 0,
                  rank: int = 0, world_size: int = 1,
                  epoch_fn: Callable[[], int] | None = None,
-                 trained_fn: Callable[[], int] | None = None) -> None:
+                 trained_fn: Callable[[], int] | None = None,
+                 steps_per_call: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_steps_per_call(steps_per_call)
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.binarize, self.seed, self.rank, self.world_size = binarize, seed, rank, world_size
         # Under a Trainer the epoch comes from it, so a resumed run reshuffles as the original
         # would have; alone, each pass over the batches counts as the next epoch.
         self.epoch_fn, self.trained_fn = epoch_fn, trained_fn
+        # None: one batch per item, as any loader. K: items are chunks of up to K consecutive
+        # batches (see `Chunk`), for modules that take K optimiser steps per Trainer step.
+        self.steps_per_call = steps_per_call
         self.epoch = 0
         self.yielded = 0  # batches yielded in the current epoch
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
@@ -77,9 +124,14 @@ class TensorBatches:
             return n // self.world_size
         return len(range(self.rank, n, self.world_size))
 
-    def __len__(self) -> int:
+    def batches_per_epoch(self) -> int:
         size = self._shard_size()
         return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
+
+    def __len__(self) -> int:
+        """Items per epoch: batches, or chunks of `steps_per_call` batches."""
+        n = self.batches_per_epoch()
+        return n if self.steps_per_call is None else -(-n // self.steps_per_call)
 
     def _order(self, epoch: int) -> torch.Tensor | None:
         """This rank's positions in the split for `epoch`; None for the whole split in order."""
@@ -110,7 +162,7 @@ class TensorBatches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = (state["epoch"], state["batches"])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator:
         epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
         self.epoch = epoch + 1
         first = 0
@@ -122,22 +174,38 @@ class TensorBatches:
         if order is not None:
             order = order.to(self.images.device)
         self.yielded = first
-        for i in range(first, len(self)):
-            lo, hi = i * self.batch_size, (i + 1) * self.batch_size
-            if order is None:  # contiguous slices are views: no copy at all
-                images, labels = self.images[lo:hi], self.labels[lo:hi]
-            else:
-                # index_select, not images[index]: 3 us instead of 56 us per batch of 128
-                # 28x28 images on CPU, 4% of a small MLP's step.
-                index = order[lo:hi]
-                images = self.images.index_select(0, index)
-                labels = self.labels.index_select(0, index)
-            generator = None
-            if self.binarize:
-                generator = torch.Generator(device=images.device)
-                generator.manual_seed(batch_seed(self.seed, epoch, i))
-            self.yielded = i + 1
-            yield to_unit_float(images, self.binarize, generator), labels
+        n = self.batches_per_epoch()
+        k = self.steps_per_call
+        if k is None:
+            for i in range(first, n):
+                self.yielded = i + 1
+                yield self._batch(order, epoch, i)
+            return
+        # Chunks end at multiples of K counted from the epoch's start (and at its end), so an
+        # epoch always has len(self) of them, a resumed epoch included.
+        start = first
+        while start < n:
+            stop = min((start // k + 1) * k, n)
+            self.yielded = stop
+            yield Chunk(self, order, epoch, start, stop)
+            start = stop
+
+    def _batch(self, order: torch.Tensor | None, epoch: int,
+               i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = i * self.batch_size, (i + 1) * self.batch_size
+        if order is None:  # contiguous slices are views: no copy at all
+            images, labels = self.images[lo:hi], self.labels[lo:hi]
+        else:
+            # index_select, not images[index]: 3 us instead of 56 us per batch of 128
+            # 28x28 images on CPU, 4% of a small MLP's step.
+            index = order[lo:hi]
+            images = self.images.index_select(0, index)
+            labels = self.labels.index_select(0, index)
+        generator = None
+        if self.binarize:
+            generator = torch.Generator(device=images.device)
+            generator.manual_seed(batch_seed(self.seed, epoch, i))
+        return to_unit_float(images, self.binarize, generator), labels
 
 
 # Offsets of the fixed evaluation binarisations from the split seed (one draw per split).
@@ -156,9 +224,13 @@ class ImageDataModule(L.LightningDataModule):
                  root: str | None = None, download: bool = False, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  binarize: bool = False, train_subset: int | None = None,
-                 test_subset: int | None = None, seed: int = 0) -> None:  # pragma: no mutate block
+                 test_subset: int | None = None, seed: int = 0,
+                 steps_per_call: int | None = None) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
+        # Training batches per Trainer step (see TensorBatches); `bench run` may set it after
+        # timing the model ("auto"), before the training loader is built.
+        self.steps_per_call: int | str | None = steps_per_call
         self.spec: DatasetSpec = get_spec(dataset)
         self.source: DataSource | None = None
         self.load_seconds: float | None = None
@@ -214,18 +286,32 @@ class ImageDataModule(L.LightningDataModule):
             if split not in self._binarized:
                 self._binarized[split] = binarized_once(images, hp.split_seed + EVAL_DRAW[split])
             images = self._binarized[split]
-        trained = None
-        if train and trainer is not None:  # batches of this epoch that finished their step
-            trained = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed  # noqa
-        return TensorBatches(
+        steps_per_call = self.steps_per_call if train else None
+        if steps_per_call == "auto":
+            raise ValueError("steps_per_call='auto' is chosen by `bench run` from the model's "
+                             "step time; with a plain Trainer give a number, e.g. 8")
+        batches = TensorBatches(
             images, getattr(self, f"{split}_labels"),
             hp.batch_size if train else hp.eval_batch_size, shuffle=train, drop_last=train,
             binarize=hp.binarize and train, seed=hp.seed,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
-            trained_fn=trained,
+            steps_per_call=steps_per_call,
         )
+        n = batches.batches_per_epoch()
+        if steps_per_call is not None and steps_per_call > n:
+            raise ValueError(f"steps_per_call={steps_per_call} is more than the {n} training "
+                             f"batches in an epoch ({len(images)} images, batch_size "
+                             f"{hp.batch_size}); use at most {n}, or 'auto'")
+        if train and trainer is not None:  # batches of this epoch that finished their step
+            if steps_per_call is None:
+                loop = trainer.fit_loop
+                batches.trained_fn = lambda: loop.epoch_loop.batch_progress.current.processed
+            else:  # the loop counts chunks; the module counts batches (its optimiser steps)
+                batches.trained_fn = lambda: (trainer.lightning_module.batches_trained()
+                                              - trainer.current_epoch * n)
+        return batches
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)

@@ -76,6 +76,7 @@ class Autoencoder(LossSteps):
 
     # -- ex-post density estimation ------------------------------------------------------------
     def on_train_end(self) -> None:
+        super().on_train_end()  # the same BatchNorm statistics on every rank first
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             # A fixed order where the datamodule has one, so the fit does not depend on the epoch

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.nets import as_tuple_shape, init_dcgan_weights, make_decoder, make_encoder
-from modules.steps import BenchModule, first_tensor, logs_this_step
+from modules.steps import BenchModule, first_tensor
 
 GAN_LOSSES = ("ns", "wgan-gp")
 OPTIMIZER_DEFAULTS = {"ns": (2e-4, (0.5, 0.999)), "wgan-gp": (1e-4, (0.0, 0.9))}
@@ -53,8 +55,8 @@ def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
 
 class GAN(BenchModule):
     """DCGAN (Radford et al. 2016) trained with two Adam optimisers under Lightning's manual
-    optimisation: each batch updates the discriminator once, and every `n_critic`-th batch also
-    the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return [0, 1].
+    optimisation: each batch updates the discriminator once, and every `n_critic`-th batch of the
+    run also the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return [0, 1].
     """
 
     # Under DDP, the discriminator's backward leaves every generator parameter without a
@@ -125,29 +127,40 @@ class GAN(BenchModule):
         return wasserstein_generator_loss(scores)
 
     # -- training ------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        real = first_tensor(batch) * 2 - 1
+    def batches_for_steps(self, optimiser_steps: int) -> int:
+        """After b batches the optimisers have taken b discriminator steps and b // n_critic
+        generator steps, g = b + b // n_critic in all, so b = g - g // (n_critic + 1)."""
+        return optimiser_steps - optimiser_steps // (self.n_critic + 1)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
         opt_g, opt_d = self.optimizers()
+        d_losses = []
+        for index, x, ends_epoch in islice(self.training_batches(batch), self.batches_left()):
+            d_losses.append(self.train_on_batch(x, index, ends_epoch, opt_g, opt_d))
+        # Every batch's discriminator loss, for the divergence check; manual optimisation does
+        # not use it.
+        return torch.stack(d_losses) if d_losses else None
+
+    def train_on_batch(self, x: Tensor, index: int, ends_epoch: bool, opt_g, opt_d) -> Tensor:
+        """One discriminator step, and a generator step after every n_critic-th batch of the
+        run (`index` counts batches over the run, so the schedule runs across epochs)."""
+        real = x * 2 - 1
         z = torch.randn(len(real), self.hparams.latent_dim, device=self.device)
         fake = torch.tanh(self.generator(z))
 
-        d_terms = self.discriminator_loss(real, fake.detach())
+        terms = self.discriminator_loss(real, fake.detach())
         opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_terms["d_loss"])
+        self.manual_backward(terms["d_loss"])
         opt_d.step()
-        log = logs_this_step(self)
-        if log:
-            self.log_dict({f"train/{k}": v for k, v in d_terms.items()}, prog_bar=True)
 
-        if (batch_idx + 1) % self.n_critic == 0:
+        if (index + 1) % self.n_critic == 0:
             g_loss = self.generator_loss(fake)
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
-            if log:
-                self.log("train/g_loss", g_loss, prog_bar=True)
-        # Returned for callbacks (the divergence check); manual optimisation does not use it.
-        return d_terms["d_loss"].detach()
+            terms["g_loss"] = g_loss
+        self.log_training(terms, index, ends_epoch, bar=("d_loss", "g_loss"))
+        return terms["d_loss"].detach()
 
     def _eval_step(self, batch, stage: str) -> None:
         real = first_tensor(batch) * 2 - 1

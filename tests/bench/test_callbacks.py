@@ -64,3 +64,70 @@ def test_compile_wraps_each_net_and_keeps_the_state_dict_keys():
     assert model.encoder._compiled_call_impl is not None
     assert model.decoder._compiled_call_impl is not None
     assert list(model.state_dict()) == keys
+
+
+def _fit_with(tmp_path, callbacks, steps_per_call, model=None, **trainer_args):
+    from datamodules import ImageDataModule
+    from tests.data_files import write_mnist_dir
+    from tests.modules.conftest import quiet_trainer, tiny_model
+
+    if not (tmp_path / "mnist").exists():
+        write_mnist_dir(tmp_path / "mnist", n_train=112, n_test=10)  # 7 batches of 16
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "mnist"), batch_size=16, val_size=0,
+                         steps_per_call=steps_per_call)
+    model = model or tiny_model("ae")
+    trainer = quiet_trainer(limit_val_batches=0, callbacks=callbacks,
+                            **({"max_steps": 12, "max_epochs": -1} | trainer_args))
+    trainer.fit(model, datamodule=dm)
+    return trainer
+
+
+class NaNFrom(Autoencoder):
+    """An autoencoder whose loss turns NaN from its `bad`-th training batch on."""
+
+    def __init__(self, bad: int, **kwargs):
+        super().__init__(**kwargs)
+        self.bad, self.calls = bad, 0
+
+    def losses(self, x):
+        terms = super().losses(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.bad:
+                terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 4])
+def test_divergence_names_the_first_batch_whose_loss_was_not_finite(tmp_path, steps_per_call):
+    from bench.callbacks import Diverged
+
+    model = NaNFrom(bad=6, backbone="mlp", hidden=16, latent_dim=4)
+    with pytest.raises(Diverged) as caught:
+        _fit_with(tmp_path, [DivergenceGuard(every_n_batches=5)], steps_per_call, model)
+    assert caught.value.step == 6
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 3])
+def test_throughput_counts_the_images_trained_after_warm_up(tmp_path, steps_per_call):
+    throughput = TrainThroughput(warmup_batches=4)
+    _fit_with(tmp_path, [throughput], steps_per_call, max_steps=11)
+    # K=3: the clock starts at the chunk that begins after 4 batches are done (batch 7)
+    first_timed = 4 if steps_per_call is None else 6
+    assert throughput.images == (11 - first_timed) * 16 and throughput.batches == 11
+
+
+# K=3 over epochs of 7 batches: Trainer steps end after batches 3, 6, 7, 10, 12 (the budget)
+@pytest.mark.parametrize("steps_per_call, saved_at", [(None, [4, 8, 12]), (3, [6, 10, 12])])
+def test_the_periodic_checkpoint_follows_every_crossed_multiple(tmp_path, steps_per_call,
+                                                                saved_at, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    from bench.callbacks import PeriodicCheckpoint
+
+    saves = []
+    monkeypatch.setattr(Trainer, "save_checkpoint",
+                        lambda self, path, *a, **k: saves.append((self.global_step, path.name)))
+    _fit_with(tmp_path, [PeriodicCheckpoint(tmp_path / "ckpt", every_n_steps=4)],
+              steps_per_call)
+    assert saves == [(step, "last.ckpt") for step in saved_at]

@@ -75,6 +75,10 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
     ("name: t\nruns:\n  - {model: ae, colour: red}\n", r"line 3, key 'runs.0.colour'"),
     ("name: t\nruns:\n  - {model: sae, params: {sparsity: l1, lamda: 2}}\n",
      r"SparseAutoencoder has no argument 'lamda'; it takes: .*l1_weight"),
+    ("name: t\nruns:\n  - {model: ae, trainer: {steps_per_call: 0}}\n",
+     r"key 'runs.0.trainer': steps_per_call=0: give a whole number >= 1 .*, or auto"),
+    ("name: t\nruns:\n  - {model: ae, data: {steps_per_call: 4}}\n",
+     r"key 'runs.0.data': unknown key\(s\) \['steps_per_call'\]"),
     ("name: t\nruns: [\n", r"not valid YAML"),
     ("- just\n- a list\n", r"a suite is a mapping"),
 ])

@@ -250,3 +250,47 @@ def test_training_batches_are_shuffled_full_and_binarised_when_asked(mnist_files
     order = torch.cat([y for _, y in batches])
     assert not torch.equal(order, dm.train_labels[: len(order)].long())  # shuffled
     assert set(torch.cat([x for x, _ in batches]).unique().tolist()) == {0.0, 1.0}
+
+
+def test_chunks_hold_the_batches_of_the_epoch_in_order_with_their_run_wide_index():
+    plain = counting_batches(100, 10, shuffle=True, drop_last=True, seed=2)
+    chunked = counting_batches(100, 10, shuffle=True, drop_last=True, seed=2, steps_per_call=4)
+    for epoch in range(2):
+        batches = [labels.tolist() for _, labels in plain]
+        chunks = list(chunked)
+        assert len(chunked) == len(chunks) == 3
+        assert [len(c) for c in chunks] == [4, 4, 2]
+        assert [c.first for c in chunks] == [10 * epoch + i for i in (0, 4, 8)]
+        assert [c.ends_epoch for c in chunks] == [False, False, True]
+        assert [y.tolist() for c in chunks for _, y in c] == batches
+
+
+def test_a_resumed_epoch_goes_on_from_the_batches_already_trained():
+    chunked = counting_batches(100, 10, shuffle=True, drop_last=True, seed=2, steps_per_call=4)
+    whole = [y.tolist() for c in chunked for _, y in c]
+    chunked.epoch = 0
+    chunked.load_state_dict({"epoch": 0, "batches": 4})
+    rest = list(chunked)
+    assert [c.first for c in rest] == [4, 8]
+    assert [y.tolist() for c in rest for _, y in c] == whole[4:]
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "8"])
+def test_steps_per_call_must_be_a_whole_number(value):
+    with pytest.raises(ValueError, match=rf"steps_per_call={value!r}: give a whole number >= 1"):
+        counting_batches(100, 10, shuffle=True, drop_last=True, steps_per_call=value)
+
+
+def test_steps_per_call_beyond_an_epoch_says_how_many_batches_there_are(mnist_files):
+    directory, _ = mnist_files
+    dm = make_dm(directory, batch_size=32, val_size=0, steps_per_call=10)
+    with pytest.raises(ValueError, match=r"steps_per_call=10 is more than the 9 training batches "
+                                         r"in an epoch \(300 images, batch_size 32\); use at "
+                                         "most 9"):
+        dm.train_dataloader()
+
+
+def test_auto_steps_per_call_outside_bench_run_asks_for_a_number(mnist_files):
+    dm = make_dm(mnist_files[0], val_size=0, steps_per_call="auto")
+    with pytest.raises(ValueError, match="chosen by `bench run`.*give a number"):
+        dm.train_dataloader()
