@@ -152,7 +152,103 @@ def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None 
     if fmt == "md":
         return out.to_markdown()
     if fmt == "latex":
-        return out.to_latex()
+        return latex_table(rows, metrics)
     if fmt == "csv":
         return out.to_csv()
     raise ValueError(f"unknown format {fmt!r}; choose one of: md, latex, csv")
+
+
+# -- LaTeX -----------------------------------------------------------------------------------------
+# Column headers for a paper: a readable name with its unit; the direction mark comes from
+# DIRECTIONS.
+LATEX_HEADERS = {
+    "recon_mse": "MSE", "psnr": "PSNR (dB)", "ssim": "SSIM", "l0": "$L_0$",
+    "dead_fraction": "Dead", "hoyer": "Hoyer", "elbo": "ELBO (nats)", "iw_nll": "NLL (nats)",
+    "fid": "FID", "kid_mean": "KID", "isc_mean": "IS", "precision": "Prec.", "recall": "Rec.",
+    "density": "Dens.", "coverage": "Cov.", "train_img_per_s": "img/s",
+    "sample_img_per_s": "samples/s", "eval_s": "eval (s)", "wall_s": "wall (s)",
+    "peak_mem_mb": "memory (MiB)"}
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    """Plain text for LaTeX: the ten characters it treats specially, escaped."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _latex_number(mean: float, std: float, count: int, bold: bool) -> str:
+    cell = _cell(mean, std, count).replace(" ± ", r" \pm ").replace(",", "")
+    if not cell:
+        return "--"
+    return f"$\\mathbf{{{cell}}}$" if bold else f"${cell}$"
+
+
+def _provenance_caption(rows: pd.DataFrame) -> str:
+    """What the figures were measured with, from the rows' provenance columns."""
+    def shown(column) -> str | None:
+        if column not in rows or rows[column].dropna().empty:
+            return None
+        found = sorted(set(rows[column].dropna().tolist()), key=str)
+        return " or ".join(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+                           for v in found)
+
+    seeds = sorted(set(rows["seed"].dropna().astype(int))) if "seed" in rows else []
+    if len(seeds) > 1:
+        sentences = [f"Mean \\pm std over {len(seeds)} seeds ({', '.join(map(str, seeds))})"]
+    else:
+        sentences = [f"One run per entry (seed {', '.join(map(str, seeds)) or '?'})"]
+    if shown("n_fake"):
+        sentences.append(f"FID and the other sample metrics: {shown('n_fake')} generated vs "
+                         f"{shown('n_real')} test images, features {shown('features')}")
+    if shown("iw_k"):
+        sentences.append(f"NLL: importance-weighted bound with K = {shown('iw_k')} on "
+                         f"{shown('iw_images')} test images")
+    return latex_escape(". ".join(sentences) + ".").replace(r"\textbackslash{}pm", r"$\pm$")
+
+
+def latex_table(rows: pd.DataFrame, metrics: list[str] | None = None,
+                label: str = "tab:genbench") -> str:
+    """A table a paper can paste (needs \\usepackage{booktabs}): one block of rows per dataset,
+    readable headers with units and direction marks, `mean $\\pm$ std` over seeds, the best
+    figure of each column within a dataset in bold, and a caption with the provenance."""
+    stats = seed_table(rows, metrics)
+    if stats.empty:
+        return "% (no finished runs)"
+    datasets = list(dict.fromkeys(stats.columns.get_level_values(0)))
+    shown = [m for m in (metrics or HEADLINE)
+             if any(m in stats[d].columns.get_level_values(0) for d in datasets)]
+    arrow = {+1: r" $\uparrow$", -1: r" $\downarrow$"}
+    header = " & ".join(["Model", "Variant"] + [
+        latex_escape(LATEX_HEADERS.get(m, m)).replace(r"\$L\_0\$", "$L_0$") + arrow[DIRECTIONS[m]]
+        for m in shown])
+    lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_provenance_caption(rows)}}}",
+             f"\\label{{{label}}}", r"\begin{tabular}{ll" + "r" * len(shown) + "}",
+             r"\toprule", header + r" \\"]
+    for dataset in datasets:
+        block = stats[dataset]
+        lines += [r"\midrule",
+                  f"\\multicolumn{{{2 + len(shown)}}}{{l}}{{\\textit{{"
+                  f"{latex_escape(DATASET_TITLES.get(dataset, dataset))}}}}} \\\\"]
+        present = block.dropna(how="all").index
+        best = {}
+        for metric in shown:
+            if metric in block.columns.get_level_values(0):
+                means = block[metric]["mean"].loc[present].dropna()
+                if len(means) > 1:
+                    best[metric] = means.max() if DIRECTIONS[metric] > 0 else means.min()
+        for model, variant in present:
+            cells = [latex_escape(model.upper()), latex_escape(variant)]
+            for metric in shown:
+                if metric not in block.columns.get_level_values(0):
+                    cells.append("--")
+                    continue
+                mean, std, count = (block[metric][k].loc[(model, variant)]
+                                    for k in ("mean", "std", "count"))
+                cells.append(_latex_number(mean, std, count,
+                                           not pd.isna(mean) and mean == best.get(metric)))
+            lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)

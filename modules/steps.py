@@ -33,8 +33,9 @@ class BenchModule(L.LightningModule):
         # Lightning stores the running hook's name in `_current_fx_name` around every hook call:
         # about 14 times per optimiser step and 30 per Trainer step. nn.Module.__setattr__ first
         # checks whether the value is a Parameter, buffer or Module (metaclass isinstance
-        # calls); a hook name never is, so it is stored directly. See bench perf figures in
-        # the note of issue 12 for what this buys.
+        # calls); a hook name never is, so it is stored directly. Measured on the 2-core CPU
+        # (MLP AE, batch 128, K = 7, best of 5 interleaved): 0.893 of a plain loop with this,
+        # 0.858 without.
         if name == "_current_fx_name":
             object.__setattr__(self, name, value)
         else:

@@ -106,3 +106,19 @@ def test_k_steps_per_call_refuse_what_only_automatic_optimisation_does(mnist_dir
     with pytest.raises(ValueError, match=rf"cannot honour {name}=.*set steps_per_call to null"):
         quiet_trainer(max_steps=2, **setting).fit(tiny_model("ae"), datamodule=ImageDataModule(
             "mnist", data_dir=str(mnist_dir), batch_size=16, val_size=0, steps_per_call=2))
+
+
+@pytest.mark.parametrize("family", ["ae", "gan"])
+def test_hook_names_are_stored_as_plain_attributes(family):
+    model = tiny_model(family)
+    model._current_fx_name = "training_step"
+    assert model.__dict__["_current_fx_name"] == "training_step"
+
+
+@pytest.mark.parametrize("family", ["ae", "gan"])
+def test_modules_and_parameters_still_register(family):
+    model = tiny_model(family)
+    model.extra_net = torch.nn.Linear(2, 2)
+    model.extra_weight = torch.nn.Parameter(torch.zeros(3))
+    state = model.state_dict()
+    assert "extra_net.weight" in state and "extra_weight" in state
