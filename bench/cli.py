@@ -93,7 +93,17 @@ def cmd_table(args: argparse.Namespace) -> int:
     from bench.results import format_table
 
     try:
-        print(format_table(_read_table(args.runs), args.format))
+        rows = _read_table(args.runs)
+        print(format_table(rows, args.format))
+        if args.references:
+            from bench.references import load_references, reference_table
+
+            table = reference_table(rows, load_references(args.references))
+            print("\nThe literature beside our figures (a cited figure shows only where the "
+                  "row was measured as it was):")
+            shown = table.astype(object).where(table.notna(), "")  # blank, not nan
+            print(shown.to_markdown(index=False, floatfmt=".4g") if len(table) else
+                  "(no finished run has a reference)")
     except ValueError as err:
         raise UserError(str(err)) from err
     return 0
@@ -387,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table", help="mean ± std over seeds of a results table")
     table.add_argument("runs", help="a runs.csv written by bench run")
     table.add_argument("--format", choices=["md", "latex", "csv"], default="md")
+    table.add_argument("--references", nargs="?", const=str(Path(__file__).parent
+                                                             / "references.yaml"),
+                       help="add the literature's figures beside ours where the setting "
+                            "matches (default file: bench/references.yaml)")
     table.set_defaults(func=cmd_table)
 
     comp = commands.add_parser(

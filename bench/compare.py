@@ -51,7 +51,7 @@ REQUIRED_COLUMNS = RUN_KEYS + ["status"]
 UNFINISHED = "did not finish"
 
 
-def _same(a, b) -> bool:
+def same_value(a, b) -> bool:
     """Provenance values as written by pandas: 1000 and 1000.0 agree, as do two missing ones."""
     if pd.isna(a) and pd.isna(b):
         return True
@@ -73,7 +73,7 @@ def provenance_differences(metric: str, base: pd.DataFrame, cur: pd.DataFrame) -
             continue
         base_values = base[column].drop_duplicates().tolist() if column in base else [None]
         cur_values = cur[column].drop_duplicates().tolist() if column in cur else [None]
-        if len(base_values) != 1 or len(cur_values) != 1 or not _same(base_values[0],
+        if len(base_values) != 1 or len(cur_values) != 1 or not same_value(base_values[0],
                                                                       cur_values[0]):
             show = lambda values: "/".join(map(str, values))  # noqa: E731
             differences.append(f"{column}: {show(base_values)} -> {show(cur_values)}")

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.compare import (DEFAULT_ALPHA, _same, compare, config_differences, history,
-                           provenance_differences, regression_rule)
+from bench.compare import (DEFAULT_ALPHA, compare, config_differences, history,
+                           provenance_differences, regression_rule, same_value)
 from tests.bench.test_results import row
 
 GEN = {"features": "genbench-cnn-mnist-aaaa", "n_real": 1000, "n_fake": 1000,
@@ -193,9 +193,10 @@ def test_history_does_not_judge_across_a_change_of_provenance():
 
 
 def test_provenance_values_compare_by_value_and_missing_ones_alike():
-    assert _same(float("nan"), None) and _same(1000, 1000.0) and _same("a", "a")
-    assert not _same(float("nan"), 1) and not _same(1, None) and not _same(1000, 1001)
-    assert not _same("a", "b")
+    assert same_value(float("nan"), None) and same_value(1000, 1000.0) and same_value("a", "a")
+    assert not same_value(float("nan"), 1) and not same_value(1, None)
+    assert not same_value(1000, 1001)
+    assert not same_value("a", "b")
 
 
 def test_a_provenance_column_in_one_table_only_differs_and_absent_ones_do_not_stop_the_search():

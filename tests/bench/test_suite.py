@@ -58,6 +58,14 @@ def test_default_suite_is_conv_ae_sae_variants_vae_gan_on_fashion_mnist():
     assert {s.params.get("sparsity") for s in specs if s.model == "sae"} == {"l1", "kl", "topk"}
 
 
+def test_paper_1h_has_the_paper_suites_entries_and_evaluation_at_a_smaller_budget():
+    full, short = (load_suite(name).specs for name in ("paper", "paper-1h"))
+    entries = {(s.model, s.variant, s.dataset): (s.params, s.data, s.eval) for s in full}
+    assert {(s.model, s.variant, s.dataset): (s.params, s.data, s.eval) for s in short} == entries
+    assert {s.seed for s in short} == {0} and {s.budget["epochs"] for s in short} == {2}
+    assert all(s.budget["epochs"] > 2 for s in full)
+
+
 def test_paper_suite_is_three_datasets_by_three_seeds():
     specs = load_suite("paper").specs
     assert {s.dataset for s in specs} == {"mnist", "fashion_mnist", "cifar10"}
@@ -90,5 +98,5 @@ def test_malformed_suites_name_file_line_and_key(tmp_path, text, message):
 
 
 def test_unknown_suite_lists_the_shipped_ones():
-    with pytest.raises(SuiteError, match="choose one of: default, paper, smoke"):
+    with pytest.raises(SuiteError, match="choose one of: default, paper, paper-1h, smoke"):
         load_suite("nightly")
