@@ -30,14 +30,41 @@ def _conv_grid(image_shape: tuple[int, int, int]) -> int:
     return image_shape[1] // 4
 
 
-def mlp_encoder(image_shape: tuple[int, int, int], hidden: int, out_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(image_shape), hidden), nn.ReLU(),
-                         nn.Linear(hidden, out_dim))
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def mlp_decoder(image_shape: tuple[int, int, int], hidden: int, latent_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(),
-                         nn.Linear(hidden, math.prod(image_shape)), nn.Unflatten(1, image_shape))
+def check_mlp_shape(backbone: str, depth: int, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of: "
+                         f"{', '.join(ACTIVATIONS)}")
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"depth={depth!r}: give the number of hidden layers, >= 1")
+    if backbone == "conv" and (depth, activation) != (1, "relu"):
+        raise ValueError("depth and activation shape the mlp backbone; the conv backbone is "
+                         "the DCGAN one")
+
+
+def mlp_encoder(image_shape: tuple[int, int, int], hidden: int, out_dim: int, depth: int = 1,
+                activation: str = "relu") -> nn.Module:
+    """`depth` hidden layers of `hidden` units (784-64-32 by default; Burda et al. 2016's VAE is
+    784-200-200 tanh, depth 2), then a linear output."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(image_shape)
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+def mlp_decoder(image_shape: tuple[int, int, int], hidden: int, latent_dim: int, depth: int = 1,
+                activation: str = "relu") -> nn.Module:
+    layers: list[nn.Module] = []
+    width = latent_dim
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, math.prod(image_shape)),
+                         nn.Unflatten(1, image_shape))
 
 
 def conv_encoder(image_shape: tuple[int, int, int], width: int, out_dim: int,
@@ -67,18 +94,21 @@ def conv_decoder(image_shape: tuple[int, int, int], width: int, latent_dim: int)
 
 
 def make_encoder(backbone: str, image_shape: tuple[int, int, int], out_dim: int, hidden: int,
-                 width: int, batch_norm: bool = True) -> nn.Module:
+                 width: int, batch_norm: bool = True, depth: int = 1,
+                 activation: str = "relu") -> nn.Module:
     check_backbone(backbone, image_shape)
+    check_mlp_shape(backbone, depth, activation)
     if backbone == "mlp":
-        return mlp_encoder(image_shape, hidden, out_dim)
+        return mlp_encoder(image_shape, hidden, out_dim, depth, activation)
     return conv_encoder(image_shape, width, out_dim, batch_norm)
 
 
 def make_decoder(backbone: str, image_shape: tuple[int, int, int], latent_dim: int, hidden: int,
-                 width: int) -> nn.Module:
+                 width: int, depth: int = 1, activation: str = "relu") -> nn.Module:
     check_backbone(backbone, image_shape)
+    check_mlp_shape(backbone, depth, activation)
     if backbone == "mlp":
-        return mlp_decoder(image_shape, hidden, latent_dim)
+        return mlp_decoder(image_shape, hidden, latent_dim, depth, activation)
     return conv_decoder(image_shape, width, latent_dim)
 
 

@@ -67,6 +67,14 @@ class BenchModule(L.LightningModule):
             for buffer in self.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def on_train_epoch_end(self) -> None:
+        # Lightning steps epoch-interval schedulers itself only under automatic optimisation.
+        if not self.automatic_optimization:
+            schedulers = self.lr_schedulers()
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                if scheduler is not None:
+                    scheduler.step()
+
     def training_batches(self, batch) -> Iterator[tuple[int, Tensor, bool]]:
         """(run-wide batch index, images, whether the batch ends the epoch) for each batch of a
         Trainer step: the chunk's batches, or the one batch."""

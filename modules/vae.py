@@ -41,6 +41,20 @@ def gaussian_log_likelihood(logits: Tensor, x: Tensor, log_scale: Tensor) -> Ten
              + 0.5 * ((x - mean) / log_scale.exp()).pow(2)).flatten(-3).sum(-1)
 
 
+def burda_lr_factor(epoch: int) -> float:
+    """Burda et al. 2016 (section 5): for i = 0..7, 3^i passes at learning rate 0.001 * 10^(-i/7),
+    3,280 passes in all; the rate stays at the last stage's beyond them. As a factor of the base
+    rate for epoch `epoch` (0-based): 10^(-i/7), i the stage the epoch falls in."""
+    stage, end = 0, 1
+    while epoch >= end and stage < 7:
+        stage += 1
+        end += 3 ** stage
+    return 10 ** (-stage / 7)
+
+
+LR_SCHEDULES = {None: None, "burda": burda_lr_factor}
+
+
 class VAE(LossSteps):
     """Gaussian-posterior VAE, q(z|x) = N(mu(x), diag(sigma^2(x))), prior N(0, I), trained on the
     negative beta-ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z)), with one reparameterised
@@ -50,15 +64,21 @@ class VAE(LossSteps):
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32,
                  likelihood: str = "bernoulli", beta: float = 1.0, lr: float = 1e-3,
-                 ) -> None:  # pragma: no mutate block
+                 depth: int = 1, activation: str = "relu", lr_schedule: str | None = None,
+                 adam_eps: float = 1e-8) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose one of: "
                              f"{', '.join(LIKELIHOODS)}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of: "
+                             f"{', '.join(map(str, LR_SCHEDULES))}")
         self.image_shape = as_tuple_shape(image_shape)
-        self.encoder = make_encoder(backbone, self.image_shape, 2 * latent_dim, hidden, width)
-        self.decoder = make_decoder(backbone, self.image_shape, latent_dim, hidden, width)
+        self.encoder = make_encoder(backbone, self.image_shape, 2 * latent_dim, hidden, width,
+                                    depth=depth, activation=activation)
+        self.decoder = make_decoder(backbone, self.image_shape, latent_dim, hidden, width,
+                                    depth=depth, activation=activation)
         self.log_scale = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
 
     # -- the common surface ------------------------------------------------------------------
@@ -133,3 +153,14 @@ class VAE(LossSteps):
         recon, kl = -log_px.mean(), kl.mean()
         return {"loss": recon + self.hparams.beta * kl, "recon": recon, "kl": kl,
                 "elbo": -(recon + kl)}
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
+                                     eps=self.hparams.adam_eps)
+        schedule = LR_SCHEDULES[self.hparams.lr_schedule]
+        if schedule is None:
+            return optimizer
+        # stepped once per epoch: by Lightning, or by BenchModule.on_train_epoch_end with K steps
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+            "interval": "epoch"}}

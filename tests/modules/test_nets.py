@@ -58,3 +58,23 @@ def test_conv_decoder_is_the_dcgan_generator(shape):
                                 "BatchNorm2d", "ReLU", "ConvTranspose2d"]
     expected = z * 2 * w * side * side + 2 * 2 * w + 2 * w * w * 16 + 2 * w + (w * c * 16 + c)
     assert sum(p.numel() for p in decoder.parameters()) == expected
+
+
+def test_mlp_depth_and_activation_give_burdas_784_200_200_tanh_encoder():
+    encoder = make_encoder("mlp", (1, 28, 28), out_dim=100, hidden=200, width=0, depth=2,
+                           activation="tanh")
+    assert [type(m).__name__ for m in encoder] == ["Flatten", "Linear", "Tanh", "Linear", "Tanh",
+                                                   "Linear"]
+    linears = [m for m in encoder if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 200), (200, 200),
+                                                                   (200, 100)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"activation": "gelu"}, "unknown activation 'gelu'; choose one of: relu, tanh"),
+    ({"depth": 0}, "depth=0: give the number of hidden layers"),
+    ({"backbone": "conv", "depth": 2}, "depth and activation shape the mlp backbone")])
+def test_bad_mlp_shapes_are_named(kwargs, message):
+    args = {"backbone": "mlp"} | kwargs
+    with pytest.raises(ValueError, match=message):
+        make_encoder(args.pop("backbone"), (1, 28, 28), 8, 16, 4, **args)

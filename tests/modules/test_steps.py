@@ -15,6 +15,8 @@ VARIANTS = {
     "ae": ("ae", {}, {}),
     "sae-topk-auxk": ("sae", {"sparsity": "topk", "k": 4, "aux_k": 8}, {}),
     "vae-binarised": ("vae", {}, {"binarize": True}),
+    # Burda et al. 2016's shape and learning-rate schedule, stepped at each epoch's end
+    "vae-burda": ("vae", {"depth": 2, "activation": "tanh", "lr_schedule": "burda"}, {}),
     "gan-ns": ("gan", {}, {}),
     "gan-wgan-gp": ("gan", {"loss": "wgan-gp", "n_critic": 4}, {}),
 }

@@ -125,3 +125,23 @@ def test_the_training_loss_is_the_negative_beta_elbo(likelihood):
     assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
     assert terms["loss"].item() == pytest.approx((recon + 2.5 * kl).item(), rel=1e-5)
     assert terms["elbo"].item() == pytest.approx(-(recon + kl).item(), rel=1e-5)
+
+
+def test_burda_schedule_is_3_to_the_i_passes_at_a_tenth_to_the_i_over_7():
+    from modules.vae import burda_lr_factor
+
+    stages = [burda_lr_factor(epoch) for epoch in range(3280)]
+    assert [stages.count(10 ** (-i / 7)) for i in range(8)] == [3 ** i for i in range(8)]
+    assert stages == sorted(stages, reverse=True) and burda_lr_factor(5000) == 10 ** (-1)
+
+
+def test_burda_schedule_lowers_the_rate_after_the_first_pass():
+    from modules.vae import VAE
+
+    optimizer = VAE(lr_schedule="burda", hidden=8, latent_dim=2).configure_optimizers()
+    scheduler = optimizer["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(5):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    assert rates == pytest.approx([1e-3] + [1e-3 * 10 ** (-1 / 7)] * 3 + [1e-3 * 10 ** (-2 / 7)])
