@@ -53,6 +53,8 @@ class BenchModule(L.LightningModule):
             conflicts.append(f"accumulate_grad_batches={trainer.accumulate_grad_batches}")
         if trainer.gradient_clip_val:
             conflicts.append(f"gradient_clip_val={trainer.gradient_clip_val}")
+        if isinstance(trainer.limit_train_batches, int):  # it would count chunks, not batches
+            conflicts.append(f"limit_train_batches={trainer.limit_train_batches} (a count)")
         if conflicts:
             raise ValueError(f"steps_per_call (several optimiser steps per Trainer step) cannot "
                              f"honour {', '.join(conflicts)}: set steps_per_call to null to use "
@@ -80,8 +82,10 @@ class BenchModule(L.LightningModule):
         Trainer step: the chunk's batches, or the one batch."""
         if is_chunk(batch):
             last = len(batch) - 1
+            # the epoch ends with the chunk's last batch; or earlier, by limit_train_batches
+            ends = batch.ends_epoch or self.trainer.is_last_batch
             for j, (images, _) in enumerate(batch):
-                yield batch.first + j, images, batch.ends_epoch and j == last
+                yield batch.first + j, images, ends and j == last
         else:
             trainer = self.trainer
             yield trainer.fit_loop.epoch_loop.total_batch_idx, first_tensor(batch), \

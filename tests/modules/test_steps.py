@@ -102,7 +102,8 @@ def test_training_terms_reach_the_loggers_every_log_every_n_steps_batches(mnist_
     assert training[0][1] == ["train/elbo", "train/kl", "train/loss", "train/recon"]
 
 
-@pytest.mark.parametrize("setting", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0}])
+@pytest.mark.parametrize("setting", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0},
+                                     {"limit_train_batches": 3}])
 def test_k_steps_per_call_refuse_what_only_automatic_optimisation_does(mnist_dir, setting):
     name = next(iter(setting))
     with pytest.raises(ValueError, match=rf"cannot honour {name}=.*set steps_per_call to null"):
