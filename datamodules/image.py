@@ -183,12 +183,10 @@ class TensorBatches:
             return
         # Chunks end at multiples of K counted from the epoch's start (and at its end), so an
         # epoch always has len(self) of them, a resumed epoch included.
-        start = first
-        while start < n:
-            stop = min((start // k + 1) * k, n)
+        bounds = [first, *range((first // k + 1) * k, n, k), n] if first < n else []
+        for start, stop in zip(bounds, bounds[1:]):
             self.yielded = stop
             yield Chunk(self, order, epoch, start, stop)
-            start = stop
 
     def _batch(self, order: torch.Tensor | None, epoch: int,
                i: int) -> tuple[torch.Tensor, torch.Tensor]:
