@@ -35,9 +35,10 @@ bench: setup
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
-# Mutation testing, not part of `make test` or CI: about 25 minutes on 2 cores (config in
+# Mutation testing, not part of `make test` or CI: 25-40 minutes on 2 cores (config in
 # pyproject.toml [tool.mutmut]; equivalent mutants in mutation-equivalents.md). A rerun only
-# tests what changed; `rm -rf mutants` starts afresh.
+# tests the mutants of functions whose source changed (new tests alone retest nothing);
+# `rm -rf mutants` starts afresh.
 SCORE = import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
   t = s["total"] - s["skipped"]; k = s["killed"] + s["timeout"]; \
   survived, untested = s["survived"], s["no_tests"]; \

@@ -114,7 +114,8 @@ class TensorBatches:
         # None: one batch per item, as any loader. K: items are chunks of up to K consecutive
         # batches (see `Chunk`), for modules that take K optimiser steps per Trainer step.
         self.steps_per_call = steps_per_call
-        self.epoch = 0
+        self.epoch = 0  # the next pass's epoch, alone
+        self.epoch_in_progress = 0  # the epoch of the pass under way (or last finished)
         self.yielded = 0  # batches yielded in the current epoch
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
@@ -155,7 +156,7 @@ class TensorBatches:
     # batches were trained, and a resumed run continues from the next one. The count comes from
     # the Trainer (`trained_fn`): its fetcher reads a batch ahead, so our own count runs ahead.
     def state_dict(self) -> dict[str, int]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch_in_progress
         trained = self.trained_fn() if self.trained_fn is not None else self.yielded
         return {"epoch": epoch, "batches": trained}
 
@@ -164,7 +165,7 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator:
         epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        self.epoch = epoch + 1
+        self.epoch, self.epoch_in_progress = epoch + 1, epoch
         first = 0
         if self.resume_at is not None:
             resume_epoch, done = self.resume_at

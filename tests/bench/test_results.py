@@ -106,11 +106,11 @@ def paper_rows():
     for dataset in ("mnist", "fashion_mnist"):
         for seed in (0, 1):
             rows.append(row("vae", "mlp_200", dataset, seed, recon_mse=0.02 + 0.001 * seed,
-                            elbo=-90.0 - seed, iw_nll=88.5 + seed, fid=30.0 + seed,
-                            n_fake=10000, n_real=10000, features="genbench-cnn-x", iw_k=5000,
-                            iw_images=10000))
+                            l0=50.0, elbo=-90.0 - seed, iw_nll=88.5 + seed, fid=30.0 + seed,
+                            isc_mean=2.5, n_fake=10000, n_real=10000, features="genbench-cnn-x",
+                            iw_k=5000, iw_images=10000))
             rows.append(row("gan", "ns&50%", dataset, seed, fid=20.0 + 2 * seed, n_fake=10000,
-                            n_real=10000, features="genbench-cnn-x"))
+                            isc_mean=3.0 + seed, n_real=10000, features="genbench-cnn-x"))
     return pd.DataFrame(rows)
 
 
@@ -129,6 +129,14 @@ def test_latex_table_bolds_the_best_figure_of_each_column_within_a_dataset():
     lines = latex_table(paper_rows()).splitlines()
     gan, vae = (next(line for line in lines if line.startswith(m)) for m in ("GAN", "VAE"))
     assert r"$\mathbf{21.00 \pm 1.41}$" in gan and r"$30.50 \pm 0.71$" in vae  # FID: lower wins
+    assert r"$\mathbf{3.50 \pm 0.71}$" in gan and r"$2.50 \pm 0.00$" in vae  # IS: higher wins
+
+
+def test_latex_caption_says_when_each_entry_is_one_run():
+    from bench.results import latex_table
+
+    one_seed = paper_rows()[lambda r: r["seed"] == 1]
+    assert r"\caption{One run per entry (seed 1). FID" in latex_table(one_seed)
 
 
 @pytest.mark.parametrize("text, escaped", [("ns&50%", r"ns\&50\%"), ("mlp_200", r"mlp\_200"),

@@ -294,3 +294,14 @@ def test_auto_steps_per_call_outside_bench_run_asks_for_a_number(mnist_files):
     dm = make_dm(mnist_files[0], val_size=0, steps_per_call="auto")
     with pytest.raises(ValueError, match="chosen by `bench run`.*give a number"):
         dm.train_dataloader()
+
+
+@pytest.mark.parametrize("steps_per_call, taken, counted", [(None, 3, 3), (4, 2, 8)])
+def test_outside_a_trainer_the_loader_state_counts_the_batches_handed_out(steps_per_call, taken,
+                                                                          counted):
+    batches = counting_batches(100, 10, shuffle=True, drop_last=True,
+                               steps_per_call=steps_per_call)
+    iterator = iter(batches)
+    for _ in range(taken):
+        next(iterator)
+    assert batches.state_dict() == {"epoch": 0, "batches": counted}
