@@ -320,7 +320,7 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
         grids["samples"] = fake[:64]
         n_real = settings.n_real or len(dm.test_images)
         real = to_uint8_rgb(dm.test_images[:n_real])
-        log(f"  FID/IS/KID/PRC: {len(fake)} generated vs {len(real)} test images, "
+        log(f"  FID, IS, KID, PR, DC: {len(fake)} generated vs {len(real)} test images, "
             f"features {extractor.name}")
         metrics |= fidelity_metrics(fake, real, extractor,
                                     f"genbench-{dm.spec.name}-test{len(real)}-{extractor.name}",
