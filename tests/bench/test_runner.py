@@ -194,3 +194,23 @@ def test_a_ddp_runs_throughput_is_all_ranks_images_over_the_slowest_ranks_time()
     alone = types.SimpleNamespace(strategy=strategy, world_size=1)
     assert whole_run_figures(alone, mine, 700.0) == {"train_img_per_s": 500.0,
                                                       "peak_mem_mb": 700.0}
+
+
+@pytest.mark.integration
+def test_auto_measures_the_trainer_cost_on_the_runs_model_and_leaves_the_random_state(tmp_path):
+    import torch
+
+    from bench.runner import measured_call_cost_us
+    from bench.suite import RunSpec
+    from tests.data_files import write_mnist_dir
+
+    write_mnist_dir(tmp_path, n_train=700, n_test=10)
+    spec = RunSpec("s", "vae", "v", "mnist", 0, budget={"epochs": 100},
+                   params={"hidden": 16, "latent_dim": 4},
+                   data={"data_dir": str(tmp_path), "batch_size": 10, "val_size": 0})
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    call_us, step_us = measured_call_cost_us(spec, "cpu", steps=16, warmup=8)
+    assert torch.equal(torch.rand(4), expected)
+    assert call_us > 0 and step_us > 0
