@@ -191,9 +191,10 @@ class NetOptions(L.Callback):
 
 
 class PeriodicCheckpoint(L.Callback):
-    """`<dirpath>/last.ckpt`, rewritten at the end of the Trainer step that completes each
-    `every_n_steps`-th optimiser step (exactly at the multiple with one batch per Trainer step;
-    with K, at the end of the step that crosses it), so that a killed run resumes from there.
+    """`<dirpath>/last.ckpt`, rewritten (whole or not at all) at the end of the Trainer step that
+    completes each `every_n_steps`-th optimiser step (exactly at the multiple with one batch per
+    Trainer step; with K, at the end of the step that crosses it), so that a killed run resumes
+    from there.
 
     Hand-written: ModelCheckpoint(every_n_train_steps) saves only when global_step is an exact
     multiple, which K optimiser steps per Trainer step (and the GAN's two optimisers) jump
@@ -213,5 +214,9 @@ class PeriodicCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, every = trainer.global_step, self.every_n_steps
         if every > 0 and step // every > self.saved_at // every:
-            trainer.save_checkpoint(self.path)
+            # Written beside and renamed: a kill mid-write leaves the previous checkpoint whole.
+            partial = self.path.with_name(self.path.name + ".partial")
+            trainer.save_checkpoint(partial)  # every rank calls it; rank zero writes
+            if trainer.is_global_zero:
+                os.replace(partial, self.path)
             self.saved_at = step

@@ -126,8 +126,32 @@ def test_the_periodic_checkpoint_follows_every_crossed_multiple(tmp_path, steps_
     from bench.callbacks import PeriodicCheckpoint
 
     saves = []
-    monkeypatch.setattr(Trainer, "save_checkpoint",
-                        lambda self, path, *a, **k: saves.append((self.global_step, path.name)))
+
+    def save(self, path, *args, **kwargs):  # a checkpoint that says which step wrote it
+        saves.append(self.global_step)
+        path.write_text(str(self.global_step))
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    (tmp_path / "ckpt").mkdir()
     _fit_with(tmp_path, [PeriodicCheckpoint(tmp_path / "ckpt", every_n_steps=4)],
               steps_per_call)
-    assert saves == [(step, "last.ckpt") for step in saved_at]
+    assert saves == saved_at
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["last.ckpt"]
+    assert (tmp_path / "ckpt" / "last.ckpt").read_text() == str(saved_at[-1])
+
+
+def test_a_checkpoint_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    from bench.callbacks import PeriodicCheckpoint
+
+    def save(self, path, *args, **kwargs):
+        path.write_text(str(self.global_step))
+        if self.global_step >= 8:
+            raise MemoryError("killed")  # the run dies while it writes the second one
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(MemoryError, match="killed"):
+        _fit_with(tmp_path, [PeriodicCheckpoint(tmp_path / "ckpt", every_n_steps=4)], None)
+    assert (tmp_path / "ckpt" / "last.ckpt").read_text() == "4"
