@@ -10,6 +10,7 @@ import dataclasses
 import io
 import math
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,9 +246,9 @@ def density_coverage(real_features: np.ndarray, fake_features: np.ndarray,
 
 
 def prc_features(**kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """The features torch-fidelity computes precision/recall on, real (input2, from its cache)
-    and generated (input1), for the same `calculate_metrics` arguments: density and coverage
-    are measured on the very features FID and precision/recall use."""
+    """The features torch-fidelity computed precision/recall on, real (input2) and generated
+    (input1), read back from its cache for the same `calculate_metrics` arguments: density and
+    coverage are measured on the very features FID and precision/recall use."""
     from torch_fidelity.utils import (create_feature_extractor,
                                       extract_featuresdict_from_input_id_cached,
                                       resolve_feature_extractor, resolve_feature_layer_for_metric)
@@ -276,8 +277,16 @@ def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str
                   save_cpu_ram=True)
     if extractor.weights_path:
         kwargs["feature_extractor_weights_path"] = extractor.weights_path
-    raw = torch_fidelity.calculate_metrics(**kwargs)
-    real_features, fake_features = prc_features(**kwargs)
+    # The generated images' features are cached too, for this call only, so that density and
+    # coverage read them instead of running the extractor over the samples a second time.
+    fake_cache = f"genbench-fake-{uuid.uuid4().hex}"
+    kwargs["input1_cache_name"] = fake_cache
+    try:
+        raw = torch_fidelity.calculate_metrics(**kwargs)
+        real_features, fake_features = prc_features(**kwargs)
+    finally:
+        for path in (cache_root() / "fidelity").glob(f"{fake_cache}-*"):
+            path.unlink()
     density, coverage = density_coverage(real_features, fake_features, settings.dc_neighborhood)
     return {"fid": raw["frechet_inception_distance"],
             "isc_mean": raw["inception_score_mean"], "isc_std": raw["inception_score_std"],

@@ -378,3 +378,24 @@ def test_density_and_coverage_are_measured_on_the_fid_features(tmp_path, monkeyp
     expected = density_coverage_by_hand(*features, 3)
     assert (ours["density"], ours["coverage"]) == pytest.approx(expected, abs=1e-6)
     assert ours["dc_neighborhood"] == 3 and 0 < ours["coverage"] < 1
+
+
+def test_each_image_set_goes_through_the_extractor_once_and_leaves_no_generated_cache(
+        tmp_path, monkeypatch):
+    import torch_fidelity.utils
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    passes = []
+    extract = torch_fidelity.utils.get_featuresdict_from_dataset
+
+    def counted(images, *args, **kwargs):
+        passes.append(len(images))
+        return extract(images, *args, **kwargs)
+
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", counted)
+    real = to_uint8_rgb(prototype_images(120, seed=1))
+    fake = to_uint8_rgb(prototype_images(100, seed=2))
+    fidelity_metrics(fake, real, registered_random_extractor(), "real-once",
+                     EvalSettings(kid_subset_size=50), cuda=False)
+    assert sorted(passes) == [100, 120]  # density/coverage reuse the generated set's features
+    assert {p.name.split("-")[0] for p in (tmp_path / "fidelity").iterdir()} == {"real"}
