@@ -11,7 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from datamodules.image import batch_images, is_chunk
+from datamodules.image import is_chunk
+from modules.steps import first_tensor
 
 PROGRESS_REFRESH_STEPS = 20
 
@@ -62,17 +63,13 @@ class DivergenceGuard(L.Callback):
     def _check(self) -> None:
         if not self.pending:
             return
-        firsts, losses = zip(*self.pending)
+        indices = [first + j for first, values in self.pending for j in range(len(values))]
+        losses = torch.cat([values for _, values in self.pending])
         self.pending = []
-        finite = torch.isfinite(torch.cat(losses)).tolist()  # the host sync
-        if all(finite):
-            return
-        offset = 0
-        for first, values in zip(firsts, losses):
-            for j in range(len(values)):
-                if not finite[offset + j]:
-                    raise Diverged(first + j + 1, {"loss": float(values[j])})
-            offset += len(values)
+        finite = torch.isfinite(losses).tolist()  # the host sync
+        if not all(finite):
+            bad = finite.index(False)
+            raise Diverged(indices[bad] + 1, {"loss": float(losses[bad])})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         losses = trained_in_call(outputs)
@@ -112,11 +109,12 @@ class TrainThroughput(L.Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        batches, images = 1, batch_images(batch)
         if is_chunk(batch):  # a chunk cut short by the step budget trains only its first ones
             losses = trained_in_call(outputs)
             batches = len(batch) if losses is None else len(losses)
-            images = batches * batch.source.batch_size
+            images = batches * batch.source.batch_size  # training batches are full
+        else:
+            batches, images = 1, len(first_tensor(batch))
         self.batches += batches
         if self.start is not None:
             self.images += images

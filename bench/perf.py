@@ -76,6 +76,13 @@ class HarnessCosts:
     per_call: float
     per_step: float
 
+    def model_call_us(self, plain_img_per_s: float, k1_img_per_s: float,
+                      batch_size: int) -> float:
+        """A model's cost per Trainer step: its step through the harness at K = 1 less its
+        plain step, less the cost per optimiser step; at least the one-weight model's."""
+        excess = 1e6 * batch_size * (1 / k1_img_per_s - 1 / plain_img_per_s) - self.per_step
+        return max(excess, self.per_call)
+
 
 def harness_costs_us(batches, steps: int, warmup: int, repeats: int, accelerator: str,
                      device: torch.device, progress_bar: bool) -> HarnessCosts:
@@ -153,10 +160,9 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
                     best[feed] = max(best[feed], rate)
                     if feed == "harness_k1" and steps_per_call == "auto" and repeat == 0:
                         # as `auto` picks it: this model's cost per Trainer step, at K = 1
-                        step_us = 1e6 * batch_size / best["plain"]
-                        call_us = max(1e6 * batch_size / rate - step_us - costs.per_step,
-                                      costs.per_call)
-                        k = choose_steps_per_call(call_us, step_us, per_epoch, warmup + steps)
+                        call_us = costs.model_call_us(best["plain"], rate, batch_size)
+                        k = choose_steps_per_call(call_us, 1e6 * batch_size / best["plain"],
+                                                  per_epoch, warmup + steps)
                         calls[family, backbone] = call_us
             call_us = calls.get((family, backbone), costs.per_call)
             record = {"family": family, "backbone": backbone, "steps_per_call": k,

@@ -176,7 +176,7 @@ def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
     from bench.amortise import TARGET_SHARE, model_step_us, time_plain
     from bench.perf import harness_costs_us, time_trainer
 
-    probe = ImageDataModule(spec.dataset, seed=spec.seed, steps_per_call=1, **spec.data)
+    probe = ImageDataModule(spec.dataset, seed=spec.seed, **spec.data)
     probe.setup()
     device = L.Trainer(accelerator=accelerator, devices=1, logger=False).strategy.root_device
     images = probe.train_images.to(device)
@@ -207,8 +207,7 @@ def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
                 steps_per_call=1), steps, warmup, accelerator, progress_bar=False)
         except Diverged:  # the run itself will say so; the timing is of no use then
             return costs.per_call, 1e6 * batch_size / plain
-    per_call = 1e6 * batch_size * (1 / harness - 1 / plain) - costs.per_step
-    return max(per_call, costs.per_call), 1e6 * batch_size / plain
+    return costs.model_call_us(plain, harness, batch_size), 1e6 * batch_size / plain
 
 
 _HARNESS_COSTS: dict = {}

@@ -79,13 +79,6 @@ def is_chunk(batch) -> bool:
     return isinstance(batch, Chunk)
 
 
-def batch_images(batch) -> int:
-    """Images in a loader item: a batch, or every batch of a chunk (training batches are full)."""
-    if is_chunk(batch):
-        return len(batch) * batch.source.batch_size
-    return len(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
-
 class TensorBatches:
     """Batches as slices of in-memory tensors, in a fresh random order each epoch when shuffling.
 
