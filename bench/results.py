@@ -168,7 +168,6 @@ LATEX_HEADERS = {
     "density": "Dens.", "coverage": "Cov.", "train_img_per_s": "img/s",
     "sample_img_per_s": "samples/s", "eval_s": "eval (s)", "wall_s": "wall (s)",
     "peak_mem_mb": "memory (MiB)"}
-DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                   "^": r"\textasciicircum{}"}
@@ -209,6 +208,13 @@ def _provenance_caption(rows: pd.DataFrame) -> str:
     return latex_escape(". ".join(sentences) + ".").replace(r"\textbackslash{}pm", r"$\pm$")
 
 
+def _dataset_title(name: str) -> str:
+    """The dataset's own title (Fashion-MNIST), or its name if it is not one we know."""
+    from datamodules.specs import DATASETS
+
+    return DATASETS[name].title if name in DATASETS else name
+
+
 def latex_table(rows: pd.DataFrame, metrics: list[str] | None = None,
                 label: str = "tab:genbench") -> str:
     """A table a paper can paste (needs \\usepackage{booktabs}): one block of rows per dataset,
@@ -231,7 +237,7 @@ def latex_table(rows: pd.DataFrame, metrics: list[str] | None = None,
         block = stats[dataset]
         lines += [r"\midrule",
                   f"\\multicolumn{{{2 + len(shown)}}}{{l}}{{\\textit{{"
-                  f"{latex_escape(DATASET_TITLES.get(dataset, dataset))}}}}} \\\\"]
+                  f"{latex_escape(_dataset_title(dataset))}}}}} \\\\"]
         present = block.dropna(how="all").index
         best = {}
         for metric in shown:
