@@ -72,7 +72,6 @@ class HarnessCosts:
     t_K = plain + per_step + per_call / K."""
 
     plain_us: float
-    k1_us: float
     per_call: float
     per_step: float
 
@@ -99,10 +98,10 @@ def harness_costs_us(batches, steps: int, warmup: int, repeats: int, accelerator
                                                 accelerator, progress_bar))
     plain, t1 = 1e6 * batch / best["plain"], 1e6 * batch / best[1]
     if not best[PROBE_K] > 0:  # too few steps for a chunk after warm-up: all per call
-        return HarnessCosts(plain, t1, max(t1 - plain, 0.0), 0.0)
+        return HarnessCosts(plain, max(t1 - plain, 0.0), 0.0)
     tk = 1e6 * batch / best[PROBE_K]
     per_call = max(t1 - tk, 0.0) * PROBE_K / (PROBE_K - 1)
-    return HarnessCosts(plain, t1, per_call, max(tk - plain - per_call / PROBE_K, 0.0))
+    return HarnessCosts(plain, per_call, max(tk - plain - per_call / PROBE_K, 0.0))
 
 
 def ceiling(plain_img_per_s: float, batch_size: int, per_call_us: float,
