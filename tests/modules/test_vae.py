@@ -145,3 +145,10 @@ def test_burda_schedule_lowers_the_rate_after_the_first_pass():
         rates.append(scheduler.get_last_lr()[0])
         scheduler.step()
     assert rates == pytest.approx([1e-3] + [1e-3 * 10 ** (-1 / 7)] * 3 + [1e-3 * 10 ** (-2 / 7)])
+
+
+def test_an_unknown_lr_schedule_lists_the_choices():
+    from modules.vae import VAE
+
+    with pytest.raises(ValueError, match="unknown lr_schedule 'cosine'; choose one of: None, burda"):
+        VAE(lr_schedule="cosine")
