@@ -1,8 +1,10 @@
 """Callbacks the harness adds to every Trainer: throughput, divergence, and GPU net options;
-and one process setting that keeps Lightning from slowing every optimiser step on CPU hosts."""
+and two settings that keep Lightning from slowing every optimiser step: a process setting on CPU
+hosts, and a profiler that costs nothing when no profiling is asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.profilers import PassThroughProfiler
 
 from datamodules.image import is_chunk
 from modules.steps import first_tensor
@@ -35,6 +38,20 @@ def drop_failing_nvml_check() -> bool:
         del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
         return True
     return False
+
+
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default profiler (which records nothing), with a `profile` context that
+    costs nothing. Lightning opens `profile(...)` around every hook of every callback and of the
+    module, about 15 times per optimiser step, and the default's is a generator-based context
+    manager: measured on the 2-core CPU (one-weight model, 50 steps per Trainer step, best of 3),
+    411 us per step with it, 393 us with this. Runs use it unless their suite names a profiler
+    (`trainer: {profiler: simple}`), which then records as usual."""
+
+    _nothing = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
+        return self._nothing
 
 
 class Diverged(RuntimeError):

@@ -30,9 +30,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench.amortise import OneWeight, choose_steps_per_call, time_plain
+from bench.amortise import (ASSUMED_CALL_COST_US, OneWeight, choose_steps_per_call, time_plain,
+                            worth_timing_the_model)
 from bench.callbacks import DivergenceGuard, TrainThroughput
-from bench.runner import (CHECKPOINT_EVERY_STEPS, HARNESS_TRAINER_ARGS, harness_callbacks,
+from bench.runner import (CHECKPOINT_EVERY_STEPS, harness_callbacks, harness_trainer_args,
                           optimizer_steps, prepare_run_process)
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
@@ -55,7 +56,7 @@ def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str
         trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False,
                             callbacks=callbacks, enable_progress_bar=progress_bar,
                             max_steps=optimizer_steps(model, warmup + steps), max_epochs=-1,
-                            limit_val_batches=0, **HARNESS_TRAINER_ARGS)
+                            limit_val_batches=0, **harness_trainer_args())
         trainer.fit(model, train_dataloaders=train_batches)
     return throughput.images_per_second
 
@@ -158,10 +159,13 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
                                             progress_bar)
                     best[feed] = max(best[feed], rate)
                     if feed == "harness_k1" and steps_per_call == "auto" and repeat == 0:
-                        # as `auto` picks it: this model's cost per Trainer step, at K = 1
-                        call_us = costs.model_call_us(best["plain"], rate, batch_size)
-                        k = choose_steps_per_call(call_us, 1e6 * batch_size / best["plain"],
-                                                  per_epoch, warmup + steps)
+                        # as `auto` picks it (bench.runner.measured_call_cost_us): this model's
+                        # cost per Trainer step, at K = 1, where it is worth timing
+                        step_us = 1e6 * batch_size / best["plain"]
+                        call_us = (costs.model_call_us(best["plain"], rate, batch_size)
+                                   if worth_timing_the_model(step_us)
+                                   else ASSUMED_CALL_COST_US)
+                        k = choose_steps_per_call(call_us, step_us, per_epoch, warmup + steps)
                         calls[family, backbone] = call_us
             call_us = calls.get((family, backbone), costs.per_call)
             record = {"family": family, "backbone": backbone, "steps_per_call": k,

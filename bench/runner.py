@@ -25,9 +25,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
-from bench.amortise import AutoStepsPerCall
+from bench.amortise import ASSUMED_CALL_COST_US, AutoStepsPerCall
 from bench.callbacks import (PROGRESS_REFRESH_STEPS, Diverged, DivergenceGuard, NetOptions,
-                             PeriodicCheckpoint, RandomState, TrainThroughput,
+                             NoProfiler, PeriodicCheckpoint, RandomState, TrainThroughput,
                              drop_failing_nvml_check)
 from bench.compare import PROVENANCE
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
@@ -155,11 +155,8 @@ def trainer_budget(spec: RunSpec, model) -> dict[str, int]:
 NET_OPTIONS = ("channels_last", "compile")  # keys of a suite's `trainer:` that NetOptions takes
 # Training batches (optimiser steps) per Trainer step unless a suite's `trainer:` says otherwise.
 DEFAULT_STEPS_PER_CALL = "auto"
-# The Trainer's cost per Trainer step that `auto` assumes where it is not measured: under DDP,
-# where a second Trainer would join the process group, and for runs too short to repay the
-# measurement (under MEASURE_FROM_BATCHES). About what one process measures for the MLP
-# families on the 2-core CPU (bench perf), which DDP's own per-step work only adds to.
-ASSUMED_CALL_COST_US = 1000.0
+# Runs shorter than this assume the Trainer's cost (bench.amortise.ASSUMED_CALL_COST_US) rather
+# than measure it.
 MEASURE_FROM_BATCHES = 2000
 
 
@@ -171,9 +168,10 @@ def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
     optimiser step (bench.perf.harness_costs_us), is what K steps per call share. Measured on
     the model itself because that cost grows with it (on a CPU the Trainer's work between steps
     evicts the model's data from the caches): for the MLP VAE it is five times a one-weight
-    model's. A conv-sized step needs no K, and is not measured twice. The random state is left
-    as it was."""
-    from bench.amortise import TARGET_SHARE, model_step_us, time_plain
+    model's. A step of 25 ms or more (a conv net on a CPU) is not timed through a Trainer: the
+    assumed cost stands for it (bench.amortise.worth_timing_the_model). The random state is
+    left as it was."""
+    from bench.amortise import model_step_us, time_plain, worth_timing_the_model
     from bench.perf import harness_costs_us, time_trainer
 
     probe = ImageDataModule(spec.dataset, seed=spec.seed, **spec.data)
@@ -184,6 +182,8 @@ def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = build_model(spec, probe.image_shape)
         step_us = model_step_us(model, images, batch_size)
+        if not worth_timing_the_model(step_us):
+            return ASSUMED_CALL_COST_US, step_us
         costs = _HARNESS_COSTS.get(accelerator)
         if costs is None:
             generator = torch.Generator().manual_seed(0)
@@ -194,8 +194,6 @@ def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
                               128, shuffle=True, drop_last=True),
                 steps=96, warmup=32, repeats=1, accelerator=accelerator, device=device,
                 progress_bar=False)
-        if step_us * TARGET_SHARE >= 5 * costs.per_call:  # K = 1 even at 5 x a small model's
-            return costs.per_call, step_us
         labels = torch.zeros(len(images), dtype=torch.long, device=device)
         n = min(len(images), batch_size * (steps + warmup))
         plain = time_plain(build_model(spec, probe.image_shape), TensorBatches(
@@ -213,11 +211,12 @@ def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
 _HARNESS_COSTS: dict = {}
 
 
-# The Trainer settings of every run that matter for speed; `bench perf` times the same.
-# `enable_checkpointing=False` turns off only Lightning's default ModelCheckpoint; ours is
-# PeriodicCheckpoint (harness_callbacks).
-HARNESS_TRAINER_ARGS = {"enable_model_summary": False, "num_sanity_val_steps": 0,
-                        "log_every_n_steps": 50, "enable_checkpointing": False}
+def harness_trainer_args(**suite_args) -> dict:
+    """The Trainer settings of every run that matter for speed (`bench perf` times the same),
+    under a suite's own `trainer:` settings, which win. `enable_checkpointing=False` turns off
+    only Lightning's default ModelCheckpoint; ours is PeriodicCheckpoint (harness_callbacks)."""
+    return {"enable_model_summary": False, "num_sanity_val_steps": 0, "log_every_n_steps": 50,
+            "enable_checkpointing": False, "profiler": NoProfiler(), **suite_args}
 
 
 def harness_callbacks(throughput: TrainThroughput, guard: DivergenceGuard, ckpt_dir: Path,
@@ -361,8 +360,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
         callbacks.append(auto)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
                         num_nodes=num_nodes, logger=logger or False, callbacks=callbacks,
-                        **HARNESS_TRAINER_ARGS, enable_progress_bar=progress,
-                        **trainer_budget(spec, model), **trainer_args)
+                        enable_progress_bar=progress, **trainer_budget(spec, model),
+                        **harness_trainer_args(**trainer_args))
     row: dict = {"suite": suite.name, "model": spec.model, "variant": spec.variant,
                  "dataset": spec.dataset, "seed": spec.seed, "config_hash": spec.config_hash,
                  "status": "ok", "diverged_step": None,

@@ -239,6 +239,15 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# Trainer arguments a run takes from elsewhere, and where to set them.
+TRAINER_KEYS_SET_ELSEWHERE = {
+    "accelerator": "bench run --accelerator", "devices": "bench run --devices",
+    "strategy": "bench run --strategy", "num_nodes": "bench run --num-nodes",
+    "max_epochs": "the run's budget: {epochs: N}", "max_steps": "the run's budget: {steps: N}",
+    "logger": "the suite's wandb: section and bench run --wandb",
+    "callbacks": "bench.runner.harness_callbacks", "enable_progress_bar": "bench run --no-progress"}
+
+
 def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
     """Unknown keys in data / trainer / eval fail now, with the allowed ones listed."""
     import inspect
@@ -252,9 +261,15 @@ def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
     allowed = {
         "data": set(inspect.signature(ImageDataModule.__init__).parameters)
         - {"self", "dataset", "seed", "steps_per_call"},
-        "trainer": (set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
-        | {"channels_last", "compile", "steps_per_call"},
+        "trainer": (set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+                    - set(TRAINER_KEYS_SET_ELSEWHERE)) | {"channels_last", "compile",
+                                                          "steps_per_call"},
     }
+    elsewhere = [k for k in merged.get("trainer") or {} if k in TRAINER_KEYS_SET_ELSEWHERE]
+    if elsewhere:
+        raise fail("; ".join(f"{k} is not a suite setting: set it with "
+                             f"{TRAINER_KEYS_SET_ELSEWHERE[k]}" for k in elsewhere),
+                   "runs", i, "trainer")
     for section, keys in allowed.items():
         unknown = set(merged.get(section) or {}) - keys
         if unknown:

@@ -1,10 +1,12 @@
 """How `auto` picks the optimiser steps per Trainer step (bench/amortise.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from bench.amortise import (MIN_CALLS, TARGET_SHARE, AutoStepsPerCall, choose_steps_per_call,
-                            model_step_us)
+                            model_step_us, worth_timing_the_model)
 from tests.modules.conftest import prototype_images, tiny_model
 
 
@@ -23,6 +25,11 @@ def test_auto_keeps_several_trainer_steps_per_epoch_and_budget():
     assert choose_steps_per_call(300, 10, batches_per_epoch=429, budget_batches=40) == 5
     assert choose_steps_per_call(300, 10, batches_per_epoch=5) == 1
     assert choose_steps_per_call(300, float("nan"), batches_per_epoch=429) == 1
+
+
+def test_a_model_is_timed_only_where_the_assumed_cost_would_give_k_above_four():
+    assert worth_timing_the_model(2_000.0)  # an MLP step on a CPU: K 50 at 1 ms a Trainer step
+    assert not worth_timing_the_model(30_000.0)  # a conv step on a CPU: K 4
 
 
 @pytest.mark.parametrize("family", ["ae", "gan"])
@@ -48,3 +55,36 @@ def test_a_resumed_run_keeps_the_k_it_started_with():
     chosen.load_state_dict({"steps_per_call": 7})
     chosen.on_fit_start(Trainer(), pl_module=None)  # no timing: pl_module is never touched
     assert Trainer.datamodule.steps_per_call == 7 and chosen.state_dict() == {"steps_per_call": 7}
+
+
+class FakeData:
+    """What AutoStepsPerCall reads of a datamodule."""
+
+    def __init__(self, n_images: int, batch_size: int) -> None:
+        self.steps_per_call = "auto"
+        self.hparams = SimpleNamespace(batch_size=batch_size)
+        self.train_images = torch.zeros(n_images, 1, 2, 2, dtype=torch.uint8)
+
+
+def fake_trainer(data, world_size: int = 1, broadcast=lambda value: value):
+    return SimpleNamespace(datamodule=data, world_size=world_size,
+                           strategy=SimpleNamespace(broadcast=broadcast))
+
+
+@pytest.mark.parametrize("n_images, world_size, per_rank_epoch", [(8000, 1, 800), (480, 2, 24)])
+def test_a_fresh_run_takes_the_k_of_its_costs_and_of_each_ranks_epoch(n_images, world_size,
+                                                                       per_rank_epoch):
+    data = FakeData(n_images, batch_size=10)
+    auto = AutoStepsPerCall(call_us=300.0)
+    auto.step_us = 1000.0  # given: nothing is timed
+    auto.on_fit_start(fake_trainer(data, world_size), pl_module=None)
+    expected = choose_steps_per_call(300.0, 1000.0, per_rank_epoch)
+    assert data.steps_per_call == expected == auto.state_dict()["steps_per_call"]
+
+
+def test_every_rank_takes_rank_zeros_k():
+    data = FakeData(8000, batch_size=10)
+    auto = AutoStepsPerCall(call_us=300.0)
+    auto.step_us = 1000.0
+    auto.on_fit_start(fake_trainer(data, broadcast=lambda value: 5), pl_module=None)
+    assert data.steps_per_call == 5

@@ -117,6 +117,36 @@ def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path):
     assert rows["recon_mse"].iloc[0] == pytest.approx(rows["recon_mse"].iloc[1])  # same seed
 
 
+@pytest.mark.integration
+def test_a_suites_trainer_settings_replace_the_harness_defaults(tmp_path, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from bench.callbacks import NoProfiler, PeriodicCheckpoint
+
+    made = []
+
+    class Recorded(L.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    runs = [{"model": "ae", "variant": "plain", "params": {"hidden": 8, "latent_dim": 2}},
+            {"model": "ae", "variant": "set", "params": {"hidden": 8, "latent_dim": 2},
+             "trainer": {"log_every_n_steps": 3, "profiler": "simple"}}]
+    # K = 1: no Trainers that time the model for `auto`
+    suite = load_suite(str(write_mnist_suite(tmp_path, runs, budget={"epochs": 1},
+                                             trainer={"steps_per_call": 1})))
+    monkeypatch.setattr(L, "Trainer", Recorded)
+    run_quietly(suite, tmp_path / "out")
+    made = [t for t in made if any(isinstance(c, PeriodicCheckpoint) for c in t.callbacks)]
+    assert [t.log_every_n_steps for t in made] == [50, 3]  # the runs' Trainers, in order
+    assert isinstance(made[0].profiler, NoProfiler)
+    assert isinstance(made[1].profiler, SimpleProfiler)
+    assert (read_rows(tmp_path / "out" / "runs.csv")["status"] == "ok").all()
+
+
 @pytest.mark.parametrize("family, params", [("vae", {}), ("gan", {}),
                                             ("gan", {"loss": "wgan-gp"})])
 def test_a_steps_budget_counts_training_batches_for_every_family(family, params):

@@ -85,6 +85,9 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
      r"SparseAutoencoder has no argument 'lamda'; it takes: .*l1_weight"),
     ("name: t\nruns:\n  - {model: ae, trainer: {steps_per_call: 0}}\n",
      r"key 'runs.0.trainer': steps_per_call=0: give a whole number >= 1 .*, or auto"),
+    ("name: t\nruns:\n  - {model: ae, trainer: {max_steps: 5, devices: 2}}\n",
+     r"key 'runs.0.trainer': max_steps is not a suite setting: set it with the run's budget: "
+     r"\{steps: N\}; devices is not a suite setting: set it with bench run --devices"),
     ("name: t\nruns:\n  - {model: ae, data: {steps_per_call: 4}}\n",
      r"key 'runs.0.data': unknown key\(s\) \['steps_per_call'\]"),
     ("name: t\nruns: [\n", r"not valid YAML"),
