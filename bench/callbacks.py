@@ -164,20 +164,57 @@ class TrainThroughput(L.Callback):
         return self.images / self.seconds
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream in a DDP run of seed `seed` (rank >= 1; rank zero
+    goes on with the stream a single process has)."""
+    return (seed * 1_000_003 + rank) % 2**63
+
+
 class RandomState(L.Callback):
     """torch's random state in every checkpoint, restored on resume, so that a resumed run draws
     the noise an uninterrupted one would (GAN latents, VAE samples, input masks, the gradient
-    penalty's mixing). Lightning checkpoints no random state of its own. Under DDP every rank
-    was seeded alike and draws alike, so rank zero's state serves them all."""
+    penalty's mixing). Lightning checkpoints no random state of its own.
+
+    Under DDP every rank was seeded alike (so that they build the same model), and would then
+    draw the same noise: the same GAN latents on every rank, i.e. one rank's worth of distinct
+    fakes per step however many ranks. So at the start of training each rank above zero reseeds
+    from the run's seed and its rank, and the checkpoint keeps every rank's state (CPU, and its
+    own GPU's), each rank taking back its own."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.trainer: L.Trainer | None = None
+        self.restored = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank > 0 and not self.restored:  # a resumed rank has its state back
+            torch.manual_seed(rank_seed(self.seed, trainer.global_rank))
 
     def state_dict(self) -> dict:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        return {"torch": torch.get_rng_state(), "cuda": cuda}
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        states = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(device)
+        if trainer is None or trainer.world_size == 1:
+            return {name: [state] for name, state in states.items()}
+        # Every rank comes here when a checkpoint is saved (Trainer.save_checkpoint). Each row is
+        # copied out of the gathered tensor: torch.set_rng_state crashes on a view.
+        return {name: [row.clone() for row in trainer.strategy.all_gather(state.to(device)).cpu()]
+                for name, state in states.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        if state_dict["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        self.restored = True
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if isinstance(state_dict["torch"], torch.Tensor):  # saved before per-rank states
+            state_dict = {"torch": [state_dict["torch"]]}
+        torch.set_rng_state(state_dict["torch"][min(rank, len(state_dict["torch"]) - 1)])
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if state_dict.get("cuda") and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state_dict["cuda"][rank], device)
 
 
 class NetOptions(L.Callback):

@@ -221,13 +221,13 @@ def harness_trainer_args(**suite_args) -> dict:
 
 def harness_callbacks(throughput: TrainThroughput, guard: DivergenceGuard, ckpt_dir: Path,
                       checkpoint_every: int, progress: bool,
-                      net_options: NetOptions | None = None) -> list[L.Callback]:
+                      net_options: NetOptions | None = None, seed: int = 0) -> list[L.Callback]:
     """The callbacks of every run: throughput, divergence guard, a resumable checkpoint every
-    `checkpoint_every` optimiser steps (<ckpt_dir>/last.ckpt), GPU net options when any is on,
-    and a progress bar that refreshes every PROGRESS_REFRESH_STEPS Trainer steps (each refresh
-    costs a host sync)."""
+    `checkpoint_every` optimiser steps (<ckpt_dir>/last.ckpt) with the random state of the run
+    of `seed`, GPU net options when any is on, and a progress bar that refreshes every
+    PROGRESS_REFRESH_STEPS Trainer steps (each refresh costs a host sync)."""
     checkpoint = PeriodicCheckpoint(ckpt_dir, checkpoint_every)
-    callbacks: list[L.Callback] = [throughput, guard, checkpoint, RandomState()]
+    callbacks: list[L.Callback] = [throughput, guard, checkpoint, RandomState(seed)]
     if net_options is not None and net_options.enabled:  # each callback costs ~10 us a step
         callbacks.append(net_options)
     if progress:
@@ -355,7 +355,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, accelerator: str = "auto
             model, "ddp_find_unused_parameters", False))
     callbacks = harness_callbacks(
         throughput, guard, ckpt_dir, checkpoint_every, progress,
-        NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS}))
+        NetOptions(**{k: v for k, v in spec.trainer.items() if k in NET_OPTIONS}), spec.seed)
     if auto is not None:
         callbacks.append(auto)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,

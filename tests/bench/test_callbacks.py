@@ -155,3 +155,61 @@ def test_a_checkpoint_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypa
     with pytest.raises(MemoryError, match="killed"):
         _fit_with(tmp_path, [PeriodicCheckpoint(tmp_path / "ckpt", every_n_steps=4)], None)
     assert (tmp_path / "ckpt" / "last.ckpt").read_text() == "4"
+
+
+def rank_of(world_size: int, rank: int, others: list[torch.Tensor] | None = None):
+    """A Trainer as RandomState sees it: rank `rank` of `world_size`, whose all_gather puts this
+    rank's tensor among `others` (the other ranks' tensors, in rank order)."""
+    from types import SimpleNamespace
+
+    def all_gather(tensor):
+        tensors = list(others or [])
+        tensors.insert(rank, tensor)
+        return torch.stack(tensors)
+
+    strategy = SimpleNamespace(root_device=torch.device("cpu"), all_gather=all_gather)
+    return SimpleNamespace(world_size=world_size, global_rank=rank, strategy=strategy)
+
+
+def draws_after_fit_start(seed: int, trainer) -> torch.Tensor:
+    from bench.callbacks import RandomState
+
+    torch.manual_seed(seed)  # as the run seeds every rank alike
+    state = RandomState(seed)
+    state.setup(trainer, None, "fit")
+    state.on_fit_start(trainer, None)
+    return torch.rand(4)
+
+
+def test_under_ddp_each_rank_draws_its_own_noise_and_rank_zero_a_single_processs():
+    single = draws_after_fit_start(3, rank_of(1, 0))
+    ranks = [draws_after_fit_start(3, rank_of(3, r)) for r in range(3)]
+    assert torch.equal(ranks[0], single)
+    assert not torch.equal(ranks[1], ranks[0]) and not torch.equal(ranks[2], ranks[1])
+    assert not torch.equal(draws_after_fit_start(4, rank_of(3, 1)), ranks[1])  # and per seed
+
+
+def test_rank_seeds_differ_across_seeds_and_ranks():
+    from bench.callbacks import rank_seed
+
+    seeds = {rank_seed(seed, rank) for seed in range(50) for rank in range(1, 65)}
+    assert len(seeds) == 50 * 64
+
+
+def test_every_ranks_random_state_comes_back_to_it_on_resume():
+    from bench.callbacks import RandomState
+
+    torch.manual_seed(11)
+    rank0_state = torch.get_rng_state()
+    torch.manual_seed(12)
+    rank1_state = torch.get_rng_state()
+    saving = RandomState()
+    saving.setup(rank_of(2, 1, others=[rank0_state]), None, "fit")
+    saved = saving.state_dict()  # on rank 1, whose state is rank1_state
+    for rank, state in ((0, rank0_state), (1, rank1_state)):
+        torch.manual_seed(99)
+        loading = RandomState()
+        loading.setup(rank_of(2, rank), None, "fit")
+        loading.load_state_dict(saved)
+        loading.on_fit_start(rank_of(2, rank), None)  # a resumed rank is not reseeded
+        assert torch.equal(torch.get_rng_state(), state)
