@@ -55,7 +55,7 @@ class NoProfiler(PassThroughProfiler):
 
 
 class Diverged(RuntimeError):
-    def __init__(self, step: int, values: dict[str, float]) -> None:
+    def __init__(self, step: int, values: dict[str, float | str]) -> None:
         super().__init__(f"non-finite training loss at step {step}: {values}")
         self.step = step
 
@@ -71,22 +71,32 @@ class DivergenceGuard(L.Callback):
     """Stops a run whose training loss turns NaN or infinite, naming the training step (the
     run-wide count of batches, 1-based, as budgets count steps) of the first non-finite loss,
     whatever the steps per Trainer step. The losses are kept on the device and looked at every
-    `every_n_batches` batches and at each epoch's end: one host sync per look, not per step."""
+    `every_n_batches` batches and at each epoch's end: one host sync per look, not per step.
+    Under DDP the ranks look at the same batches and decide together (the first non-finite
+    batch of any rank): a rank that stopped alone would leave the others waiting in their next
+    gradient all-reduce until the collective timeout."""
+
+    NONE = torch.iinfo(torch.long).max  # no non-finite batch
 
     def __init__(self, every_n_batches: int = 50) -> None:
         self.every_n_batches = every_n_batches
         self.pending: list[tuple[int, torch.Tensor]] = []  # (first batch index, its losses)
 
-    def _check(self) -> None:
+    def _check(self, trainer) -> None:
         if not self.pending:
             return
-        indices = [first + j for first, values in self.pending for j in range(len(values))]
         losses = torch.cat([values for _, values in self.pending])
+        indices = torch.cat([torch.arange(first, first + len(values), device=losses.device)
+                             for first, values in self.pending])
         self.pending = []
-        finite = torch.isfinite(losses).tolist()  # the host sync
-        if not all(finite):
-            bad = finite.index(False)
-            raise Diverged(indices[bad] + 1, {"loss": float(losses[bad])})
+        first_bad = torch.where(torch.isfinite(losses), self.NONE, indices).min()
+        if trainer.world_size > 1:
+            first_bad = trainer.strategy.reduce(first_bad, reduce_op="min")
+        first_bad = int(first_bad)  # the host sync
+        if first_bad != self.NONE:
+            here = losses[indices == first_bad]
+            value = float(here[0]) if len(here) else "on another rank"
+            raise Diverged(first_bad + 1, {"loss": value})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         losses = trained_in_call(outputs)
@@ -96,10 +106,10 @@ class DivergenceGuard(L.Callback):
         self.pending.append((first, losses))
         every = self.every_n_batches
         if (first + len(losses)) // every > first // every:
-            self._check()
+            self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._check()
+        self._check(trainer)
 
 
 class TrainThroughput(L.Callback):

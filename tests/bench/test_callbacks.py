@@ -108,6 +108,28 @@ def test_divergence_names_the_first_batch_whose_loss_was_not_finite(tmp_path, st
     assert caught.value.step == 6
 
 
+@pytest.mark.parametrize("own_losses, other_rank_first_bad, step", [
+    ([1.0] * 5, 3, 4),  # finite here, not on the other rank: this rank stops too
+    ([1.0, 1.0, float("inf"), 1.0, 1.0], 3, 3),  # the earlier of the two
+])
+def test_under_ddp_the_ranks_stop_together_at_the_first_non_finite_batch_of_any(
+        own_losses, other_rank_first_bad, step):
+    from types import SimpleNamespace
+
+    from bench.callbacks import Diverged
+
+    def reduce(tensor, reduce_op):
+        assert reduce_op == "min"
+        return torch.minimum(tensor, torch.tensor(other_rank_first_bad))
+
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    module = SimpleNamespace(first_batch_index=lambda batch: 0)
+    with pytest.raises(Diverged) as caught:
+        DivergenceGuard(every_n_batches=5).on_train_batch_end(
+            trainer, module, torch.tensor(own_losses), batch=None, batch_idx=0)
+    assert caught.value.step == step
+
+
 @pytest.mark.parametrize("steps_per_call", [None, 3])
 def test_throughput_counts_the_images_trained_after_warm_up(tmp_path, steps_per_call):
     throughput = TrainThroughput(warmup_batches=4)
