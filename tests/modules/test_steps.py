@@ -13,6 +13,7 @@ from tests.modules.conftest import quiet_trainer, tiny_model
 # the VAE's noise on dynamically binarised images, the GAN's generator every n_critic batches.
 VARIANTS = {
     "ae": ("ae", {}, {}),
+    "ae-conv": ("ae", {"backbone": "conv"}, {}),  # BatchNorm's running statistics too
     "sae-topk-auxk": ("sae", {"sparsity": "topk", "k": 4, "aux_k": 8}, {}),
     "vae-binarised": ("vae", {}, {"binarize": True}),
     # Burda et al. 2016's shape and learning-rate schedule, stepped at each epoch's end
