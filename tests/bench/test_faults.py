@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -115,6 +116,49 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, mo
     for metric in ("recon_mse", "psnr", "ssim", "l0", "hoyer", "elbo", "iw_nll"):
         if metric in whole and not pd.isna(whole[metric]):
             assert resumed[metric] == whole[metric], metric
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_run_resumes_each_ranks_noise_to_the_uninterrupted_result(tmp_path):
+    """Two processes (gloo), a GAN whose ranks draw their own latents: the kill lands after the
+    first checkpoint, and the resumed run must give each rank back its own random state, ending
+    bitwise where the uninterrupted run ends."""
+    suite_path = write_mnist_suite(
+        tmp_path, [{"model": "gan", "variant": "v",
+                    "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
+        budget={"epochs": 20})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache"),
+           "GENBENCH_DDP_TIMEOUT_S": "60"}
+
+    def bench_run(out: Path) -> subprocess.Popen:
+        # a session of its own: the kill must reach rank 1, a child of rank 0
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out",
+             str(out), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+             "--wandb", "disabled", "--no-progress", "--checkpoint-every", "7"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    assert bench_run(tmp_path / "whole").wait(timeout=300) == 0
+    killed = tmp_path / "killed"
+    process = bench_run(killed)
+    deadline = time.monotonic() + 200
+    try:  # the run's folder is named by its config hash, which counts the devices
+        while (not list(killed.glob("checkpoints/*/last.ckpt")) and process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert list(killed.glob("checkpoints/*/last.ckpt")) and not (killed / "runs.csv").exists()
+    assert bench_run(killed).wait(timeout=300) == 0
+
+    whole, resumed = (read_rows(out / "runs.csv").iloc[0] for out in (tmp_path / "whole", killed))
+    assert resumed["resumed_step"] > 0 and resumed["steps"] == whole["steps"]
+    weights = [torch.load(*out.glob("checkpoints/*/final.ckpt"), weights_only=False)["state_dict"]
+               for out in (tmp_path / "whole", killed)]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
 
 
 def loads_or_fails_cleanly(path, text: str) -> None:
