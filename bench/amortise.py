@@ -1,7 +1,7 @@
 """How many optimiser steps each Trainer step takes (`steps_per_call`), and how `auto` picks it.
 
-A Trainer step costs time of its own (hooks, progress tracking, the loop's bookkeeping, and on a
-CPU the caches it clears): 0.2-1 ms on a 2-core CPU, more than a small MLP's whole step on a GPU.
+A Trainer step costs time of its own (hooks, progress tracking, the loop's bookkeeping): 0.2-1 ms
+on a 2-core CPU, more with a larger model, and more than a small MLP's whole step on a GPU.
 K steps per Trainer step pay it once per K steps. `auto` takes that cost per Trainer step and the
 model's plain step, both measured on a copy of the run's model before it trains
 (bench.runner.measured_call_cost_us), and picks the smallest K for which the cost is at most
@@ -23,7 +23,7 @@ from modules.steps import LossSteps
 
 # The fixed cost's most share of a Trainer step's time. 1%, not the 3% issue 12 first asked
 # for: the harness also costs time per optimiser step that K cannot share (Lightning's wrapped
-# backward and step, about 3% of an MLP step on a CPU), and the measured cost per Trainer step
+# backward and step, 4-5% of an MLP step on a CPU), and the measured cost per Trainer step
 # moves by a factor of two between runs on a busy machine (330-1,220 us for the same MLP rows);
 # at 3% the MLP rows' harness/plain sat at 0.83-0.92, below the 0.95 target.
 TARGET_SHARE = 0.01

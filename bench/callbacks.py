@@ -218,13 +218,14 @@ class RandomState(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.restored = True
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        if isinstance(state_dict["torch"], torch.Tensor):  # saved before per-rank states
-            state_dict = {"torch": [state_dict["torch"]]}
-        torch.set_rng_state(state_dict["torch"][min(rank, len(state_dict["torch"]) - 1)])
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
-        if state_dict.get("cuda") and device is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state_dict["cuda"][rank], device)
+        if isinstance(state_dict["torch"], torch.Tensor):  # one CPU state, from older checkpoints
+            torch.set_rng_state(state_dict["torch"])
+            return
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        torch.set_rng_state(state_dict["torch"][rank])
+        if "cuda" in state_dict and trainer is not None:
+            torch.cuda.set_rng_state(state_dict["cuda"][rank], trainer.strategy.root_device)
 
 
 class NetOptions(L.Callback):

@@ -166,9 +166,9 @@ def measured_call_cost_us(spec: RunSpec, accelerator: str, steps: int = 48,
     of the run's model and data: its plain-loop step, and its step through the harness at one
     batch per Trainer step, whose excess over the plain step, less Lightning's cost per
     optimiser step (bench.perf.harness_costs_us), is what K steps per call share. Measured on
-    the model itself because that cost grows with it (on a CPU the Trainer's work between steps
-    evicts the model's data from the caches): for the MLP VAE it is five times a one-weight
-    model's. A step of 25 ms or more (a conv net on a CPU) is not timed through a Trainer: the
+    the model itself because that cost grows with it on a CPU (0.2 ms for a one-weight model,
+    0.45-0.6 ms for the MLP AE, about five times for the MLP VAE; its first step in a chunk is
+    no slower than the rest, so it is the Trainer's own work that slows). A step of 25 ms or more (a conv net on a CPU) is not timed through a Trainer: the
     assumed cost stands for it (bench.amortise.worth_timing_the_model). The random state is
     left as it was."""
     from bench.amortise import model_step_us, time_plain, worth_timing_the_model

@@ -239,13 +239,16 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-# Trainer arguments a run takes from elsewhere, and where to set them.
+# Trainer arguments a run takes from elsewhere, and where they come from.
 TRAINER_KEYS_SET_ELSEWHERE = {
-    "accelerator": "bench run --accelerator", "devices": "bench run --devices",
-    "strategy": "bench run --strategy", "num_nodes": "bench run --num-nodes",
-    "max_epochs": "the run's budget: {epochs: N}", "max_steps": "the run's budget: {steps: N}",
-    "logger": "the suite's wandb: section and bench run --wandb",
-    "callbacks": "bench.runner.harness_callbacks", "enable_progress_bar": "bench run --no-progress"}
+    "accelerator": "set it with bench run --accelerator",
+    "devices": "set it with bench run --devices", "strategy": "set it with bench run --strategy",
+    "num_nodes": "set it with bench run --num-nodes",
+    "max_epochs": "set it with the run's budget: {epochs: N}",
+    "max_steps": "set it with the run's budget: {steps: N}",
+    "logger": "set it with the suite's wandb: section and bench run --wandb",
+    "callbacks": "every run has the harness's own (bench.runner.harness_callbacks)",
+    "enable_progress_bar": "set it with bench run --no-progress"}
 
 
 def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
@@ -267,8 +270,8 @@ def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
     }
     elsewhere = [k for k in merged.get("trainer") or {} if k in TRAINER_KEYS_SET_ELSEWHERE]
     if elsewhere:
-        raise fail("; ".join(f"{k} is not a suite setting: set it with "
-                             f"{TRAINER_KEYS_SET_ELSEWHERE[k]}" for k in elsewhere),
+        raise fail("; ".join(f"{k} is not a suite setting: {TRAINER_KEYS_SET_ELSEWHERE[k]}"
+                             for k in elsewhere),
                    "runs", i, "trainer")
     for section, keys in allowed.items():
         unknown = set(merged.get(section) or {}) - keys

@@ -56,7 +56,8 @@ def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
 class GAN(BenchModule):
     """DCGAN (Radford et al. 2016) trained with two Adam optimisers under Lightning's manual
     optimisation: each batch updates the discriminator once, and every `n_critic`-th batch of the
-    run also the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return [0, 1].
+    run also the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return
+    [0, 1].
     """
 
     # Under DDP, the discriminator's backward leaves every generator parameter without a

@@ -235,3 +235,15 @@ def test_every_ranks_random_state_comes_back_to_it_on_resume():
         loading.load_state_dict(saved)
         loading.on_fit_start(rank_of(2, rank), None)  # a resumed rank is not reseeded
         assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_checkpoint_with_one_cpu_state_from_before_per_rank_states_still_resumes():
+    from bench.callbacks import RandomState
+
+    torch.manual_seed(21)
+    saved = torch.get_rng_state()
+    torch.manual_seed(99)
+    state = RandomState()
+    state.setup(rank_of(1, 0), None, "fit")
+    state.load_state_dict({"torch": saved, "cuda": []})
+    assert torch.equal(torch.get_rng_state(), saved)
