@@ -199,38 +199,21 @@ def _history_cell(r) -> str:
     return text
 
 
-def _steps_per_call(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a whole number >= 1")
-    return value
-
-
 def cmd_perf(args: argparse.Namespace) -> int:
     from bench.perf import run_perf
 
     table = run_perf(args.families, args.backbones, dataset=args.dataset,
                      batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                      repeats=args.repeats, accelerator=args.accelerator,
-                     progress_bar=not args.no_progress, steps_per_call=args.steps_per_call)
+                     progress_bar=not args.no_progress)
     print()
     print(table.to_markdown(index=False, floatfmt=",.3f"))
     if args.out:
         table.to_csv(args.out, index=False)
     below = table[table["harness_vs_plain"] < args.target]
     if len(below):
-        print(f"\nbelow the {args.target} target: "
+        print(f"\nharness/plain below the {args.target} target: "
               + ", ".join(f"{r.family}/{r.backbone}" for r in below.itertuples()))
-        capped = below[below["ceiling"] < args.target]
-        if len(capped):
-            print("the harness Trainer's fixed cost per step alone keeps these below it (ceiling "
-                  f"< {args.target}): "
-                  + ", ".join(f"{r.family}/{r.backbone}" for r in capped.itertuples()))
     return 0
 
 
@@ -437,12 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--out", help="folder for metric-over-commits PNGs")
     hist.set_defaults(func=cmd_history)
 
-    perf = commands.add_parser("perf", help="training throughput: harness vs a plain PyTorch "
-                               "loop vs a DataLoader feed", description="Train each family and "
-                               "backbone for N steps three ways and print images per second and "
-                               "the ratios (a benchmark, not a test). A one-weight model timed "
-                               "first gives the fixed cost the Trainer adds to every step; the "
-                               "ceiling column is the best harness/plain that cost leaves.")
+    perf = commands.add_parser("perf", help="training throughput: the harness's loop vs a plain "
+                               "PyTorch loop, lightning.Trainer and a DataLoader feed",
+                               description="Train each family and backbone for N steps four "
+                               "ways (plain, harness, trainer, loader; bench/perf.py says what "
+                               "each is) and print images per second and the ratios to plain "
+                               "(a benchmark, not a test).")
     perf.add_argument("--families", nargs="+", default=["ae", "sae", "vae", "gan"],
                       choices=["ae", "sae", "vae", "gan"])
     perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
@@ -453,9 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--repeats", type=int, default=3)
     perf.add_argument("--accelerator", default="auto")
     perf.add_argument("--no-progress", action="store_true", help="time without progress bars")
-    perf.add_argument("--steps-per-call", type=_steps_per_call, default="auto",
-                      help="optimiser steps per Trainer step for the harness column: auto "
-                           "(default, as bench run picks it) or a number")
     perf.add_argument("--target", type=float, default=0.95)
     perf.add_argument("--out", help="also write the table to this CSV")
     perf.set_defaults(func=cmd_perf)

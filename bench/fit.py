@@ -5,12 +5,16 @@
 
 Every LightningCLI option works (`bench fit --help`, `--print_config`, `--config FILE`); the two
 short forms above are ours: a model's short name (ae, sae, vae, gan) and a dataset name after
-`--data`. The model's `image_shape` follows the dataset.
+`--data`. The model's `image_shape` follows the dataset, and the seed is 0 unless
+`--seed_everything N` says otherwise. Logs (metrics.csv), the resolved config and checkpoints go
+to lightning_logs/version_N/ under the current folder (or `--trainer.default_root_dir`).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 
 def image_shape_of(dataset: str) -> tuple[int, int, int]:
@@ -34,15 +38,34 @@ def expand_short_forms(argv: list[str]) -> list[str]:
     return out
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising tips ("Tip: try installing ..."), which say nothing about
+    the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Lightning's lines that say nothing about the run: its tips, the notice that tensorboardX
+    is no longer a dependency (the logs are CSV, in lightning_logs/), and a torch deprecation
+    inside Lightning."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=".*tensorboardX.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+
+
 def run_fit(argv: list[str]) -> int:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
     import modules  # noqa: F401  (registers the four families as LightningModule subclasses)
-    from bench.callbacks import drop_failing_nvml_check
+    from bench.runner import drop_failing_nvml_check
     from datamodules import ImageDataModule
 
     drop_failing_nvml_check()
+    quiet_lightning()
 
     class BenchCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -59,11 +82,19 @@ def run_fit(argv: list[str]) -> int:
     except ValueError as err:
         print(f"bench fit: error: {err}", file=sys.stderr)
         return 2
-    cli = BenchCLI(L.LightningModule, ImageDataModule, subclass_mode_model=True,
-                   args=["fit", *args], save_config_kwargs={"overwrite": True})
+    # Our expanded arguments stand for the command line: LightningCLI warns when it sees both.
+    command_line, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        cli = BenchCLI(L.LightningModule, ImageDataModule, subclass_mode_model=True,
+                       args=["fit", *args], save_config_kwargs={"overwrite": True},
+                       seed_everything_default=0)
+    finally:
+        sys.argv = command_line
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if "/" in k}
     if metrics and cli.trainer.is_global_zero:
         print(f"\nfinal losses of {type(cli.model).__name__} on {cli.datamodule.spec.title}:")
         for key in sorted(metrics):
             print(f"  {key:<20} {metrics[key]:.5g}")
+    if cli.trainer.is_global_zero and cli.trainer.log_dir:
+        print(f"logs, config and checkpoints in {cli.trainer.log_dir}")
     return 0

@@ -42,9 +42,7 @@ def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str,
     if os.environ.get("GENBENCH_THREADS"):
         torch.set_num_threads(int(os.environ["GENBENCH_THREADS"]))
     opts = RunOptions(**options)
-    row = run_one(spec, suite, Path(out_dir), opts.accelerator, opts.devices, opts.wandb_mode,
-                  opts.progress, commit, opts.checkpoint_every, opts.strategy, opts.num_nodes,
-                  fresh=opts.force, trained=trained, log=print)
+    row = run_one(spec, suite, Path(out_dir), opts, commit, trained=trained, log=print)
     if row.pop("rank") == 0:
         append_row(Path(out_dir) / "runs.csv", row, unique=not opts.force)
     return row
@@ -195,8 +193,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         rows = []
         for i, spec in enumerate(pending, 1):
             say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
-            row = run_one(spec, suite, out_dir, accelerator, devices, mode, progress, commit,
-                          checkpoint_every, strategy, num_nodes, fresh=force,
+            row = run_one(spec, suite, out_dir, options, commit,
                           trained=trained.get(spec.config_hash), log=say)
             if row.pop("rank") == 0:
                 append_row(csv_path, row, unique=not force)

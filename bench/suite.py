@@ -7,8 +7,8 @@
       seeds: [0]
       budget: {epochs: 3}          # or {steps: N}
       data: {batch_size: 128}      # ImageDataModule arguments
-      trainer: {}                  # lightning.Trainer arguments (precision, ...), and
-                                   # steps_per_call: auto (default), K, or null (see bench.amortise)
+      trainer: {}                  # the loop's settings (precision, gradient_clip_val, ...:
+                                   # bench.loop.TRAINER_SETTINGS)
       eval: {n_fake: 10000}        # see bench.evaluate.EvalSettings
     runs:
       - {model: vae, variant: conv, params: {backbone: conv}}
@@ -247,43 +247,34 @@ TRAINER_KEYS_SET_ELSEWHERE = {
     "max_epochs": "set it with the run's budget: {epochs: N}",
     "max_steps": "set it with the run's budget: {steps: N}",
     "logger": "set it with the suite's wandb: section and bench run --wandb",
-    "callbacks": "every run has the harness's own (bench.runner.harness_callbacks)",
-    "enable_progress_bar": "set it with bench run --no-progress"}
+    "callbacks": "bench run trains in its own loop (bench/loop.py), which takes no callbacks",
+    "enable_progress_bar": "set it with bench run --no-progress",
+    "enable_checkpointing": "set the checkpoint cadence with bench run --checkpoint-every"}
 
 
 def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
     """Unknown keys in data / trainer / eval fail now, with the allowed ones listed."""
     import inspect
 
-    import lightning as L
-
     from bench.evaluate import EvalSettings
+    from bench.loop import LoopSettings
     from datamodules import ImageDataModule
-    from datamodules.image import check_steps_per_call
 
-    allowed = {
-        "data": set(inspect.signature(ImageDataModule.__init__).parameters)
-        - {"self", "dataset", "seed", "steps_per_call"},
-        "trainer": (set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-                    - set(TRAINER_KEYS_SET_ELSEWHERE)) | {"channels_last", "compile",
-                                                          "steps_per_call"},
-    }
-    elsewhere = [k for k in merged.get("trainer") or {} if k in TRAINER_KEYS_SET_ELSEWHERE]
+    allowed = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self", "dataset",
+                                                                              "seed"}
+    unknown = set(merged.get("data") or {}) - allowed
+    if unknown:
+        raise fail(f"unknown key(s) {sorted(map(str, unknown))}; allowed: "
+                   f"{', '.join(sorted(allowed))}", "runs", i, "data")
+    trainer = merged.get("trainer") or {}
+    elsewhere = [k for k in trainer if k in TRAINER_KEYS_SET_ELSEWHERE]
     if elsewhere:
         raise fail("; ".join(f"{k} is not a suite setting: {TRAINER_KEYS_SET_ELSEWHERE[k]}"
-                             for k in elsewhere),
-                   "runs", i, "trainer")
-    for section, keys in allowed.items():
-        unknown = set(merged.get(section) or {}) - keys
-        if unknown:
-            raise fail(f"unknown key(s) {sorted(map(str, unknown))}; allowed: "
-                       f"{', '.join(sorted(keys))}", "runs", i, section)
-    steps_per_call = (merged.get("trainer") or {}).get("steps_per_call", "auto")
-    if steps_per_call != "auto":
-        try:
-            check_steps_per_call(steps_per_call)
-        except ValueError as err:
-            raise fail(f"{err}, or auto (the default)", "runs", i, "trainer") from err
+                             for k in elsewhere), "runs", i, "trainer")
+    try:
+        LoopSettings.from_suite(trainer)
+    except (TypeError, ValueError) as err:
+        raise fail(str(err), "runs", i, "trainer") from err
     try:
         EvalSettings.from_dict(merged.get("eval") or {})
     except (TypeError, ValueError) as err:
@@ -311,7 +302,14 @@ def _check_models(specs: list[RunSpec], fail) -> None:
                 raise fail(f"{cls.__name__} has no argument {name!r}; it takes: "
                            f"{', '.join(sorted(accepted))}", "runs")
         try:
-            cls(**{**spec.params, "image_shape": get_spec(spec.dataset).image_shape})
+            model = cls(**{**spec.params, "image_shape": get_spec(spec.dataset).image_shape})
         except (TypeError, ValueError, RuntimeError, AttributeError) as err:
             args = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())
             raise fail(f"{cls.__name__}({args}) on {spec.dataset}: {err}", "runs") from err
+        optimiser_settings = [k for k, unset in (("gradient_clip_val", (None, 0)),
+                                                 ("accumulate_grad_batches", (None, 1)))
+                              if spec.trainer.get(k) not in unset]
+        if optimiser_settings and not model.automatic_optimization:
+            raise fail(f"{', '.join(optimiser_settings)}: {cls.__name__} steps its own "
+                       "optimisers (manual optimisation), so the loop cannot clip or accumulate "
+                       "its gradients; remove the setting from this run", "runs")

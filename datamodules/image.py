@@ -30,10 +30,15 @@ def to_unit_float(images: torch.Tensor, binarize: bool = False,
     return torch.bernoulli(x, generator=generator) if binarize else x
 
 
-def batch_seed(seed: int, epoch: int, batch: int) -> int:
-    """A seed for one batch of one epoch: draws that depend on where a batch sits in the run, not
-    on the global random state, so a resumed run redraws exactly what it would have drawn."""
-    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) % 2**63
+def stream_seed(seed: int, *indices: int) -> int:
+    """A seed for one random stream of a run: a function of the run's seed and the stream's
+    indices (epoch and batch for a batch's binarisation, an image's index for its evaluation
+    noise, a rank for a DDP rank), not of the global random state, so a resumed, re-sharded or
+    re-batched run redraws exactly what an uninterrupted one would."""
+    mixed = seed
+    for index in indices:
+        mixed = (mixed * 1_000_003 + index) % 2**63
+    return mixed
 
 
 def binarized_once(images: torch.Tensor, seed: int) -> torch.Tensor:
@@ -44,73 +49,29 @@ def binarized_once(images: torch.Tensor, seed: int) -> torch.Tensor:
     return (draws * 255).to(torch.uint8).to(images.device)
 
 
-def check_steps_per_call(value) -> None:
-    """None, or a whole number of optimiser steps >= 1 per Trainer step."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"steps_per_call={value!r}: give a whole number >= 1 (optimiser steps "
-                         "per Trainer step), or null for one batch per Trainer step")
-
-
-class Chunk:
-    """Up to K consecutive training batches handed to one Trainer step. Iterating it gives the
-    (images, labels) batches, each made when it is reached: holding K float batches at once
-    would take K times the memory (and, on a CPU, fresh pages for every chunk). `first` is the
-    run-wide index of its first batch (epoch x batches per epoch + position), `ends_epoch`
-    whether its last batch is the epoch's last. Lightning passes such an object to the
-    training step as it is; the tensors it slices are on the training device already."""
-
-    def __init__(self, source: TensorBatches, order: torch.Tensor | None, epoch: int,
-                 start: int, stop: int) -> None:
-        self.source, self.order, self.epoch = source, order, epoch
-        self.start, self.stop = start, stop
-        per_epoch = source.batches_per_epoch()
-        self.first = epoch * per_epoch + start
-        self.ends_epoch = stop == per_epoch
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(self.start, self.stop):
-            yield self.source._batch(self.order, self.epoch, i)
-
-
-def is_chunk(batch) -> bool:
-    return isinstance(batch, Chunk)
-
-
 class TensorBatches:
     """Batches as slices of in-memory tensors, in a fresh random order each epoch when shuffling.
 
     Hand-written because a DataLoader over a TensorDataset indexes and collates item by item in
-    Python, which costs more than a small model's step. Lightning only shards DataLoaders, so this
-    shards by rank itself: rank r takes positions r, r + W, r + 2W, ... of the epoch's order.
-    Training (`drop_last`) gives every rank the same number of full batches, as DDP needs;
-    evaluation covers every image exactly once across ranks.
+    Python, which costs more than a small model's step. It shards by rank itself: rank r takes
+    positions r, r + W, r + 2W, ... of the epoch's order. Training (`drop_last`) gives every
+    rank the same number of full batches, as DDP needs; evaluation covers every image exactly
+    once across ranks. `epoch_batches(epoch, start)` is what the harness's loop reads (it
+    resumes mid-epoch); iterating the object gives the next epoch's batches, or the Trainer's
+    current epoch's (`epoch_fn`), for lightning.Trainer.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  shuffle: bool, drop_last: bool, binarize: bool = False, seed: int = 0,
                  rank: int = 0, world_size: int = 1,
-                 epoch_fn: Callable[[], int] | None = None,
-                 trained_fn: Callable[[], int] | None = None,
-                 steps_per_call: int | None = None) -> None:
+                 epoch_fn: Callable[[], int] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_steps_per_call(steps_per_call)
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.binarize, self.seed, self.rank, self.world_size = binarize, seed, rank, world_size
-        # Under a Trainer the epoch comes from it, so a resumed run reshuffles as the original
-        # would have; alone, each pass over the batches counts as the next epoch.
-        self.epoch_fn, self.trained_fn = epoch_fn, trained_fn
-        # None: one batch per item, as any loader. K: items are chunks of up to K consecutive
-        # batches (see `Chunk`), for modules that take K optimiser steps per Trainer step.
-        self.steps_per_call = steps_per_call
+        self.epoch_fn = epoch_fn
         self.epoch = 0  # the next pass's epoch, alone
-        self.epoch_in_progress = 0  # the epoch of the pass under way (or last finished)
-        self.yielded = 0  # batches yielded in the current epoch
-        self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def _shard_size(self) -> int:
         n = len(self.images)
@@ -118,14 +79,10 @@ class TensorBatches:
             return n // self.world_size
         return len(range(self.rank, n, self.world_size))
 
-    def batches_per_epoch(self) -> int:
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
         size = self._shard_size()
         return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
-
-    def __len__(self) -> int:
-        """Items per epoch: batches, or chunks of `steps_per_call` batches."""
-        n = self.batches_per_epoch()
-        return n if self.steps_per_call is None else -(-n // self.steps_per_call)
 
     def _order(self, epoch: int) -> torch.Tensor | None:
         """This rank's positions in the split for `epoch`; None for the whole split in order."""
@@ -145,42 +102,20 @@ class TensorBatches:
         order = self._order(epoch)
         return torch.arange(len(self.images)) if order is None else order
 
-    # Lightning's stateful-loader protocol: the checkpoint keeps the epoch and how many of its
-    # batches were trained, and a resumed run continues from the next one. The count comes from
-    # the Trainer (`trained_fn`): its fetcher reads a batch ahead, so our own count runs ahead.
-    def state_dict(self) -> dict[str, int]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch_in_progress
-        trained = self.trained_fn() if self.trained_fn is not None else self.yielded
-        return {"epoch": epoch, "batches": trained}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.resume_at = (state["epoch"], state["batches"])
-
-    def __iter__(self) -> Iterator:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        self.epoch, self.epoch_in_progress = epoch + 1, epoch
-        first = 0
-        if self.resume_at is not None:
-            resume_epoch, done = self.resume_at
-            first = done if resume_epoch == epoch else 0
-            self.resume_at = None
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor,
+                                                                          torch.Tensor]]:
+        """The (images, labels) batches of `epoch` from batch `start` on; each depends on
+        nothing but (seed, epoch, its position), so a resumed epoch goes on exactly."""
         order = self._order(epoch)
         if order is not None:
             order = order.to(self.images.device)
-        self.yielded = first
-        n = self.batches_per_epoch()
-        k = self.steps_per_call
-        if k is None:
-            for i in range(first, n):
-                self.yielded = i + 1
-                yield self._batch(order, epoch, i)
-            return
-        # Chunks end at multiples of K counted from the epoch's start (and at its end), so an
-        # epoch always has len(self) of them, a resumed epoch included.
-        bounds = [first, *range((first // k + 1) * k, n, k), n] if first < n else []
-        for start, stop in zip(bounds, bounds[1:]):
-            self.yielded = stop
-            yield Chunk(self, order, epoch, start, stop)
+        for i in range(start, len(self)):
+            yield self._batch(order, epoch, i)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        self.epoch = epoch + 1
+        yield from self.epoch_batches(epoch)
 
     def _batch(self, order: torch.Tensor | None, epoch: int,
                i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,15 +123,15 @@ class TensorBatches:
         if order is None:  # contiguous slices are views: no copy at all
             images, labels = self.images[lo:hi], self.labels[lo:hi]
         else:
-            # index_select, not images[index]: 3 us instead of 56 us per batch of 128
-            # 28x28 images on CPU, 4% of a small MLP's step.
+            # index_select, not images[index]: an order of magnitude faster for a batch of
+            # small images on a CPU, a visible share of a small MLP's step.
             index = order[lo:hi]
             images = self.images.index_select(0, index)
             labels = self.labels.index_select(0, index)
         generator = None
         if self.binarize:
             generator = torch.Generator(device=images.device)
-            generator.manual_seed(batch_seed(self.seed, epoch, i))
+            generator.manual_seed(stream_seed(self.seed, epoch, i))
         return to_unit_float(images, self.binarize, generator), labels
 
 
@@ -216,13 +151,12 @@ class ImageDataModule(L.LightningDataModule):
                  root: str | None = None, download: bool = False, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  binarize: bool = False, train_subset: int | None = None,
-                 test_subset: int | None = None, seed: int = 0,
-                 steps_per_call: int | None = None) -> None:  # pragma: no mutate block
+                 test_subset: int | None = None,
+                 seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
-        # Training batches per Trainer step (see TensorBatches); `bench run` may set it after
-        # timing the model ("auto"), before the training loader is built.
-        self.steps_per_call: int | str | None = steps_per_call
+        # Where the harness's loop trains (`place`); under a Trainer, the Trainer's.
+        self.placement: tuple[torch.device | None, int, int] = (None, 0, 1)
         self.spec: DatasetSpec = get_spec(dataset)
         self.source: DataSource | None = None
         self.load_seconds: float | None = None
@@ -242,6 +176,18 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hparams
         self.source = locate(self.spec, hp.data_dir, hp.root, download=hp.download)
 
+    def place(self, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        """Where the data lives and which shard is this process's, for a loop without a
+        Trainer (bench run's, on Fabric): call before `setup`."""
+        self.placement = (device, rank, world_size)
+
+    def _where(self) -> tuple[torch.device | None, int, int]:
+        """(device, rank, world size): the Trainer's when one is attached, else `placement`."""
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
+        return self.placement
+
     def setup(self, stage: str | None = None) -> None:
         if self._loaded:
             return
@@ -260,7 +206,7 @@ class ImageDataModule(L.LightningDataModule):
         train_index, val_index = train_index.sort().values, val_index.sort().values
         test_stop = hp.test_subset if hp.test_subset is not None else len(arrays["test_images"])
 
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        device = self._where()[0]
         self.train_images = arrays["train_images"][train_index].to(device)
         self.train_labels = arrays["train_labels"][train_index].to(device)
         self.val_images = arrays["train_images"][val_index].to(device)
@@ -278,32 +224,12 @@ class ImageDataModule(L.LightningDataModule):
             if split not in self._binarized:
                 self._binarized[split] = binarized_once(images, hp.split_seed + EVAL_DRAW[split])
             images = self._binarized[split]
-        steps_per_call = self.steps_per_call if train else None
-        if steps_per_call == "auto":
-            raise ValueError("steps_per_call='auto' is chosen by `bench run` from the model's "
-                             "step time; with a plain Trainer give a number, e.g. 8")
-        batches = TensorBatches(
+        _, rank, world_size = self._where()
+        return TensorBatches(
             images, getattr(self, f"{split}_labels"),
             hp.batch_size if train else hp.eval_batch_size, shuffle=train, drop_last=train,
-            binarize=hp.binarize and train, seed=hp.seed,
-            rank=trainer.global_rank if trainer is not None else 0,
-            world_size=trainer.world_size if trainer is not None else 1,
-            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
-            steps_per_call=steps_per_call,
-        )
-        n = batches.batches_per_epoch()
-        if steps_per_call is not None and steps_per_call > n:
-            raise ValueError(f"steps_per_call={steps_per_call} is more than the {n} training "
-                             f"batches in an epoch ({len(images)} images, batch_size "
-                             f"{hp.batch_size}); use at most {n}, or 'auto'")
-        if train and trainer is not None:  # batches of this epoch that finished their step
-            if steps_per_call is None:
-                loop = trainer.fit_loop
-                batches.trained_fn = lambda: loop.epoch_loop.batch_progress.current.processed
-            else:  # the loop counts chunks; the module counts batches (its optimiser steps)
-                batches.trained_fn = lambda: (trainer.lightning_module.batches_trained()
-                                              - trainer.current_epoch * n)
-        return batches
+            binarize=hp.binarize and train, seed=hp.seed, rank=rank, world_size=world_size,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None)
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)

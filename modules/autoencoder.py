@@ -75,9 +75,8 @@ class Autoencoder(LossSteps):
         return {"loss": recon, "recon": recon}
 
     # -- ex-post density estimation ------------------------------------------------------------
-    def on_train_end(self) -> None:
-        super().on_train_end()  # the same BatchNorm statistics on every rank first
-        datamodule = getattr(self.trainer, "datamodule", None)
+    def finish_training(self, datamodule) -> None:
+        super().finish_training(datamodule)  # the same BatchNorm statistics on every rank first
         if datamodule is not None:
             # A fixed order where the datamodule has one, so the fit does not depend on the epoch
             ordered = getattr(datamodule, "ordered_train_dataloader", datamodule.train_dataloader)
@@ -95,8 +94,8 @@ class Autoencoder(LossSteps):
         was_training = self.training
         self.eval()
         limit = self.hparams.gmm_max_samples
-        distributed = self._trainer is not None and self.trainer.world_size > 1
-        world = self.trainer.world_size if distributed else 1  # .trainer raises if unset
+        world = self.world_size()
+        distributed = world > 1
         # images with split index < limit: at most ceil(limit / W) on each rank
         wanted = -(-limit // world)
         codes, n = [], 0
@@ -131,8 +130,8 @@ class Autoencoder(LossSteps):
 
     def latent_prior(self) -> distributions.Distribution:
         if not bool(self.gmm_fitted):
-            raise RuntimeError("this autoencoder has no latent density yet: train it with a "
-                               "Lightning Trainer and a datamodule, or call "
+            raise RuntimeError("this autoencoder has no latent density yet: train it with "
+                               "bench run or a Lightning Trainer and a datamodule, or call "
                                "fit_latent_density(train_batches) first")
         return distributions.MixtureSameFamily(
             distributions.Categorical(logits=self.gmm_logits),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from itertools import islice
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,17 +55,16 @@ def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
 
 class GAN(BenchModule):
     """DCGAN (Radford et al. 2016) trained with two Adam optimisers under Lightning's manual
-    optimisation: each batch updates the discriminator once, and every `n_critic`-th batch of the
-    run also the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return
+    optimisation: each batch updates the discriminator once, and every `n_critic`-th batch also
+    the generator. The generator works in [-1, 1] (tanh); `decode` and `sample` return
     [0, 1].
     """
 
     # Under DDP, the discriminator's backward leaves every generator parameter without a
-    # gradient, so DDP must look for unused parameters after each backward (Lightning prepares
-    # DDP's reducer before each manual_backward); without it the first generator step fails.
-    # The search walks the autograd graph every backward: measured on 2 CPU processes (gloo,
-    # batch 128), an MLP AE step took 9.9 ms with it and 9.3 ms without (mean of 3 runs each,
-    # +-0.5 ms between runs), a conv AE step 85-97 ms either way. Only the GAN pays for it.
+    # gradient, so DDP must look for unused parameters after each backward (the harness's
+    # bench.loop.ManualStepDDP, like the Trainer, prepares DDP's reducer before each backward);
+    # without it the first generator step fails. The search walks the autograd graph at every
+    # backward, which costs time, so only the GAN asks for it.
     ddp_find_unused_parameters = True
 
     def __init__(self, backbone: str = "conv", image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -128,55 +127,55 @@ class GAN(BenchModule):
         return wasserstein_generator_loss(scores)
 
     # -- training ------------------------------------------------------------------------------
-    def batches_for_steps(self, optimiser_steps: int) -> int:
-        """After b batches the optimisers have taken b discriminator steps and b // n_critic
-        generator steps, g = b + b // n_critic in all, so b = g - g // (n_critic + 1)."""
-        return optimiser_steps - optimiser_steps // (self.n_critic + 1)
-
-    def training_step(self, batch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        """One batch under manual optimisation. `batch_idx` counts the generator's schedule:
+        the harness's loop passes the batch's index in the run (the schedule runs across
+        epochs); a Trainer passes its index in the epoch, as Lightning's GAN examples count."""
         opt_g, opt_d = self.optimizers()
-        d_losses = []
-        for index, x, ends_epoch in islice(self.training_batches(batch), self.batches_left()):
-            d_losses.append(self.train_on_batch(x, index, ends_epoch, opt_g, opt_d))
-        # Every batch's discriminator loss, for the divergence check; manual optimisation does
-        # not use it.
-        return torch.stack(d_losses) if d_losses else None
+        terms = self.train_on_batch(first_tensor(batch), batch_idx, opt_g, opt_d,
+                                    self.manual_backward)
+        self.log_terms("train", terms, prog_bar=True)
+        return terms
 
-    def train_on_batch(self, x: Tensor, index: int, ends_epoch: bool, opt_g, opt_d) -> Tensor:
-        """One discriminator step, and a generator step after every n_critic-th batch of the
-        run (`index` counts batches over the run, so the schedule runs across epochs)."""
+    def train_on_batch(self, x: Tensor, index: int, opt_g, opt_d,
+                       backward: Callable[[Tensor], None]) -> dict[str, Tensor]:
+        """One discriminator step, and a generator step after every n_critic-th batch (`index`
+        is the batch's 0-based count); `backward` is Lightning's manual_backward, or
+        Tensor.backward in a plain loop (bench perf). Returns the terms, detached; "loss" is the
+        discriminator's, for the divergence look."""
         real = x * 2 - 1
-        z = torch.randn(len(real), self.hparams.latent_dim, device=self.device)
+        z = torch.randn(len(real), self.hparams.latent_dim, device=real.device)
         fake = torch.tanh(self.generator(z))
 
         terms = self.discriminator_loss(real, fake.detach())
         opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(terms["d_loss"])
+        backward(terms["d_loss"])
         opt_d.step()
 
         if (index + 1) % self.n_critic == 0:
             g_loss = self.generator_loss(fake)
             opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(g_loss)
+            backward(g_loss)
             opt_g.step()
             terms["g_loss"] = g_loss
-        self.log_training(terms, index, ends_epoch, bar=("d_loss", "g_loss"))
-        return terms["d_loss"].detach()
+        terms = {k: v.detach() for k, v in terms.items()}
+        return {"loss": terms["d_loss"], **terms}
 
-    def _eval_step(self, batch, stage: str) -> None:
+    def _eval_step(self, batch, stage: str) -> dict[str, Tensor]:
         real = first_tensor(batch) * 2 - 1
         fake = torch.tanh(self.generator(torch.randn(len(real), self.hparams.latent_dim,
                                                      device=self.device)))
         # No penalty here: evaluation runs under inference mode, and the penalty needs gradients.
         terms = self.discriminator_loss(real, fake, with_penalty=False)
         terms["g_loss"] = self.generator_loss(fake)
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, sync_dist=True)
+        self.log_terms(stage, terms, sync_dist=True)
+        return terms
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test")
 
     def configure_optimizers(self):
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas)

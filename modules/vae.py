@@ -160,7 +160,7 @@ class VAE(LossSteps):
         schedule = LR_SCHEDULES[self.hparams.lr_schedule]
         if schedule is None:
             return optimizer
-        # stepped once per epoch: by Lightning, or by BenchModule.on_train_epoch_end with K steps
+        # stepped at each epoch's end, by the Trainer or by the harness's loop (bench.loop.fit)
         return {"optimizer": optimizer, "lr_scheduler": {
             "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
             "interval": "epoch"}}

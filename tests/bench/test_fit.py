@@ -29,3 +29,19 @@ def test_bench_fit_trains_and_prints_final_losses(tmp_path, capsys, model):
     out = capsys.readouterr().out
     assert "final losses of" in out and "on MNIST" in out
     assert ("train/d_loss" if model == "gan" else "train/recon") in out
+
+
+def test_bench_fit_says_only_what_concerns_the_run(tmp_path, capsys, caplog):
+    import warnings
+
+    write_mnist_dir(tmp_path / "data", n_train=200, n_test=50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "--model", "ae", "--data", "mnist", "--data.data_dir",
+                     str(tmp_path / "data"), "--data.val_size", "40", "--trainer.max_steps", "2",
+                     "--trainer.enable_progress_bar", "false",
+                     "--trainer.default_root_dir", str(tmp_path / "runs")]) == 0
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    for noise in ("args parameter", "No seed found", "tensorboardX", "Tip:"):
+        assert not any(noise in line for line in said), noise
+    assert f"logs, config and checkpoints in {tmp_path / 'runs'}" in capsys.readouterr().out

@@ -4,20 +4,13 @@ measured by running the command, never asserted in a test."""
 import math
 
 import pytest
+import torch
 
-from bench.amortise import choose_steps_per_call
-from bench.perf import ceiling, run_perf
+from bench.perf import plain_step_fn, run_perf
 from tests.data_files import write_mnist_dir
+from tests.modules.conftest import prototype_batches, tiny_model
 
-pytestmark = pytest.mark.integration  # trains through the CLI
-
-
-def test_ceiling_is_the_plain_step_over_the_plain_step_plus_the_fixed_cost():
-    # 128,000 img/s at batch 128 is a 1000 us step; 250 us more per step leaves 1000 / 1250.
-    assert ceiling(128_000, 128, 250.0) == pytest.approx(0.8)
-    assert ceiling(128_000, 128, -5.0) == 1.0  # timing noise below zero is no cost
-    assert ceiling(128_000, 128, 250.0, steps_per_call=5) == pytest.approx(1000 / 1050)
-    assert ceiling(128_000, 128, 250.0, 5, per_step_us=30.0) == pytest.approx(1000 / 1080)
+pytestmark = pytest.mark.integration  # trains through Fabric and the Trainer
 
 
 def test_perf_times_every_family_and_backbone_four_ways(tmp_path, monkeypatch):
@@ -30,12 +23,29 @@ def test_perf_times_every_family_and_backbone_four_ways(tmp_path, monkeypatch):
     assert list(zip(table.family, table.backbone)) == [
         ("ae", "mlp"), ("ae", "conv"), ("gan", "mlp"), ("gan", "conv")]
     for row in table.itertuples():
-        rates = (row.plain_img_per_s, row.harness_img_per_s, row.harness_k1_img_per_s,
+        rates = (row.plain_img_per_s, row.harness_img_per_s, row.trainer_img_per_s,
                  row.loader_img_per_s)
         assert all(math.isfinite(r) and r > 0 for r in rates)
         assert row.harness_vs_plain == pytest.approx(row.harness_img_per_s / row.plain_img_per_s)
-        assert row.steps_per_call == choose_steps_per_call(
-            row.per_call_us, 1e6 * 32 / row.plain_img_per_s, 300 // 32, 4)  # one repeat
-        assert row.ceiling == pytest.approx(ceiling(row.plain_img_per_s, 32, row.per_call_us,
-                                                    row.steps_per_call, row.per_step_us))
-    assert any("us per Trainer step (shared by its K steps)" in line for line in lines)
+    assert any("harness/plain" in line for line in lines)
+
+
+@pytest.mark.parametrize("family, params", [("vae", {"adam_eps": 1e-3}), ("gan", {}),
+                                            ("gan", {"loss": "wgan-gp", "n_critic": 2})])
+def test_the_plain_loop_trains_as_the_family_does_under_lightning(family, params):
+    """The reference step is built from the module's own configure_optimizers and step (the
+    VAE's Adam eps, the GAN's n_critic), so it cannot drift from what the harness trains."""
+    from tests.modules.conftest import quiet_trainer
+
+    torch.manual_seed(0)
+    plain = tiny_model(family, **params)
+    step = plain_step_fn(plain)
+    for i, (x, _) in enumerate(prototype_batches(64, 16)):
+        step(x, i)
+    torch.manual_seed(0)
+    reference = tiny_model(family, **params)
+    steps = 4 if family != "gan" else 4 + 4 // reference.n_critic
+    quiet_trainer(max_steps=steps, max_epochs=-1, deterministic=False).fit(
+        reference, train_dataloaders=prototype_batches(64, 16))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], tensor), name

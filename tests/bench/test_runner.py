@@ -118,57 +118,39 @@ def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path):
 
 
 @pytest.mark.integration
-def test_a_suites_trainer_settings_replace_the_harness_defaults(tmp_path, monkeypatch):
-    import lightning as L
-    from lightning.pytorch.profilers import SimpleProfiler
+def test_a_suites_trainer_settings_reach_the_loop(tmp_path, monkeypatch):
+    import bench.runner
 
-    from bench.callbacks import NoProfiler, PeriodicCheckpoint
+    seen = []
+    honest = bench.runner.fit
 
-    made = []
+    def spy(run, **kwargs):
+        seen.append(run.settings)
+        return honest(run, **kwargs)
 
-    class Recorded(L.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
+    monkeypatch.setattr(bench.runner, "fit", spy)
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
     runs = [{"model": "ae", "variant": "plain", "params": {"hidden": 8, "latent_dim": 2}},
             {"model": "ae", "variant": "set", "params": {"hidden": 8, "latent_dim": 2},
-             "trainer": {"log_every_n_steps": 3, "profiler": "simple"}}]
-    # K = 1: no Trainers that time the model for `auto`
-    suite = load_suite(str(write_mnist_suite(tmp_path, runs, budget={"epochs": 1},
-                                             trainer={"steps_per_call": 1})))
-    monkeypatch.setattr(L, "Trainer", Recorded)
-    run_quietly(suite, tmp_path / "out")
-    made = [t for t in made if any(isinstance(c, PeriodicCheckpoint) for c in t.callbacks)]
-    assert [t.log_every_n_steps for t in made] == [50, 3]  # the runs' Trainers, in order
-    assert isinstance(made[0].profiler, NoProfiler)
-    assert isinstance(made[1].profiler, SimpleProfiler)
+             "trainer": {"log_every_n_steps": 3, "gradient_clip_val": 0.5}}]
+    suite = load_suite(str(write_mnist_suite(tmp_path, runs, budget={"epochs": 1})))
+    run_quietly(suite, tmp_path / "out", checkpoint_every=7)
+    assert [(s.log_every_n_steps, s.gradient_clip_val, s.checkpoint_every) for s in seen] == [
+        (50, None, 7), (3, 0.5, 7)]
     assert (read_rows(tmp_path / "out" / "runs.csv")["status"] == "ok").all()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family, params", [("vae", {}), ("gan", {}),
                                             ("gan", {"loss": "wgan-gp"})])
-def test_a_steps_budget_counts_training_batches_for_every_family(family, params):
-    """Lightning's max_steps counts optimiser steps; the GAN takes more than one per batch."""
-    import lightning as L
-    import torch
-
-    from bench.callbacks import TrainThroughput
-    from bench.runner import trainer_budget
-    from bench.suite import RunSpec
-    from datamodules import TensorBatches
-    from modules import MODELS
-
-    model = MODELS[family](hidden=16, latent_dim=4, **params)
-    spec = RunSpec("s", family, "v", "mnist", 0, budget={"steps": 23})
-    counter = TrainThroughput(warmup_batches=0)
-    batches = TensorBatches(torch.zeros(400, 1, 28, 28, dtype=torch.uint8), torch.zeros(400), 10,
-                            shuffle=True, drop_last=True)
-    L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[counter],
-              **trainer_budget(spec, model)).fit(model, batches)
-    assert counter.batches == 23
+def test_a_steps_budget_counts_training_batches_for_every_family(tmp_path, monkeypatch, family,
+                                                                 params):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    runs = [{"model": family, "variant": "v", "budget": {"steps": 23},
+             "params": {"hidden": 16, "latent_dim": 4, "backbone": "mlp", **params}}]
+    suite = load_suite(str(write_mnist_suite(tmp_path, runs)))
+    row = run_quietly(suite, tmp_path / "out").iloc[0]
+    assert row["steps"] == 23 and row["status"] == "ok"
 
 
 def test_cpu_peak_memory_is_this_runs_not_the_process_lifetimes():
@@ -210,50 +192,51 @@ def test_a_ddp_runs_throughput_is_all_ranks_images_over_the_slowest_ranks_time()
 
     import torch
 
-    from bench.callbacks import TrainThroughput
-    from bench.runner import whole_run_figures
+    from bench.loop import Progress, throughput
 
-    mine = TrainThroughput()
-    mine.images, mine.start, mine.end = 1000, 0.0, 2.0  # rank 0: 500 images/s
+    mine = Progress(timed_images=1000, timed_seconds=2.0)  # rank 0: 500 images/s
     other_rank = torch.tensor([1000.0, 4.0, 900.0], dtype=torch.float64)  # 250 images/s
-    strategy = types.SimpleNamespace(root_device=torch.device("cpu"),
-                                     all_gather=lambda t: torch.stack([t, other_rank]))
-    trainer = types.SimpleNamespace(strategy=strategy, world_size=2)
-    figures = whole_run_figures(trainer, mine, peak_mb=700.0)
-    assert figures == {"train_img_per_s": 2000 / 4.0, "peak_mem_mb": 900.0}
-    alone = types.SimpleNamespace(strategy=strategy, world_size=1)
-    assert whole_run_figures(alone, mine, 700.0) == {"train_img_per_s": 500.0,
-                                                      "peak_mem_mb": 700.0}
+    fabric = types.SimpleNamespace(device=torch.device("cpu"), world_size=2,
+                                   all_gather=lambda t: torch.stack([t, other_rank]))
+    assert throughput(fabric, mine, peak_mb=700.0) == {"train_img_per_s": 2000 / 4.0,
+                                                       "peak_mem_mb": 900.0}
+    fabric.world_size = 1
+    assert throughput(fabric, mine, 700.0) == {"train_img_per_s": 500.0, "peak_mem_mb": 700.0}
+
+
+NVML = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def _fail_to_load(name, *args, **kwargs):
+    raise OSError(f"{name}: cannot open shared object file")
+
+
+@pytest.mark.parametrize("setting, loads, dropped", [("1", False, True), ("1", True, False),
+                                                     ("0", False, False)])
+def test_the_nvml_check_is_dropped_only_where_nvml_cannot_be_loaded(monkeypatch, setting,
+                                                                    loads, dropped):
+    import ctypes
+    import os
+
+    from bench.runner import drop_failing_nvml_check
+
+    monkeypatch.setenv(NVML, setting)
+    monkeypatch.setattr(ctypes, "CDLL", (lambda name, *a, **k: object()) if loads
+                        else _fail_to_load)
+    assert drop_failing_nvml_check() is dropped
+    assert os.environ.get(NVML) == (None if dropped else setting)
 
 
 @pytest.mark.integration
-def test_auto_measures_the_trainer_cost_on_the_runs_model_and_leaves_the_random_state(
-        tmp_path, monkeypatch):
-    import torch
-
-    import bench.perf
-    from bench.runner import measured_call_cost_us
-    from bench.suite import RunSpec
-    from modules import VAE
-    from tests.data_files import write_mnist_dir
-
-    timed = []
-    original = bench.perf.time_trainer
-
-    def spy(model, batches, *args, **kwargs):
-        timed.append((type(model), batches.steps_per_call))
-        return original(model, batches, *args, **kwargs)
-
-    monkeypatch.setattr(bench.perf, "time_trainer", spy)
-
-    write_mnist_dir(tmp_path, n_train=700, n_test=10)
-    spec = RunSpec("s", "vae", "v", "mnist", 0, budget={"epochs": 100},
-                   params={"hidden": 16, "latent_dim": 4},
-                   data={"data_dir": str(tmp_path), "batch_size": 10, "val_size": 0})
-    torch.manual_seed(3)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
-    call_us, step_us = measured_call_cost_us(spec, "cpu", steps=16, warmup=8)
-    assert torch.equal(torch.rand(4), expected)
-    assert (VAE, 1) in timed and step_us > 0  # the run's own model, one batch per Trainer step
-    assert call_us >= 0  # noise can make a small model's excess zero; never negative
+def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_afresh(tiny_suite, tmp_path):
+    cool = load_suite(str(tiny_suite.path))
+    cool.specs = [s for s in cool.specs if s.variant == "cool"]
+    ckpt_dir = tmp_path / "out" / "checkpoints" / cool.specs[0].config_hash
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "last.ckpt").write_bytes(b"PK\x03\x04 torn")
+    messages = []
+    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False,
+              log=messages.append)
+    assert any("is unreadable" in m and "starting the run afresh" in m for m in messages)
+    assert (ckpt_dir / "last.ckpt.unreadable").read_bytes() == b"PK\x03\x04 torn"
+    assert read_rows(tmp_path / "out" / "runs.csv")["status"].tolist() == ["ok"]

@@ -83,8 +83,18 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
     ("name: t\nruns:\n  - {model: ae, colour: red}\n", r"line 3, key 'runs.0.colour'"),
     ("name: t\nruns:\n  - {model: sae, params: {sparsity: l1, lamda: 2}}\n",
      r"SparseAutoencoder has no argument 'lamda'; it takes: .*l1_weight"),
-    ("name: t\nruns:\n  - {model: ae, trainer: {steps_per_call: 0}}\n",
-     r"key 'runs.0.trainer': steps_per_call=0: give a whole number >= 1 .*, or auto"),
+    ("name: t\nruns:\n  - {model: ae, trainer: {steps_per_call: auto}}\n",
+     r"key 'runs.0.trainer': steps_per_call: it is gone: the harness's own loop on Lightning "
+     r"Fabric runs one batch per optimiser step .*remove the key"),
+    ("name: t\nruns:\n  - {model: ae, trainer: {deterministic: true}}\n",
+     r"key 'runs.0.trainer': unknown key\(s\) \['deterministic'\]; the harness's loop takes: "
+     r"accumulate_grad_batches, channels_last, check_val_every_n_epoch, compile, "
+     r"gradient_clip_algorithm, gradient_clip_val, log_every_n_steps, precision"),
+    ("name: t\nruns:\n  - {model: ae, trainer: {log_every_n_steps: 0}}\n",
+     r"key 'runs.0.trainer': log_every_n_steps=0: give a whole number >= 1"),
+    ("name: t\nruns:\n  - {model: gan, trainer: {gradient_clip_val: 1.0}}\n",
+     r"gradient_clip_val: GAN steps its own optimisers \(manual optimisation\), so the loop "
+     r"cannot clip or accumulate its gradients"),
     ("name: t\nruns:\n  - {model: ae, trainer: {max_steps: 5, devices: 2}}\n",
      r"key 'runs.0.trainer': max_steps is not a suite setting: set it with the run's budget: "
      r"\{steps: N\}; devices is not a suite setting: set it with bench run --devices"),

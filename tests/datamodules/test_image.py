@@ -183,33 +183,33 @@ def test_positions_are_the_split_indices_in_yield_order():
     assert torch.equal(yielded, batches.positions(epoch=0)[: len(yielded)])
 
 
-@pytest.mark.parametrize("epoch_of_checkpoint, expect_from", [(2, 3), (1, 0)])
-def test_a_restored_loader_continues_after_the_trained_batches(epoch_of_checkpoint, expect_from):
-    """Lightning's stateful-loader protocol: a checkpoint taken after 3 batches of epoch 2
-    resumes epoch 2 at its 4th batch; a state from an earlier epoch starts the epoch afresh."""
-    images = torch.arange(60, dtype=torch.uint8).reshape(60, 1, 1, 1)
+@pytest.mark.parametrize("start", [0, 3, 11])
+def test_an_epoch_resumed_at_a_batch_goes_on_with_the_uninterrupted_batches(start):
+    """What the harness's loop resumes from: epoch 2's batches from `start` on are those an
+    uninterrupted pass over epoch 2 gives from there (binarised draws included)."""
+    images = torch.randint(0, 256, (60, 1, 2, 2), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
 
     def make():
         return TensorBatches(images, torch.arange(60), 5, shuffle=True, drop_last=True, seed=1,
-                             epoch_fn=lambda: 2)
+                             binarize=True)
 
-    original = make()
-    uninterrupted = [y for _, y in original]
-    resumed = make()
-    resumed.load_state_dict({"epoch": epoch_of_checkpoint, "batches": 3})
-    assert torch.equal(torch.cat([y for _, y in resumed]),
-                       torch.cat(uninterrupted[expect_from:]))
-    assert torch.equal(torch.cat([y for _, y in resumed]), torch.cat(uninterrupted))  # once only
+    uninterrupted = list(make().epoch_batches(2))
+    resumed = list(make().epoch_batches(2, start))
+    assert len(resumed) == 12 - start
+    for (x, y), (x0, y0) in zip(resumed, uninterrupted[start:]):
+        assert torch.equal(y, y0) and torch.equal(x, x0)
 
 
-def test_the_saved_state_counts_the_batches_the_trainer_finished():
+def test_iterating_alone_gives_the_next_epoch_each_pass_and_a_trainers_epoch_under_one():
     batches = TensorBatches(torch.zeros(40, 1, 1, 1, dtype=torch.uint8), torch.arange(40), 5,
-                            shuffle=False, drop_last=True, epoch_fn=lambda: 6,
-                            trained_fn=lambda: 2)
-    iterator = iter(batches)
-    for _ in range(3):  # the trainer's fetcher reads one batch ahead of the step
-        next(iterator)
-    assert batches.state_dict() == {"epoch": 6, "batches": 2}
+                            shuffle=True, drop_last=True, seed=4)
+    passes = [torch.cat([y for _, y in batches]) for _ in range(2)]
+    assert torch.equal(passes[1], torch.cat([y for _, y in batches.epoch_batches(1)]))
+    assert not torch.equal(passes[0], passes[1])
+    batches.epoch_fn = lambda: 7
+    assert torch.equal(torch.cat([y for _, y in batches]),
+                       torch.cat([y for _, y in batches.epoch_batches(7)]))
 
 
 def test_fixed_binarisation_draws_each_pixel_with_its_intensity():
@@ -225,9 +225,9 @@ def test_fixed_binarisation_draws_each_pixel_with_its_intensity():
 
 
 def test_every_batch_of_every_epoch_gets_its_own_seed():
-    from datamodules.image import batch_seed
+    from datamodules.image import stream_seed
 
-    seeds = {batch_seed(seed, epoch, batch) for seed in range(3) for epoch in range(20)
+    seeds = {stream_seed(seed, epoch, batch) for seed in range(3) for epoch in range(20)
              for batch in range(200)}
     assert len(seeds) == 3 * 20 * 200
 
@@ -250,58 +250,3 @@ def test_training_batches_are_shuffled_full_and_binarised_when_asked(mnist_files
     order = torch.cat([y for _, y in batches])
     assert not torch.equal(order, dm.train_labels[: len(order)].long())  # shuffled
     assert set(torch.cat([x for x, _ in batches]).unique().tolist()) == {0.0, 1.0}
-
-
-def test_chunks_hold_the_batches_of_the_epoch_in_order_with_their_run_wide_index():
-    plain = counting_batches(100, 10, shuffle=True, drop_last=True, seed=2)
-    chunked = counting_batches(100, 10, shuffle=True, drop_last=True, seed=2, steps_per_call=4)
-    for epoch in range(2):
-        batches = [labels.tolist() for _, labels in plain]
-        chunks = list(chunked)
-        assert len(chunked) == len(chunks) == 3
-        assert [len(c) for c in chunks] == [4, 4, 2]
-        assert [c.first for c in chunks] == [10 * epoch + i for i in (0, 4, 8)]
-        assert [c.ends_epoch for c in chunks] == [False, False, True]
-        assert [y.tolist() for c in chunks for _, y in c] == batches
-
-
-def test_a_resumed_epoch_goes_on_from_the_batches_already_trained():
-    chunked = counting_batches(100, 10, shuffle=True, drop_last=True, seed=2, steps_per_call=4)
-    whole = [y.tolist() for c in chunked for _, y in c]
-    chunked.epoch = 0
-    chunked.load_state_dict({"epoch": 0, "batches": 4})
-    rest = list(chunked)
-    assert [c.first for c in rest] == [4, 8]
-    assert [y.tolist() for c in rest for _, y in c] == whole[4:]
-
-
-@pytest.mark.parametrize("value", [0, -2, 1.5, True, "8"])
-def test_steps_per_call_must_be_a_whole_number(value):
-    with pytest.raises(ValueError, match=rf"steps_per_call={value!r}: give a whole number >= 1"):
-        counting_batches(100, 10, shuffle=True, drop_last=True, steps_per_call=value)
-
-
-def test_steps_per_call_beyond_an_epoch_says_how_many_batches_there_are(mnist_files):
-    directory, _ = mnist_files
-    dm = make_dm(directory, batch_size=32, val_size=0, steps_per_call=10)
-    with pytest.raises(ValueError, match=r"steps_per_call=10 is more than the 9 training batches "
-                                         r"in an epoch \(300 images, batch_size 32\); use at "
-                                         "most 9"):
-        dm.train_dataloader()
-
-
-def test_auto_steps_per_call_outside_bench_run_asks_for_a_number(mnist_files):
-    dm = make_dm(mnist_files[0], val_size=0, steps_per_call="auto")
-    with pytest.raises(ValueError, match="chosen by `bench run`.*give a number"):
-        dm.train_dataloader()
-
-
-@pytest.mark.parametrize("steps_per_call, taken, counted", [(None, 3, 3), (4, 2, 8)])
-def test_outside_a_trainer_the_loader_state_counts_the_batches_handed_out(steps_per_call, taken,
-                                                                          counted):
-    batches = counting_batches(100, 10, shuffle=True, drop_last=True,
-                               steps_per_call=steps_per_call)
-    iterator = iter(batches)
-    for _ in range(taken):
-        next(iterator)
-    assert batches.state_dict() == {"epoch": 0, "batches": counted}

@@ -1,0 +1,473 @@
+"""The harness's training loop, on lightning.Fabric: one batch per optimiser step.
+
+Fabric brings the devices, DDP and multi-node, precision plugins and loggers; the loop itself is
+ours, because the families are small enough that a framework's cost per step is a large share of
+their step (lightning.Trainer spends it on hooks and progress tracking). It reads top to bottom:
+
+    for each epoch, for each batch of this rank's shard:
+        training_step                      the family's step (bench.loop.training_step)
+        every N batches: divergence look   one host sync, all ranks decide together
+        every log_every_n_steps: logs      through Fabric's loggers
+        every checkpoint_every: last.ckpt  everything a resumed run needs to go on bitwise
+    at each epoch's end: validation (check_val_every_n_epoch), epoch-interval LR schedulers
+
+The families stay LightningModules: under Fabric a module gets `self.optimizers()` and
+`manual_backward` (through `fabric.backward`), so the same `training_step` serves `bench fit`'s
+lightning.Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.strategies import DDPStrategy
+from lightning.pytorch.overrides.distributed import prepare_for_backward
+from torch import Tensor
+
+from datamodules.image import stream_seed
+
+PROGRESS_REFRESH_BATCHES = 20  # each refresh reads the loss: a host sync
+DIVERGENCE_EVERY_BATCHES = 50  # a look at the losses kept on the device: one host sync
+WARMUP_BATCHES = 20  # batches before the throughput clock starts (allocator, caches)
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, values: dict[str, float | str]) -> None:
+        super().__init__(f"non-finite training loss at step {step}: {values}")
+        self.step = step
+
+
+# The suite's `trainer:` keys the loop knows, with what each does (suite files are checked
+# against this list, and bench.suite names the replacement of keys that are gone).
+TRAINER_SETTINGS = {
+    "precision": "Fabric's precision plugin: 32-true (default), 16-mixed, bf16-mixed, ...",
+    "log_every_n_steps": "training terms to the loggers every N batches (default 50)",
+    "check_val_every_n_epoch": "validation every N epochs (default 1; null: never)",
+    "gradient_clip_val": "clip gradients at this value (families with one optimiser)",
+    "gradient_clip_algorithm": "norm (default) or value",
+    "accumulate_grad_batches": "one optimiser step every N batches (families with one optimiser)",
+    "channels_last": "channels-last memory format for conv nets (a GPU option)",
+    "compile": "torch.compile each net in place (a GPU option; state_dict keys unchanged)",
+}
+GONE_TRAINER_SETTINGS = {
+    "steps_per_call": "it is gone: the harness's own loop on Lightning Fabric runs one batch per "
+                      "optimiser step at the speed of a plain PyTorch loop, so there is nothing "
+                      "left to amortise; remove the key",
+}
+
+
+@dataclass
+class LoopSettings:
+    """How the loop trains a run: the suite's `trainer:` settings (TRAINER_SETTINGS) and the
+    harness's cadences. `precision` is Fabric's and is not read here."""
+
+    precision: str | int | None = None
+    log_every_n_steps: int = 50
+    check_val_every_n_epoch: int | None = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    accumulate_grad_batches: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_every: int = 1000  # training batches between resumable checkpoints
+    warmup_batches: int = WARMUP_BATCHES
+    divergence_every: int = DIVERGENCE_EVERY_BATCHES
+
+    @classmethod
+    def from_suite(cls, trainer: dict, **harness) -> LoopSettings:
+        gone = [k for k in trainer if k in GONE_TRAINER_SETTINGS]
+        if gone:
+            raise ValueError("; ".join(f"{k}: {GONE_TRAINER_SETTINGS[k]}" for k in gone))
+        unknown = sorted(set(map(str, trainer)) - set(TRAINER_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; the harness's loop takes: "
+                             f"{', '.join(sorted(TRAINER_SETTINGS))}")
+        settings = cls(**trainer, **harness)
+        if settings.gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm={settings.gradient_clip_algorithm!r}: "
+                             "choose norm or value")
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        for name in ("log_every_n_steps", "accumulate_grad_batches", "checkpoint_every",
+                     "check_val_every_n_epoch"):
+            value = getattr(settings, name)
+            if not whole(value) and not (value is None and name == "check_val_every_n_epoch"):
+                raise ValueError(f"{name}={value!r}: give a whole number >= 1")
+        clip = settings.gradient_clip_val
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not clip >= 0):
+            raise ValueError(f"gradient_clip_val={clip!r}: give a number >= 0, or null")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(settings, name), bool):
+                raise ValueError(f"{name}={getattr(settings, name)!r}: give true or false")
+        if settings.precision is not None and (isinstance(settings.precision, bool) or not
+                                               isinstance(settings.precision, (str, int))):
+            raise ValueError(f"precision={settings.precision!r}: give one of Fabric's, e.g. "
+                             "32-true, bf16-mixed, 16-mixed")
+        return settings
+
+
+@dataclass
+class Schedule:
+    """An LR scheduler as Lightning's configure_optimizers describes it."""
+
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    interval: str = "epoch"  # or "step": after every optimiser step
+    frequency: int = 1
+
+
+def configured_optimizers(module) -> tuple[list[torch.optim.Optimizer], list[Schedule]]:
+    """The optimisers and schedulers of `module.configure_optimizers()`, in the forms Lightning
+    documents: one optimiser, a list or tuple of them, or a dict with "optimizer" and
+    "lr_scheduler" (a scheduler, or a dict with "scheduler", "interval", "frequency").
+    Hand-written: Lightning parses these inside its Trainer only."""
+    configured = module.configure_optimizers()
+    if isinstance(configured, torch.optim.Optimizer):
+        return [configured], []
+    if isinstance(configured, dict):
+        schedule = configured.get("lr_scheduler")
+        if schedule is None:
+            return [configured["optimizer"]], []
+        if not isinstance(schedule, dict):
+            schedule = {"scheduler": schedule}
+        return [configured["optimizer"]], [Schedule(**{k: v for k, v in schedule.items()
+                                                       if k in ("scheduler", "interval",
+                                                                "frequency")})]
+    return list(configured), []
+
+
+class ManualStepDDP(DDPStrategy):
+    """Fabric's DDP, which also prepares DDP's gradient reducer before each backward of a family
+    that steps its own optimisers (the GAN), as lightning.Trainer does under manual
+    optimisation: such a family backpropagates inside the DDP forward (its training_step), twice
+    per batch, before DDP would prepare for it, and its gradients would not be averaged."""
+
+    def setup_module(self, module):
+        self.ddp_module = super().setup_module(module)
+        return self.ddp_module
+
+    def backward(self, tensor: Tensor, module, *args, **kwargs) -> None:
+        ddp = getattr(self, "ddp_module", None)
+        if ddp is not None and not ddp.module.automatic_optimization:
+            prepare_for_backward(ddp, tensor)
+        super().backward(tensor, module, *args, **kwargs)
+
+
+def apply_net_options(module, channels_last: bool = False, compile: bool = False) -> None:
+    """GPU speed options, off by default: channels-last memory format for conv nets, and
+    torch.compile of each net in place (nn.Module.compile keeps the state_dict keys, so
+    checkpoints load without it). Mixed precision is Fabric's `precision`."""
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    if compile:
+        for name in ("encoder", "decoder", "generator", "discriminator"):
+            net = getattr(module, name, None)
+            if isinstance(net, torch.nn.Module):
+                net.compile()
+
+
+def training_step(fabric: L.Fabric, module, batch, index: int, optimizers, schedules,
+                  settings: LoopSettings) -> dict[str, Tensor]:
+    """One batch, with no host sync: the family's `training_step` and, for a family Lightning
+    would optimise automatically, backward and an optimiser step (every
+    `accumulate_grad_batches` batches of the run, gradients clipped first if asked). A family
+    with `automatic_optimization = False` (the GAN) steps its own optimisers. Returns the
+    step's terms; "loss" is the one the divergence look reads."""
+    if not module.automatic_optimization:
+        with fabric.autocast():
+            return module.training_step(batch, index)
+    optimizer = optimizers[0]
+    accumulate = settings.accumulate_grad_batches
+    if accumulate == 1:
+        with fabric.autocast():
+            terms = module.training_step(batch, index)
+        fabric.backward(terms["loss"])
+    else:
+        steps_now = (index + 1) % accumulate == 0
+        with fabric.no_backward_sync(module, enabled=not steps_now):
+            with fabric.autocast():
+                terms = module.training_step(batch, index)
+            fabric.backward(terms["loss"] / accumulate)
+        if not steps_now:
+            return terms
+    if settings.gradient_clip_val:
+        clip = {"max_norm" if settings.gradient_clip_algorithm == "norm" else "clip_val":
+                settings.gradient_clip_val}
+        fabric.clip_gradients(module, optimizer, **clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for schedule in schedules:
+        if schedule.interval == "step" and (index + 1) % (accumulate * schedule.frequency) == 0:
+            schedule.scheduler.step()
+    return terms
+
+
+@dataclass
+class Progress:
+    """Where a run stands; all of it goes into the resumable checkpoint."""
+
+    epoch: int = 0  # the epoch under way
+    batch_in_epoch: int = 0  # its batches done
+    batches: int = 0  # the run's batches done
+    timed_images: int = 0  # throughput: images and seconds after warm-up, this rank
+    timed_seconds: float = 0.0
+
+
+class DivergenceWatch:
+    """The training losses since the last look, kept on the device. `look` finds the first
+    non-finite one; under DDP the ranks decide together (the first of any rank), since a rank
+    that stopped alone would leave the others waiting in their next all-reduce."""
+
+    NONE = torch.iinfo(torch.long).max
+
+    def __init__(self, fabric: L.Fabric) -> None:
+        self.fabric = fabric
+        self.first_index = 0
+        self.losses: list[Tensor] = []
+
+    def add(self, index: int, loss: Tensor) -> None:
+        if not self.losses:
+            self.first_index = index
+        self.losses.append(loss.detach().reshape(()))
+
+    def look(self) -> None:
+        if not self.losses:
+            losses = torch.zeros(0, device=self.fabric.device)
+        else:
+            losses = torch.stack(self.losses)
+        indices = torch.arange(self.first_index, self.first_index + len(losses),
+                               device=losses.device)
+        self.losses = []
+        first_bad = torch.where(torch.isfinite(losses), self.NONE, indices).min() \
+            if len(losses) else torch.tensor(self.NONE, device=losses.device)
+        if self.fabric.world_size > 1:
+            first_bad = self.fabric.all_reduce(first_bad, reduce_op="min")
+        first_bad = int(first_bad)  # the host sync
+        if first_bad != self.NONE:
+            here = losses[indices == first_bad]
+            raise Diverged(first_bad + 1, {"loss": float(here[0]) if len(here)
+                                           else "on another rank"})
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream in a DDP run of seed `seed` (rank >= 1; rank zero
+    goes on with the stream a single process has)."""
+    return stream_seed(seed, rank)
+
+
+def random_states(fabric: L.Fabric) -> dict[str, list[Tensor]]:
+    """torch's random state of every rank (CPU, and its own GPU's), for the checkpoint: every
+    rank calls this; each row is copied out of the gathered tensor (torch.set_rng_state
+    crashes on a view)."""
+    states = {"torch": torch.get_rng_state()}
+    if fabric.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(fabric.device)
+    if fabric.world_size == 1:
+        return {name: [state] for name, state in states.items()}
+    return {name: [row.clone() for row in fabric.all_gather(state.to(fabric.device)).cpu()]
+            for name, state in states.items()}
+
+
+def restore_random_state(fabric: L.Fabric, states: dict[str, list[Tensor]]) -> None:
+    rank = fabric.global_rank
+    torch.set_rng_state(states["torch"][rank])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"][rank], fabric.device)
+
+
+def save_atomically(fabric: L.Fabric, path: Path, state: dict) -> None:
+    """fabric.save to a file beside `path`, renamed over it: a kill mid-write leaves the previous
+    file whole. Every rank calls it; rank zero writes."""
+    partial = path.with_name(path.name + ".partial")
+    fabric.save(partial, state)
+    if fabric.is_global_zero:
+        os.replace(partial, path)
+    fabric.barrier()
+
+
+@dataclass
+class Run:
+    """What one run trains: the Fabric-wrapped module, its optimisers and schedules, its
+    shard of the training batches and the validation batches (None: no validation)."""
+
+    fabric: L.Fabric
+    module: object  # the module as fabric.setup returned it
+    optimizers: list
+    schedules: list[Schedule]
+    train_batches: object  # datamodules.TensorBatches
+    val_batches: object | None
+    total_batches: int  # the run's budget, in training batches per rank
+    settings: LoopSettings
+    checkpoint: Path  # last.ckpt
+    progress: Progress = field(default_factory=Progress)
+
+    def state(self) -> dict:
+        return {"module": self.module.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.scheduler.state_dict() for s in self.schedules],
+                "progress": asdict(self.progress), "random_state": random_states(self.fabric)}
+
+    def load(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for schedule, saved in zip(self.schedules, state["schedulers"], strict=True):
+            schedule.scheduler.load_state_dict(saved)
+        self.progress = Progress(**state["progress"])
+        restore_random_state(self.fabric, state["random_state"])
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Each validation term averaged over the images of every rank's shard."""
+    module = run.module.module  # the bare module: evaluation needs no DDP forward
+    module.eval()
+    sums: dict[str, Tensor] = {}
+    images = 0
+    with torch.no_grad():
+        for i, batch in enumerate(run.val_batches):
+            terms = module.validation_step(batch, i)
+            n = len(batch[0])
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0) + value.detach().double() * n
+            images += n
+    module.train()
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = torch.stack([sums[k] for k in names] + [torch.tensor(
+        float(images), dtype=torch.float64, device=sums[names[0]].device)])
+    if run.fabric.world_size > 1:
+        totals = run.fabric.all_reduce(totals, reduce_op="sum")
+    return {f"val/{k}": float(totals[j] / totals[-1]) for j, k in enumerate(names)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit(run: Run, progress_bar: bool = False, stop_requested: Callable[[], bool] = lambda: False,
+        log=print) -> Progress:
+    """Train `run` from where its progress stands to its budget. Raises Diverged at the first
+    non-finite loss (every rank together). `stop_requested` is asked after each batch: when it
+    says yes, the loop writes a resumable checkpoint at that batch and returns early."""
+    fabric, settings, progress = run.fabric, run.settings, run.progress
+    module = run.module
+    module.train()
+    per_epoch = len(run.train_batches)
+    if per_epoch == 0:
+        raise ValueError(f"no full training batch on a rank: {len(run.train_batches.images)} "
+                         f"images, batch_size {run.train_batches.batch_size}, "
+                         f"{fabric.world_size} process(es); use a smaller batch_size")
+    watch = DivergenceWatch(fabric)
+    bar = None
+    if progress_bar and fabric.is_global_zero:
+        from tqdm import tqdm
+
+        bar = tqdm(total=run.total_batches, initial=progress.batches, unit="batch",
+                   dynamic_ncols=True, leave=False)
+    started_at = progress.batches  # warm-up counts from this process's start
+    clock: float | None = None
+    timed_from = 0
+
+    def stop_clock() -> None:
+        nonlocal clock
+        if clock is not None:
+            _sync(fabric.device)
+            progress.timed_seconds += time.perf_counter() - clock
+            progress.timed_images += (progress.batches - timed_from) * run.train_batches.batch_size
+            clock = None
+
+    def start_clock() -> None:
+        nonlocal clock, timed_from
+        if progress.batches - started_at >= settings.warmup_batches:
+            _sync(fabric.device)
+            clock, timed_from = time.perf_counter(), progress.batches
+
+    def checkpoint() -> None:
+        stop_clock()
+        save_atomically(fabric, run.checkpoint, run.state())
+        start_clock()
+
+    try:
+        while progress.batches < run.total_batches:
+            batches = run.train_batches.epoch_batches(progress.epoch, progress.batch_in_epoch)
+            for batch in batches:
+                if clock is None:
+                    start_clock()
+                index = progress.batches
+                terms = training_step(fabric, module, batch, index, run.optimizers,
+                                      run.schedules, settings)
+                progress.batches += 1
+                progress.batch_in_epoch += 1
+                watch.add(index, terms["loss"])
+                if progress.batches % settings.divergence_every == 0:
+                    watch.look()
+                if progress.batches % settings.log_every_n_steps == 0 and fabric.loggers:
+                    fabric.log_dict({f"train/{k}": v.detach() for k, v in terms.items()},
+                                    step=index)
+                if bar is not None and progress.batches % PROGRESS_REFRESH_BATCHES == 0:
+                    bar.set_postfix(loss=f"{float(terms['loss']):.4g}", epoch=progress.epoch,
+                                    refresh=False)
+                    bar.update(progress.batches - bar.n)
+                if settings.checkpoint_every and progress.batches % settings.checkpoint_every == 0:
+                    checkpoint()
+                if stop_requested():
+                    watch.look()
+                    checkpoint()
+                    return progress
+                if progress.batches >= run.total_batches:
+                    break
+            if progress.batch_in_epoch < per_epoch:  # the budget ended inside the epoch
+                break
+            watch.look()
+            every = settings.check_val_every_n_epoch
+            if run.val_batches is not None and every and (progress.epoch + 1) % every == 0:
+                stop_clock()
+                metrics = validate(run)
+                if metrics and fabric.loggers:
+                    fabric.log_dict(metrics | {"epoch": progress.epoch},
+                                    step=progress.batches - 1)
+            for schedule in run.schedules:
+                if schedule.interval == "epoch" and (progress.epoch + 1) % schedule.frequency == 0:
+                    schedule.scheduler.step()
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+        watch.look()
+    finally:
+        stop_clock()
+        if bar is not None:
+            bar.close()
+    return progress
+
+
+def throughput(fabric: L.Fabric, progress: Progress, peak_mb: float) -> dict[str, float]:
+    """The run's figures over all its processes: training images per second = all ranks'
+    images over the slowest rank's time, and the largest peak memory of any rank."""
+    local = torch.tensor([progress.timed_images, progress.timed_seconds, peak_mb],
+                         dtype=torch.float64, device=fabric.device)
+    every = fabric.all_gather(local).reshape(-1, 3) if fabric.world_size > 1 else local[None]
+    images, seconds, peak = every[:, 0].sum(), every[:, 1].max(), every[:, 2].max()
+    rate = float(images / seconds) if images > 0 and seconds > 0 else math.nan
+    return {"train_img_per_s": rate, "peak_mem_mb": float(peak)}
+
+
+def broadcast_buffers(module) -> None:
+    """Rank zero's buffers (BatchNorm's running statistics) on every rank: DDP broadcasts them
+    at each forward, and each rank then updates its own on its last batch. Evaluation and the
+    final checkpoint must see one model."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def settings_fields() -> set[str]:
+    return {f.name for f in fields(LoopSettings)}
