@@ -33,6 +33,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.launch import SlurmOptions, run_suite
+    from bench.runner import Stopped
     from bench.suite import load_suite
 
     suite = load_suite(args.suite, seeds=args.seeds)
@@ -48,6 +49,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                   checkpoint_every=args.checkpoint_every, strategy=args.strategy,
                   num_nodes=args.num_nodes,
                   parallel=args.parallel, launcher=args.launcher, slurm=slurm)
+    except Stopped as err:  # a signal: the run under way checkpointed where it was
+        print(f"bench run: {err}", file=sys.stderr)
+        return 128 + err.signum  # the shell's status for a process ended by that signal
+    except OSError as err:  # a checkpoint or a row could not be written: the message says which
+        print(f"bench run: error: {err.strerror or err}", file=sys.stderr)
+        return 1
     except ValueError as err:  # bad --only, eval settings, W&B mode: all the user's to fix
         raise UserError(str(err)) from err
     return 0

@@ -145,8 +145,8 @@ class ImageNoise:
 
     def __init__(self, indices: Tensor, seed: int, dim: int, device: torch.device) -> None:
         self.dim, self.device = dim, device
-        self.generators = [torch.Generator(device=device).manual_seed(stream_seed(seed, int(i)))
-                           for i in indices]
+        self.generators = [torch.Generator(device=device).manual_seed(
+            stream_seed(seed, "image", int(i))) for i in indices]
 
     def __call__(self, m: int | None = None) -> Tensor:
         """One draw per image (B x dim), or m per image (m x B x dim)."""

@@ -124,6 +124,29 @@ def inception_weights_available(weights_path: str | None) -> bool:
     return hub.is_file()
 
 
+def check_inception_weights(weights_path: str | None) -> None:
+    """Refuse an Inception weights file (the named one, or torch hub's) that does not load as
+    plain tensors: torch-fidelity unpickles it with weights_only=False, which would run any
+    code its pickle carries."""
+    path = Path(weights_path) if weights_path else (
+        Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE)
+    if not path.is_file():
+        return  # torch-fidelity downloads the published file, or says it cannot
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle that asks for more than tensors, or not a torch file
+        reason = str(err).strip().split("\n")[0][:160]
+        if "Unsupported global" in str(err):
+            reason = next(line.strip() for line in str(err).splitlines()
+                          if "Unsupported global" in line)[:200]
+            raise ExtractorError(f"inception weights {path} do not load as plain tensors "
+                                 f"({reason}); refused, since loading it could run code: use "
+                                 f"the published {INCEPTION_WEIGHTS_FILE}") from err
+        raise ExtractorError(f"inception weights {path} is not torch-fidelity's Inception "
+                             f"weights ({type(err).__name__}: {reason}); use the published "
+                             f"{INCEPTION_WEIGHTS_FILE}") from err
+
+
 def get_extractor(features: str, dm, epochs: int | None = None, weights: str | None = None,
                   inception_weights: str | None = None, log=print) -> Extractor:
     """`features`: "inception" (torch-fidelity's Inception; downloads the weights if needed),
@@ -136,6 +159,7 @@ def get_extractor(features: str, dm, epochs: int | None = None, weights: str | N
                          "classifier")
     if features == "inception" or (features == "auto"
                                    and inception_weights_available(inception_weights)):
+        check_inception_weights(inception_weights)
         return Extractor(INCEPTION, weights_path=inception_weights)
     path = classifier_path(dm, epochs, weights, log)
     net, saved = load_classifier(path, dm.spec.name, dm.image_shape)

@@ -27,25 +27,61 @@ from bench.preflight import preflight
 from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
                            read_rows)
 from bench.evaluate import EvalSettings
-from bench.runner import (CHECKPOINT_EVERY_STEPS, RunOptions, evaluate_checkpoint, evaluated_row,
-                          git_commit, prepare_run_process, run_one)
+from bench.runner import (CHECKPOINT_EVERY_STEPS, STOP, RunOptions, evaluate_checkpoint,
+                          evaluated_row, git_commit, prepare_run_process, run_one)
 from bench.suite import RunSpec, Suite
 from bench.tracking import choose_wandb_mode, log_suite_summary
 
 
+def claim(out_dir: Path, spec):
+    """A lock on one run for this process (and DDP rank), or None when another process holds
+    it: two bench runs on one folder then train each run once. The lock is a file lock, which
+    the kernel releases when its process ends, however it ends."""
+    from filelock import FileLock, Timeout
+
+    folder = out_dir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / f"{spec.config_hash}.rank{rank_zero_only.rank}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
+def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str,
+                trained: dict | None, log) -> dict | None:
+    """Train, evaluate and append one spec under its lock; its row, or None when another
+    process has the run under way or finished it meanwhile."""
+    lock = claim(out_dir, spec)
+    if lock is None:
+        log(f"  {spec.run_id}: under way in another process on {out_dir}; left to it")
+        return None
+    try:
+        csv_path = out_dir / "runs.csv"
+        if not options.force and spec.config_hash in done_hashes(csv_path):
+            log(f"  {spec.run_id}: finished by another process meanwhile (in {csv_path.name})")
+            return None
+        row = run_one(spec, suite, out_dir, options, commit, trained=trained, log=log)
+        if row.pop("rank") == 0:
+            append_row(csv_path, row, unique=not options.force)
+        return row
+    finally:
+        lock.release()
+
+
 def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str,
-                 trained: dict | None = None) -> dict:
-    """Train, evaluate and append one spec; returns its row. Runs in a worker or a SLURM job."""
+                 trained: dict | None = None) -> dict | None:
+    """Train, evaluate and append one spec; returns its row (None: left to another process).
+    Runs in a worker or a SLURM job."""
     import torch
 
     prepare_run_process()
+    STOP.install()
     if os.environ.get("GENBENCH_THREADS"):
         torch.set_num_threads(int(os.environ["GENBENCH_THREADS"]))
-    opts = RunOptions(**options)
-    row = run_one(spec, suite, Path(out_dir), opts, commit, trained=trained, log=print)
-    if row.pop("rank") == 0:
-        append_row(Path(out_dir) / "runs.csv", row, unique=not opts.force)
-    return row
+    return run_claimed(spec, suite, Path(out_dir), RunOptions(**options), commit, trained,
+                       print)
 
 
 def _pin_worker(slots, gpu_ids: list[int], threads: int) -> None:
@@ -78,8 +114,10 @@ def run_parallel(specs, suite, out_dir: Path, workers: int, options: RunOptions,
         for future in as_completed(futures):
             spec = futures[future]
             try:
-                rows.append(future.result())
-                log(f"  done: {spec.run_id}")
+                row = future.result()
+                if row is not None:
+                    rows.append(row)
+                    log(f"  done: {spec.run_id}")
             except Exception:  # a failed worker loses only its own run
                 log(f"  FAILED: {spec.run_id}\n{traceback.format_exc()}")
     return rows
@@ -120,8 +158,10 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOpti
     rows = []
     for spec, job in zip(specs, jobs):
         try:
-            rows.append(job.result())
-            log(f"  done: {spec.run_id} (job {job.job_id})")
+            row = job.result()
+            if row is not None:
+                rows.append(row)
+                log(f"  done: {spec.run_id} (job {job.job_id})")
         except Exception as err:  # submitit re-raises the job's exception here
             log(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
     return rows
@@ -178,6 +218,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
                          progress)
     suite_start = time.perf_counter()
+    left: list[str] = []  # runs another process has under way
     say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "
         f"(W&B {mode})")
     if launcher in ("slurm", "submitit-local"):
@@ -191,12 +232,14 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         rows = run_parallel(pending, suite, out_dir, parallel, options, commit, trained, say)
     else:
         rows = []
+        STOP.install()
         for i, spec in enumerate(pending, 1):
             say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
-            row = run_one(spec, suite, out_dir, options, commit,
-                          trained=trained.get(spec.config_hash), log=say)
-            if row.pop("rank") == 0:
-                append_row(csv_path, row, unique=not force)
+            row = run_claimed(spec, suite, out_dir, options, commit,
+                              trained.get(spec.config_hash), say)
+            if row is None:
+                left.append(spec.run_id)
+                continue
             rows.append(row)
             say(one_line(row))
     if not zero:
@@ -212,6 +255,9 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     metric_bar_charts(table, out_dir / "plots")
     log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
                       suite.name, table, out_dir, mode)
+    if left:
+        say(f"\n{len(left)} run(s) left to the process that has them under way: "
+            f"{', '.join(left)}")
     say(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
         f"rows in {csv_path}, table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
     return table

@@ -222,30 +222,32 @@ class Progress:
 
 
 class DivergenceWatch:
-    """The training losses since the last look, kept on the device. `look` finds the first
+    """The training losses since the last look, kept on the device in one buffer (a list of
+    the losses themselves would keep a small allocation alive per step between the step's large
+    ones, and on a CPU the allocator then hands each step fresh pages). `look` finds the first
     non-finite one; under DDP the ranks decide together (the first of any rank), since a rank
     that stopped alone would leave the others waiting in their next all-reduce."""
 
     NONE = torch.iinfo(torch.long).max
 
-    def __init__(self, fabric: L.Fabric) -> None:
+    def __init__(self, fabric: L.Fabric, size: int = DIVERGENCE_EVERY_BATCHES) -> None:
         self.fabric = fabric
-        self.first_index = 0
-        self.losses: list[Tensor] = []
+        self.values = torch.empty(size, device=fabric.device)
+        self.first_index = self.count = 0
 
     def add(self, index: int, loss: Tensor) -> None:
-        if not self.losses:
+        if self.count == len(self.values):
+            self.look()
+        if self.count == 0:
             self.first_index = index
-        self.losses.append(loss.detach().reshape(()))
+        self.values[self.count].copy_(loss.detach())
+        self.count += 1
 
     def look(self) -> None:
-        if not self.losses:
-            losses = torch.zeros(0, device=self.fabric.device)
-        else:
-            losses = torch.stack(self.losses)
-        indices = torch.arange(self.first_index, self.first_index + len(losses),
+        losses = self.values[: self.count]
+        indices = torch.arange(self.first_index, self.first_index + self.count,
                                device=losses.device)
-        self.losses = []
+        self.count = 0
         first_bad = torch.where(torch.isfinite(losses), self.NONE, indices).min() \
             if len(losses) else torch.tensor(self.NONE, device=losses.device)
         if self.fabric.world_size > 1:
@@ -260,7 +262,7 @@ class DivergenceWatch:
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s random stream in a DDP run of seed `seed` (rank >= 1; rank zero
     goes on with the stream a single process has)."""
-    return stream_seed(seed, rank)
+    return stream_seed(seed, "rank", rank)
 
 
 def random_states(fabric: L.Fabric) -> dict[str, list[Tensor]]:
@@ -287,7 +289,14 @@ def save_atomically(fabric: L.Fabric, path: Path, state: dict) -> None:
     """fabric.save to a file beside `path`, renamed over it: a kill mid-write leaves the previous
     file whole. Every rank calls it; rank zero writes."""
     partial = path.with_name(path.name + ".partial")
-    fabric.save(partial, state)
+    try:
+        fabric.save(partial, state)
+    except OSError as err:  # a full disk, most often
+        partial.unlink(missing_ok=True)
+        kept = "the previous one is whole" if path.exists() else "there was none before"
+        raise OSError(err.errno, f"{path}: the checkpoint could not be written "
+                      f"({err.strerror or err}); {kept}: free the space and run bench run "
+                      "again") from err
     if fabric.is_global_zero:
         os.replace(partial, path)
     fabric.barrier()
@@ -357,8 +366,9 @@ def _sync(device: torch.device) -> None:
 def fit(run: Run, progress_bar: bool = False, stop_requested: Callable[[], bool] = lambda: False,
         log=print) -> Progress:
     """Train `run` from where its progress stands to its budget. Raises Diverged at the first
-    non-finite loss (every rank together). `stop_requested` is asked after each batch: when it
-    says yes, the loop writes a resumable checkpoint at that batch and returns early."""
+    non-finite loss (every rank together). `stop_requested` is asked after each batch (under
+    DDP, every divergence_every batches, all ranks together): when it says yes, the loop writes
+    a resumable checkpoint at that batch and returns early."""
     fabric, settings, progress = run.fabric, run.settings, run.progress
     module = run.module
     module.train()
@@ -367,7 +377,19 @@ def fit(run: Run, progress_bar: bool = False, stop_requested: Callable[[], bool]
         raise ValueError(f"no full training batch on a rank: {len(run.train_batches.images)} "
                          f"images, batch_size {run.train_batches.batch_size}, "
                          f"{fabric.world_size} process(es); use a smaller batch_size")
-    watch = DivergenceWatch(fabric)
+    watch = DivergenceWatch(fabric, settings.divergence_every)
+
+    def stopping(requested: Callable[[], bool], batches: int) -> bool:
+        """One process: asked after every batch. Several: the ranks decide together at each
+        divergence look (one all-reduce), since a rank that stopped alone would hang the
+        others; a signal may reach only some of them."""
+        if fabric.world_size == 1:
+            return requested()
+        if batches % settings.divergence_every:
+            return False
+        flag = torch.tensor(float(requested()), device=fabric.device)
+        return bool(fabric.all_reduce(flag, reduce_op="max"))
+
     bar = None
     if progress_bar and fabric.is_global_zero:
         from tqdm import tqdm
@@ -420,7 +442,7 @@ def fit(run: Run, progress_bar: bool = False, stop_requested: Callable[[], bool]
                     bar.update(progress.batches - bar.n)
                 if settings.checkpoint_every and progress.batches % settings.checkpoint_every == 0:
                     checkpoint()
-                if stop_requested():
+                if stopping(stop_requested, progress.batches):
                     watch.look()
                     checkpoint()
                     return progress

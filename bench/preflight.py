@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 import torch
 
 from bench.evaluate import EvalSettings
-from bench.extractor import (INCEPTION_WEIGHTS_FILE, ExtractorError, inception_weights_available,
+from bench.extractor import (INCEPTION_WEIGHTS_FILE, ExtractorError, check_inception_weights,
+                             inception_weights_available,
                              load_classifier)
 from bench.suite import RunSpec, SuiteError
 
@@ -51,6 +52,10 @@ def inception_problem(weights: str | None) -> str | None:
             return f"inception_weights {weights}: no such file; {fix}"
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        try:
+            check_inception_weights(weights)  # before torch-fidelity unpickles it
+        except ExtractorError as err:
+            return str(err)
         try:  # load it exactly as torch-fidelity will: strict state dict of its InceptionV3
             FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                         feature_extractor_weights_path=weights)
@@ -59,7 +64,13 @@ def inception_problem(weights: str | None) -> str | None:
             return (f"inception_weights {weights} is not torch-fidelity's Inception weights "
                     f"({type(err).__name__}: {reason}); {fix}")
         return None
-    if inception_weights_available(None) or reachable(INCEPTION_URL):
+    if inception_weights_available(None):
+        try:
+            check_inception_weights(None)
+        except ExtractorError as err:
+            return str(err)
+        return None
+    if reachable(INCEPTION_URL):
         return None
     return (f"features: inception needs the Inception weights, which are not on this machine, "
             f"and {urlparse(INCEPTION_URL).hostname} cannot be reached to download them; {fix}")

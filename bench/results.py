@@ -3,7 +3,10 @@ seed-pivot table. Regression verdicts live in bench.compare."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -54,7 +57,15 @@ def append_row(csv_path: Path, row: dict, unique: bool = True) -> bool:
             return False
         new = pd.DataFrame([row])
         table = new if existing.empty else pd.concat([existing, new], ignore_index=True)
-        _write_atomic(table, csv_path)
+        try:
+            _write_atomic(table, csv_path)
+        except OSError as err:  # a full disk, most often: the table on disk is as it was
+            for tmp in (csv_path.with_suffix(".csv.tmp"), csv_path.with_suffix(".parquet.tmp")):
+                tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, f"{csv_path}: the row of {row.get('model')}/"
+                          f"{row.get('variant')} seed {row.get('seed')} could not be written "
+                          f"({err.strerror or err}); the table holds its earlier rows, "
+                          "unchanged: free the space and run bench run again") from err
         return True
 
 
@@ -62,11 +73,23 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         return pd.DataFrame()
+    text = csv_path.read_text()
+    records = list(csv.reader(io.StringIO(text)))
+    if records:
+        width = len(records[0])
+        cut = [i for i, record in enumerate(records[1:], 2) if record and len(record) != width]
+        if cut:  # a row cut short (an edit by hand, a copy broken off): named, and left out
+            warnings.warn(f"{csv_path}: row(s) {', '.join(map(str, cut))} have not the header's "
+                          f"{width} fields (cut short or edited by hand); read without them",
+                          stacklevel=2)
+            kept = io.StringIO()
+            csv.writer(kept).writerows(r for i, r in enumerate(records, 1) if i not in cut)
+            text = kept.getvalue()
     try:
-        return pd.read_csv(csv_path, dtype={column: str for column in TEXT_COLUMNS})
+        return pd.read_csv(io.StringIO(text), dtype={column: str for column in TEXT_COLUMNS})
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
-    except pd.errors.ParserError as err:
+    except (pd.errors.ParserError, csv.Error) as err:
         raise ValueError(f"{csv_path}: not a readable results table ({err})") from err
 
 

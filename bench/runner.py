@@ -14,7 +14,9 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -170,7 +172,14 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
     device = evaluation_device(accelerator)
     dm = ImageDataModule(spec.dataset, seed=spec.seed, **spec.data)
     dm.setup()
-    model = MODELS[spec.model].load_from_checkpoint(checkpoint, map_location=device)
+    try:  # weights_only: a checkpoint's pickle cannot run code
+        model = MODELS[spec.model].load_from_checkpoint(checkpoint, map_location=device,
+                                                        weights_only=True)
+    except Exception as err:  # a torn file, another program's, or one that would run code
+        reason = str(err).strip().split("\n")[0][:160]
+        raise ValueError(f"{checkpoint}: not a {MODELS[spec.model].__name__} checkpoint that "
+                         f"loads as plain tensors ({type(err).__name__}: {reason}); refused. "
+                         "Rerun the run with bench run --force to train it again") from err
     return safe_evaluate(model.eval(), dm, settings, spec.seed, generate_here=True, log=log)
 
 
@@ -191,6 +200,55 @@ def evaluated_row(trained: dict, spec: RunSpec, metrics: dict, commit: str) -> d
         "trained_commit": trained.get("trained_commit", trained.get("git_commit")),
         "git_commit": commit, **versions(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+class Stopped(RuntimeError):
+    """A run stopped by a signal after writing its resumable checkpoint: nothing is recorded
+    as finished, and the next bench run resumes it at that batch."""
+
+    def __init__(self, signum: int, run_id: str, batch: int, checkpoint: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: {run_id} stopped after batch {batch}, with a "
+                         f"resumable checkpoint in {checkpoint}; run the same bench run again "
+                         "to resume it there")
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what SLURM and submitit send before a time limit or on preemption;
+    and SIGUSR2, submitit's own) ask the run under way to finish its batch, write a resumable
+    checkpoint there and stop. A handler that was there before ours (submitit's, in a SLURM
+    job) is called once our checkpoint is written: submitit then requeues the job."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None and signum not in self.previous:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def hand_on(self) -> None:
+        """After the checkpoint: the earlier handler of the signal (submitit's requeue), if
+        any; it does not return when it exits the job."""
+        previous = self.previous.get(self.signum)
+        if callable(previous):
+            previous(self.signum, None)
+
+
+STOP = StopSignals()
 
 
 def build_fabric(spec: RunSpec, options: RunOptions, settings: LoopSettings,
@@ -287,7 +345,12 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
     model = run.module.module
     # train
     try:
-        fit(run, progress_bar=options.progress, log=log)
+        fit(run, progress_bar=options.progress, stop_requested=STOP.requested, log=log)
+        if STOP.requested():
+            log(f"  stopped by {signal.Signals(STOP.signum).name} after batch "
+                f"{run.progress.batches}: resumable checkpoint {run.checkpoint}")
+            STOP.hand_on()
+            raise Stopped(STOP.signum, spec.run_id, run.progress.batches, run.checkpoint)
         model.finish_training(dm)
     except Diverged as err:
         log(f"  diverged: {err}")
@@ -344,5 +407,6 @@ def prepare_run_process() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     drop_failing_nvml_check()
-    for noise in (".*LeafSpec.*is deprecated.*",):
+    # torch's deprecation notes inside Lightning's own calls (Fabric's all_gather, pytree)
+    for noise in (".*LeafSpec.*is deprecated.*", ".*all_gather is deprecated.*"):
         warnings.filterwarnings("ignore", message=noise)

@@ -69,6 +69,28 @@ def read_idx(path: str | Path, expected_ndim: int) -> np.ndarray:
 
 
 CIFAR_IMAGE_BYTES = 3 * 32 * 32
+# What a CIFAR-10 batch's pickle may build besides dicts, lists, strings, bytes and numbers:
+# numpy's array reconstruction (numpy 1 and 2 module names), and the bytes of a batch re-saved
+# by Python 3 at protocol 2 (_codecs.encode of a str).
+CIFAR_GLOBALS = {("_codecs", "encode"), ("numpy.core.multiarray", "_reconstruct"),
+                 ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                 ("numpy", "dtype")}
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allow-list."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only what a CIFAR-10 batch holds. A plain pickle.load runs
+    whatever callable the file names (torchvision's reader does that too); a dataset folder
+    shared between people should not be able to run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise ForbiddenGlobal(f"it asks for {module}.{name}, which a CIFAR-10 batch never holds "
+                              "(refused: loading it could run code)")
 
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +100,9 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             # CIFAR batches were pickled by Python 2; 'bytes' keeps the keys as b'data'.
-            entry = pickle.load(f, encoding="bytes")
+            entry = CifarUnpickler(f, encoding="bytes").load()
+    except ForbiddenGlobal as err:
+        raise CorruptDataError(f"{path}: not a CIFAR-10 batch: {err}") from err
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             IndexError) as err:
         raise CorruptDataError(f"{path}: not a readable CIFAR-10 pickle batch ({type(err).__name__}:"

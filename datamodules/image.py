@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 
@@ -30,15 +31,15 @@ def to_unit_float(images: torch.Tensor, binarize: bool = False,
     return torch.bernoulli(x, generator=generator) if binarize else x
 
 
-def stream_seed(seed: int, *indices: int) -> int:
-    """A seed for one random stream of a run: a function of the run's seed and the stream's
-    indices (epoch and batch for a batch's binarisation, an image's index for its evaluation
-    noise, a rank for a DDP rank), not of the global random state, so a resumed, re-sharded or
-    re-batched run redraws exactly what an uninterrupted one would."""
-    mixed = seed
-    for index in indices:
-        mixed = (mixed * 1_000_003 + index) % 2**63
-    return mixed
+def stream_seed(seed: int, purpose: str, *indices: int) -> int:
+    """The seed of one random stream of a run: a hash of (run seed, what the stream is for, its
+    indices), e.g. ("order", epoch) for an epoch's data order, ("binarise", epoch, batch) for a
+    batch's pixels, ("image", i) for an evaluated image's noise, ("rank", r) for a DDP rank.
+    A function of those alone, not of the global random state, so a resumed, re-sharded or
+    re-batched run redraws exactly what an uninterrupted one would; and a hash, not a sum, so
+    that no two tuples share a stream (seed + epoch made seed 1's epoch 0 seed 0's epoch 1)."""
+    key = repr((int(seed), purpose, *(int(i) for i in indices))).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
 
 
 def binarized_once(images: torch.Tensor, seed: int) -> torch.Tensor:
@@ -89,7 +90,7 @@ class TensorBatches:
         n = len(self.images)
         order = None
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, "order", epoch))
             order = torch.randperm(n, generator=generator)
         if self.world_size > 1:
             order = (order if order is not None else torch.arange(n))[self.rank::self.world_size]
@@ -131,7 +132,7 @@ class TensorBatches:
         generator = None
         if self.binarize:
             generator = torch.Generator(device=images.device)
-            generator.manual_seed(stream_seed(self.seed, epoch, i))
+            generator.manual_seed(stream_seed(self.seed, "binarise", epoch, i))
         return to_unit_float(images, self.binarize, generator), labels
 
 

@@ -62,6 +62,9 @@ def ddp_suite(tmp_path_factory):
     runs = [{"model": model, "variant": name,
              "params": tiny | params | (mixture if model in ("ae", "sae") else {})}
             for name, model, params in VARIANTS]
+    # a seed at which some top-k unit fires in one rank's shard of the test split only (seen;
+    # see the dead_fraction test below)
+    next(run for run in runs if run["variant"] == "sae-topk-conv")["seeds"] = [1]
     suite = write_mnist_suite(tmp_path, runs, n_train=401, n_test=121, eval=EVAL, data=DATA)
     done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"),
                  "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",

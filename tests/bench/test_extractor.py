@@ -139,7 +139,7 @@ def test_the_shipped_classifier_reaches_its_recorded_accuracy_on_the_real_test_s
 
 def test_auto_uses_local_inception_weights_when_given(small_mnist, tmp_path):
     weights = tmp_path / "inception.pth"
-    weights.write_bytes(b"weights")
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, weights)  # plain tensors
     extractor = get_extractor("auto", small_mnist, inception_weights=str(weights))
     assert (extractor.name, extractor.weights_path) == (INCEPTION, str(weights))
 
@@ -188,3 +188,19 @@ def test_a_classifier_of_another_width_loads_with_its_width(small_mnist, tmp_pat
               "sha256": weights_hash(narrow.state_dict())}
     net, _ = load_classifier(save_classifier(saved, tmp_path / "narrow.pt"))
     assert net.body[0].out_channels == 8
+
+
+def test_inception_weights_whose_pickle_would_run_code_are_refused_before_anything_loads(
+        tmp_path):
+    from bench.extractor import ExtractorError, check_inception_weights
+    from bench.preflight import inception_problem
+    from tests.datamodules.test_formats import _Payload
+
+    marker = tmp_path / "payload-ran"
+    weights = tmp_path / "inception.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _Payload(marker)}, weights)
+    with pytest.raises(ExtractorError, match=rf"inception weights {weights} do not load as plain "
+                                             "tensors .*could run code"):
+        check_inception_weights(str(weights))
+    assert "could run code" in inception_problem(str(weights))
+    assert not marker.exists()

@@ -210,3 +210,99 @@ def test_suites_with_wrong_values_only_ever_give_clean_errors(tmp_path, document
 @given(text=st.text(max_size=200))
 def test_arbitrary_text_gives_a_clean_error(tmp_path, text):
     loads_or_fails_cleanly(tmp_path / "text.yaml", text)
+
+
+def wait_for(predicate, process, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def final_weights(out: Path) -> dict:
+    return torch.load(*out.glob("checkpoints/*/final.ckpt"), weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_a_sigtermed_run_checkpoints_its_batch_and_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGTERM (SLURM's notice before a time limit or a preemption) mid-run, with no periodic
+    checkpoint due: the run finishes its batch, writes a checkpoint there, records nothing, and
+    exits 143; the next bench run resumes there and ends bitwise as a run never stopped."""
+    suite_path = write_mnist_suite(
+        tmp_path, [{"model": "vae", "variant": "v", "params": {"hidden": 16, "latent_dim": 4}}],
+        budget={"epochs": 200}, data={"binarize": True})
+    quiet = {"wandb_mode": "disabled", "progress": False, "log": lambda m: None}
+    run_suite(load_suite(str(suite_path)), tmp_path / "whole", **quiet)
+
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out",
+         str(stopped), "--wandb", "disabled", "--no-progress", "--checkpoint-every", "100000"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list(stopped.glob("checkpoints/*")), process)
+    time.sleep(0.5)  # into the training
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "SIGTERM received" in stderr and "run the same bench run again" in stderr
+    assert not (stopped / "runs.csv").exists()  # nothing recorded as finished
+    state = torch.load(*stopped.glob("checkpoints/*/last.ckpt"), weights_only=True)
+    assert 0 < state["progress"]["batches"] < 200 * 25  # where it was, not a periodic one
+
+    run_suite(load_suite(str(suite_path)), stopped, **quiet)
+    resumed = read_rows(stopped / "runs.csv").iloc[0]
+    assert resumed["resumed_step"] == state["progress"]["batches"]
+    whole, again = final_weights(tmp_path / "whole"), final_weights(stopped)
+    for key in whole:
+        assert torch.equal(whole[key], again[key]), key
+
+
+@pytest.mark.slow
+def test_a_sigtermed_ddp_run_stops_every_rank_at_one_batch_and_resumes_bitwise(tmp_path):
+    suite_path = write_mnist_suite(
+        tmp_path, [{"model": "gan", "variant": "v",
+                    "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
+        budget={"epochs": 200})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache"),
+           "GENBENCH_DDP_TIMEOUT_S": "60"}
+
+    def bench_run(out: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out",
+             str(out), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+             "--wandb", "disabled", "--no-progress", "--checkpoint-every", "100000"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    assert bench_run(tmp_path / "whole").wait(timeout=300) == 0
+    stopped = tmp_path / "stopped"
+    process = bench_run(stopped)
+    wait_for(lambda: list(stopped.glob("checkpoints/*")), process)
+    time.sleep(3)  # both ranks into the training
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert list(stopped.glob("checkpoints/*/last.ckpt")) and not (stopped / "runs.csv").exists()
+    assert bench_run(stopped).wait(timeout=300) == 0
+    whole, again = final_weights(tmp_path / "whole"), final_weights(stopped)
+    for key in whole:
+        assert torch.equal(whole[key], again[key]), key
+
+
+@pytest.mark.slow
+def test_two_suites_on_one_folder_at_once_train_each_run_once(tmp_path):
+    runs = [{"model": "ae", "variant": f"v{i}", "params": {"hidden": 16, "latent_dim": 4}}
+            for i in range(3)]
+    suite_path = write_mnist_suite(tmp_path, runs, budget={"epochs": 150})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache")}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out",
+         str(tmp_path / "out"), "--wandb", "disabled", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    rows = read_rows(tmp_path / "out" / "runs.csv")
+    assert sorted(rows["variant"]) == ["v0", "v1", "v2"] and rows["config_hash"].is_unique
+    trained = sum(o.count("on mnist seed 0:") for o in outputs)
+    assert trained == 3  # each run trained by one process
+    assert any("left to it" in o for o in outputs), outputs

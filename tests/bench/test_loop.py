@@ -327,3 +327,26 @@ def test_compile_wraps_each_net_and_keeps_the_state_dict_keys():
     assert model.encoder._compiled_call_impl is not None
     assert model.decoder._compiled_call_impl is not None
     assert list(model.state_dict()) == keys
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path,
+                                                                                 monkeypatch):
+    import errno
+
+    from bench.loop import save_atomically
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    path = tmp_path / "last.ckpt"
+    save_atomically(fabric, path, {"step": 4})
+
+    def no_space(self, target, state):
+        target.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(L.Fabric, "save", no_space)
+    with pytest.raises(OSError, match=r"last.ckpt: the checkpoint could not be written \(No space "
+                                      r"left on device\); the previous one is whole"):
+        save_atomically(fabric, path, {"step": 8})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 4}
+    assert not (tmp_path / "last.ckpt.partial").exists()

@@ -47,7 +47,7 @@ def test_a_file_that_is_not_inception_weights_is_named(tmp_path, offline):
         tmp_path, [{"model": "gan", "variant": "g", "params": TINY,
                     "eval": {"generation": True, "inception_weights": str(bad)}}])))
     problems = check_specs(suite.specs, tmp_path / "out")
-    assert len(problems) == 1 and f"{bad} is not torch-fidelity's Inception weights" in problems[0]
+    assert len(problems) == 1 and f"{bad} is not torch-fidelity's Inception weights" in problems[0], problems
 
 
 def test_every_problem_is_listed_at_once(tmp_path, offline):

@@ -1,4 +1,5 @@
 import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -162,3 +163,38 @@ def test_latex_table_compiles_with_pdflatex(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "t.pdf").stat().st_size > 0
+
+
+def test_a_row_cut_short_by_hand_is_named_and_the_rest_still_reads(tmp_path):
+    path = tmp_path / "runs.csv"
+    for seed in range(3):
+        append_row(path, {"config_hash": f"h{seed}", "status": "ok", "seed": seed,
+                          "recon_mse": 0.1 * seed, "model": "ae"})
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2][:6]  # the second row, cut in its third field
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"runs.csv: row\(s\) 3 have not the header's 5 fields"):
+        rows = read_rows(path)
+    assert rows["config_hash"].tolist() == ["h0", "h2"]
+
+
+def test_a_full_disk_while_a_row_is_written_leaves_the_table_whole(tmp_path, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    path = tmp_path / "runs.csv"
+    append_row(path, {"config_hash": "h0", "status": "ok", "model": "ae", "variant": "mlp",
+                      "seed": 0})
+    before = path.read_bytes()
+
+    def no_space(self, target, *args, **kwargs):
+        Path(target).write_text("half a tab")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", no_space)
+    with pytest.raises(OSError, match=r"runs.csv: the row of vae/conv seed 1 could not be "
+                                      r"written \(No space left on device\); the table holds"):
+        append_row(path, {"config_hash": "h1", "status": "ok", "model": "vae",
+                          "variant": "conv", "seed": 1})
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

@@ -240,3 +240,24 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_afresh(tiny_su
     assert any("is unreadable" in m and "starting the run afresh" in m for m in messages)
     assert (ckpt_dir / "last.ckpt.unreadable").read_bytes() == b"PK\x03\x04 torn"
     assert read_rows(tmp_path / "out" / "runs.csv")["status"].tolist() == ["ok"]
+
+
+@pytest.mark.integration
+def test_a_checkpoint_whose_pickle_would_run_code_is_set_aside_and_runs_nothing(tiny_suite,
+                                                                                 tmp_path):
+    import torch
+
+    from tests.datamodules.test_formats import _Payload
+
+    cool = load_suite(str(tiny_suite.path))
+    cool.specs = [s for s in cool.specs if s.variant == "cool"]
+    ckpt_dir = tmp_path / "out" / "checkpoints" / cool.specs[0].config_hash
+    ckpt_dir.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    torch.save({"progress": {"batches": 3}, "x": _Payload(marker)}, ckpt_dir / "last.ckpt")
+    messages = []
+    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False,
+              log=messages.append)
+    assert not marker.exists()
+    assert any("last.ckpt is unreadable (UnpicklingError" in m for m in messages)
+    assert read_rows(tmp_path / "out" / "runs.csv")["status"].tolist() == ["ok"]

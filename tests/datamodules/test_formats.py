@@ -116,3 +116,25 @@ def test_read_cifar_batch_counts_images_against_labels(tmp_path):
     entry = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1, 2]}
     with pytest.raises(CorruptDataError, match="data_batch_1: 2 images but 3 labels"):
         read_cifar_batch(_pickle(tmp_path, entry))
+
+
+class _Payload:
+    """A pickle that, when loaded, creates a file (what a crafted dataset file could do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_cifar_batch_whose_pickle_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [1]}, protocol=2))
+    with pytest.raises(CorruptDataError, match=r"data_batch_1: not a CIFAR-10 batch: it asks for "
+                                               r"(io|builtins)\.open.*could run code"):
+        read_cifar_batch(path)
+    assert not marker.exists()

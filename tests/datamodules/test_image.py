@@ -227,9 +227,40 @@ def test_fixed_binarisation_draws_each_pixel_with_its_intensity():
 def test_every_batch_of_every_epoch_gets_its_own_seed():
     from datamodules.image import stream_seed
 
-    seeds = {stream_seed(seed, epoch, batch) for seed in range(3) for epoch in range(20)
-             for batch in range(200)}
+    seeds = {stream_seed(seed, "binarise", epoch, batch) for seed in range(3)
+             for epoch in range(20) for batch in range(200)}
     assert len(seeds) == 3 * 20 * 200
+
+
+def test_no_two_seeds_and_epochs_share_a_data_order():
+    """Seeds 0..9 x epochs 0..49: every (seed, epoch) has its own order (a sum of the two gave
+    seed 1's epoch 0 the order of seed 0's epoch 1)."""
+    orders = {tuple(counting_batches(200, 10, shuffle=True, drop_last=True, seed=seed)
+                    ._order(epoch).tolist()) for seed in range(10) for epoch in range(50)}
+    assert len(orders) == 10 * 50
+
+
+def test_an_epochs_order_depends_on_the_seed_and_epoch_alone():
+    """Not on the global random state, the object, or the rank: rank r of W takes positions
+    r, r + W, ... of the one order."""
+    whole = counting_batches(60, 5, shuffle=True, drop_last=True, seed=7)._order(3)
+    torch.rand(100)  # move the global generator on
+    again = counting_batches(60, 5, shuffle=True, drop_last=True, seed=7)._order(3)
+    ranks = [counting_batches(60, 5, shuffle=True, drop_last=True, seed=7, rank=r,
+                              world_size=2)._order(3) for r in (0, 1)]
+    assert torch.equal(whole, again)
+    assert torch.equal(torch.stack(ranks, 1).flatten(), whole)
+
+
+def test_training_binarisation_draws_new_pixels_every_epoch():
+    """The same images in the same order (no shuffle) in two epochs: other pixels are drawn,
+    while a batch redrawn in its own epoch is the same."""
+    images = torch.full((40, 1, 8, 8), 128, dtype=torch.uint8)
+    batches = TensorBatches(images, torch.zeros(40), 10, shuffle=False, drop_last=True,
+                            binarize=True, seed=3)
+    epoch0, epoch1 = (torch.cat([x for x, _ in batches.epoch_batches(e)]) for e in (0, 1))
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(epoch0, torch.cat([x for x, _ in batches.epoch_batches(0)]))
 
 
 def test_ordered_training_and_validation_batches_cover_their_splits_in_order(mnist_files):
