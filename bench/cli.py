@@ -40,15 +40,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: give a number of runs at once, >= 1")
+    if args.try_ and args.try_batches < 2:
+        raise UserError(f"--try-batches {args.try_batches}: give 2 or more (the first ones warm "
+                        "up, the rest are timed)")
     slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
                          gpus_per_job=args.slurm_gpus, cpus_per_job=args.slurm_cpus)
     try:
-        run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
-                  accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
-                  progress=False if args.no_progress else None,
-                  checkpoint_every=args.checkpoint_every, strategy=args.strategy,
-                  num_nodes=args.num_nodes,
-                  parallel=args.parallel, launcher=args.launcher, slurm=slurm)
+        table = run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
+                          accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
+                          progress=False if args.no_progress else None,
+                          checkpoint_every=args.checkpoint_every, strategy=args.strategy,
+                          num_nodes=args.num_nodes, parallel=args.parallel,
+                          launcher=args.launcher, slurm=slurm,
+                          try_batches=args.try_batches if args.try_ else None)
+        if args.try_:
+            return 1 if (table["status"] != "ok").any() else 0
     except Stopped as err:  # a signal: the run under way checkpointed where it was
         print(f"bench run: {err}", file=sys.stderr)
         return 128 + err.signum  # the shell's status for a process ended by that signal
@@ -135,7 +141,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         report = compare(_read_table(args.baseline), _read_table(args.current),
                          _tolerances(args.tol), metrics, alpha=args.alpha,
-                         names=(args.baseline, args.current))
+                         names=(args.baseline, args.current), paired=not args.unpaired,
+                         timings=args.timings)
     except ValueError as err:
         raise UserError(str(err)) from err
     print(format_report(report, args.allow_incomparable, show_all=args.all))
@@ -159,7 +166,8 @@ def _history_tables(paths: list[str]):
             files.append(path)
     tables = []
     for file in files:
-        tables.append(latest_runs(_read_table(str(file))))  # a rerun counts once
+        # a rerun counts once within its commit; each commit's rows are history
+        tables.append(latest_runs(_read_table(str(file)), per_commit=True))
     return pd.concat(tables, ignore_index=True)
 
 
@@ -172,7 +180,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     rows = _history_tables(args.tables)
     metrics = args.metrics.split(",") if args.metrics else None
     try:
-        course = history(rows, metrics, _tolerances(args.tol), alpha=args.alpha)
+        course = history(rows, metrics, _tolerances(args.tol), alpha=args.alpha,
+                         timings=args.timings)
     except ValueError as err:
         raise UserError(str(err)) from err
     if course.empty:
@@ -195,6 +204,19 @@ def cmd_history(args: argparse.Namespace) -> int:
         paths = history_charts(course, Path(args.out))
         print(f"plots: {', '.join(str(p) for p in paths)}")
     return 1 if len(began) else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from bench.calibrate import run_calibration
+
+    null, plants = run_calibration(args.suite, args.seeds, args.null_sets, Path(args.out))
+    print("\n" + null.to_markdown(index=False))
+    print("\n" + plants.to_markdown(index=False))
+    missed = plants[(plants["moved"] != "") & ~plants["caught_now"]]
+    print(f"\nplanted changes that moved an objective by > 2 seed spreads: "
+          f"{int((plants['moved'] != '').sum())}, caught now: "
+          f"{int(((plants['moved'] != '') & plants['caught_now']).sum())}")
+    return 1 if len(missed) or null["fails_now"].sum() > len(null) / 20 else 0
 
 
 def _history_cell(r) -> str:
@@ -342,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "path to a suite YAML file")
     run.add_argument("--out", help="output directory (default results/<suite>)")
     run.add_argument("--seeds", type=int, nargs="+", help="replace the suite's seeds")
+    run.add_argument("--try", dest="try_", action="store_true",
+                     help="train every pending entry for a few batches and evaluate it on a "
+                          "small sample, into a scratch folder (nothing is recorded), then "
+                          "print each entry's status and the full suite's estimated time on "
+                          "this machine; exit 1 if an entry failed. Run it before a long suite")
+    run.add_argument("--try-batches", type=int, default=24, metavar="N",
+                     help="training batches per entry with --try (default 24)")
     run.add_argument("--only", metavar="REGEX", help="run only specs whose id "
                      "(model-variant-dataset-sSEED) matches")
     run.add_argument("--force", action="store_true", help="redo runs already in the table")
@@ -398,9 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Match runs on model / variant / dataset / seed and judge each metric in its "
         "better direction. A baseline run missing or unfinished in the current table fails the "
         "check; a metric measured differently (features, sample counts, K, test images) is "
-        "incomparable and fails it unless --allow-incomparable. With 2+ seeds on both sides a "
-        "worsening must exceed the tolerance AND be significant by Welch's t-test (one-sided, "
-        "--alpha); with one seed the tolerance alone decides (default 2%%, 50%% for timings).")
+        "incomparable and fails it unless --allow-incomparable. Only a family's objectives can "
+        "fail (reconstruction, ELBO / IW-NLL, sample figures, L0 / dead fraction as the family "
+        "declares); other figures are shown, not judged. With 2+ seeds on both sides a "
+        "worsening must exceed the tolerance AND be significant: a paired t-test over shared "
+        "seeds, Welch's otherwise (one-sided), the p-values of all comparisons Holm-adjusted "
+        "to --alpha together; with one seed the tolerance alone decides (default 2%%).")
     comp.add_argument("baseline")
     comp.add_argument("current")
     comp.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL",
@@ -412,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="report metrics measured differently, but do not fail on them")
     comp.add_argument("--all", action="store_true",
                       help="print every comparison, not only those that are not plainly ok")
+    comp.add_argument("--unpaired", action="store_true",
+                      help="compare each model's seed distributions even where the seed sets "
+                           "differ (a nightly run with rotated seeds), instead of matching runs "
+                           "seed by seed")
+    comp.add_argument("--timings", action="store_true",
+                      help="judge throughput, wall time and memory too (descriptive otherwise)")
     comp.set_defaults(func=cmd_compare)
 
     hist = commands.add_parser(
@@ -423,9 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("tables", nargs="+", help="runs.csv files or folders holding them")
     hist.add_argument("--metrics", help="comma-separated metrics (default: the headline ones)")
     hist.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL")
+    hist.add_argument("--timings", action="store_true",
+                      help="judge throughput, wall time and memory too (descriptive otherwise)")
     hist.add_argument("--alpha", type=float, default=0.05)
     hist.add_argument("--out", help="folder for metric-over-commits PNGs")
     hist.set_defaults(func=cmd_history)
+
+    calib = commands.add_parser(
+        "calibrate", help="measure the regression gate: false alarms and planted regressions",
+        description="Run a suite at several disjoint seed sets and compare every pair (same "
+        "code: each failure is a false alarm), then plant regressions (bench/calibrate.py "
+        "PLANTS) and see which the gate catches; prints both tables, each with the gate as it "
+        "is and the rule before it. Exit 1 if more than 1 in 20 null compares fail or a planted "
+        "change that moved an objective by more than twice its seed spread went uncaught.")
+    calib.add_argument("--suite", default="smoke")
+    calib.add_argument("--seeds", type=int, default=3, help="seeds a side (default 3)")
+    calib.add_argument("--null-sets", type=int, default=7,
+                       help="disjoint seed sets (default 7: 21 null pairs)")
+    calib.add_argument("--out", default="results/calibration")
+    calib.set_defaults(func=cmd_calibrate)
 
     perf = commands.add_parser("perf", help="training throughput: the harness's loop vs a plain "
                                "PyTorch loop, lightning.Trainer and a DataLoader feed",

@@ -8,8 +8,21 @@ Three rules make a verdict trustworthy:
 2. **Nothing disappears.** A baseline run that is missing from the current table, or that did
    not finish there (diverged, eval_failed), is itself a regression.
 3. **Seed noise.** Where both sides hold two or more seeds, a change is a regression only when it
-   is worse than the tolerance *and* Welch's t-test says it is beyond the spread over seeds
-   (`regression_rule`); with one seed only the tolerance speaks, and the report says so.
+   is worse than the tolerance *and* a t-test says it is beyond the spread over seeds: paired on
+   the per-seed differences when both sides ran the same seeds (`paired_rule`), Welch's over the
+   two seed distributions otherwise (`regression_rule`); with one seed only the tolerance
+   speaks, and the report says so.
+4. **Many comparisons, one gate.** A compare makes dozens of comparisons and fails on any one,
+   so their p-values are adjusted together by Holm's step-down method (`holm_adjusted`): the
+   chance that unchanged code fails the gate stays at alpha. Holm rather than
+   Benjamini-Hochberg because the gate's error is "any false alarm" (family-wise), which Holm
+   controls under any dependence between metrics; BH controls the expected share of false
+   alarms among the flagged ones, which lets a compare with many true nulls fail more often.
+5. **Objectives judged, the rest shown.** Each family declares what it is for
+   (`judged_metrics` on its class: reconstruction figures where it reconstructs, ELBO and
+   IW-NLL for the VAE, sample figures where it samples, L0 and dead fraction for the sparse
+   AE); every other figure (the sparsity of codes not meant to be sparse; timings and memory
+   unless asked) is descriptive: reported with its change, never failing the gate.
 """
 
 from __future__ import annotations
@@ -111,8 +124,9 @@ class Verdict:
     regression: bool
     change: float  # relative change of the means in the better direction (negative = worse)
     noise: float  # standard error of the difference of means (NaN with one seed a side)
-    p_value: float  # one-sided Welch p-value for a worsening (NaN with one seed a side)
-    rule: str  # "welch" or "tolerance (1 seed)"
+    p_value: float  # one-sided p-value for a worsening (NaN with one seed a side)
+    rule: str  # "welch", "paired" or "tolerance (1 seed)"
+    beyond_tolerance: bool = False  # worse than the tolerance, whatever the seed noise
 
 
 def regression_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance: float,
@@ -133,14 +147,67 @@ def regression_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance
     change = direction * delta / max(abs(base.mean()), 1e-12)
     beyond_tolerance = bool(change < -tolerance)
     if len(base) < 2 or len(cur) < 2:
-        return Verdict(beyond_tolerance, change, math.nan, math.nan, "tolerance (1 seed)")
+        return Verdict(beyond_tolerance, change, math.nan, math.nan, "tolerance (1 seed)",
+                       beyond_tolerance)
     noise = math.sqrt(base.var(ddof=1) / len(base) + cur.var(ddof=1) / len(cur))
     if noise == 0:  # no spread at all (deterministic runs): any worsening is real
         p_value = 0.0 if direction * delta < 0 else 1.0
     else:
         worse = "less" if direction > 0 else "greater"
         p_value = float(stats.ttest_ind(cur, base, equal_var=False, alternative=worse).pvalue)
-    return Verdict(beyond_tolerance and p_value < alpha, change, noise, p_value, "welch")
+    return Verdict(beyond_tolerance and p_value < alpha, change, noise, p_value, "welch",
+                   beyond_tolerance)
+
+
+def paired_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance: float,
+                alpha: float = DEFAULT_ALPHA) -> Verdict:
+    """`regression_rule` for two sides that ran the same seeds, `base[i]` and `cur[i]` of one
+    seed: the two runs of a seed share their initialisation and data order, so the per-seed
+    differences d_i = cur_i - base_i carry much less noise than either side's spread. One-sided
+    paired t-test (Student 1908; scipy's ttest_rel) that mean(d) lies in the worse direction;
+    `noise` is the standard error of mean(d), std(d) / sqrt(n)."""
+    from scipy import stats
+
+    base, cur = np.asarray(base, float), np.asarray(cur, float)
+    diff = cur - base
+    change = direction * diff.mean() / max(abs(base.mean()), 1e-12)
+    beyond_tolerance = bool(change < -tolerance)
+    noise = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+    if noise == 0:  # every seed moved alike (or not at all)
+        p_value = 0.0 if direction * diff.mean() < 0 else 1.0
+    else:
+        worse = "less" if direction > 0 else "greater"
+        p_value = float(stats.ttest_rel(cur, base, alternative=worse).pvalue)
+    return Verdict(beyond_tolerance and p_value < alpha, change, noise, p_value, "paired",
+                   beyond_tolerance)
+
+
+def holm_adjusted(p_values) -> np.ndarray:
+    """Holm's step-down adjustment (Holm 1979, "A simple sequentially rejective multiple test
+    procedure"): with the m p-values sorted, p_(1) <= ... <= p_(m), the adjusted
+    p~_(i) = max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where p~ < alpha keeps the
+    chance of any false rejection among the m at most alpha, whatever their dependence. NaNs
+    (comparisons without a test) stay NaN and do not count in m."""
+    p = np.asarray(p_values, float)
+    adjusted = np.full_like(p, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
+    running = 0.0
+    for rank, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def judged_metrics(model: str, timings: bool = False) -> set[str]:
+    """The figures that can fail a regression check for this family (its class's
+    `judged_metrics`; every metric for a model genbench does not know), with the timings and
+    memory when asked."""
+    from modules import MODELS
+
+    cls = MODELS.get(str(model))
+    judged = set(cls.judged_metrics) if cls is not None else set(DIRECTIONS) - TIMING_METRICS
+    return judged | (set(TIMING_METRICS) if timings else set())
 
 
 def tolerance_for(metric: str, tolerances: dict[str, float]) -> float:
@@ -207,20 +274,43 @@ class Comparison:
             ("incomparable metric(s)" + (" (allowed)" if allow_incomparable else ""),
              counts["incomparable"])) if n]
         head = "FAIL" if self.exit_status(allow_incomparable) else "PASS"
-        rule = "seed-aware (Welch, where 2+ seeds a side)" if self.seed_aware else \
-            "one seed a side: tolerance only, no seed-noise estimate"
+        rule = ("seed-aware (paired over shared seeds, else Welch; Holm-adjusted)"
+                if self.seed_aware else
+                "one seed a side: tolerance only, no seed-noise estimate")
+        shown = int((self.metrics.get("verdict") == "descriptive").sum()) \
+            if len(self.metrics) else 0
+        if shown:
+            rule += f"; {shown} descriptive figure(s) shown, not judged"
         body = ", ".join(parts) if parts else "no regression"
         extra = f"; {new} new run(s)" if new else ""
         return f"{head}: {body} in {compared} comparisons{extra} [{rule}]"
 
 
+def judge_together(records: list[dict], alpha: float, correction: str = "holm") -> None:
+    """Set each judged record's verdict from its tolerance and its p-value adjusted with the
+    others' (`holm_adjusted`; "none" leaves them raw): one adjustment per gate decision."""
+    tested = [r for r in records if r.get("verdict") == "pending"]
+    raw = [r["p_value"] for r in tested]
+    adjusted = holm_adjusted(raw) if correction == "holm" else np.asarray(raw, float)
+    for record, p_adjusted in zip(tested, adjusted):
+        record["p_adjusted"] = p_adjusted
+        significant = True if math.isnan(p_adjusted) else p_adjusted < alpha  # 1 seed: tolerance
+        record["verdict"] = "REGRESSION" if record["beyond_tolerance"] and significant else "ok"
+
+
 def compare(baseline: pd.DataFrame, current: pd.DataFrame,
             tolerances: dict[str, float] | None = None, metrics: list[str] | None = None,
             alpha: float = DEFAULT_ALPHA,
-            names: tuple[str, str] = ("the baseline table", "the current table")) -> Comparison:
-    """Runs matched on model / variant / dataset / seed, then each metric per model / variant /
-    dataset judged by `regression_rule` over the seeds that finished on each side. Reruns
-    count once (the latest row of a config hash). `names` (file paths) go into error messages."""
+            names: tuple[str, str] = ("the baseline table", "the current table"),
+            paired: bool = True, correction: str = "holm", judge: str = "objectives",
+            timings: bool = False) -> Comparison:
+    """Runs matched on model / variant / dataset / seed (with `paired=False`, on model / variant
+    / dataset: the seed sets may differ), then each metric per model / variant / dataset
+    judged over the seeds that finished on each side: `paired_rule` where both sides ran the
+    same seeds (unless `paired=False`), else `regression_rule`; p-values adjusted together
+    (`correction`: holm or none). Only the family's objectives can fail (`judge`: objectives,
+    or all), timings too with `timings`; the rest is descriptive. Reruns count once (the latest
+    row of a config hash). `names` (file paths) go into error messages."""
     tolerances = tolerances or {}
     for option, given in (("--tol", tolerances), ("--metrics", metrics or [])):
         unknown = set(given) - set(DIRECTIONS)
@@ -232,7 +322,7 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
     chosen = list(metrics or DIRECTIONS)
     baseline = check_numeric(latest_runs(baseline), chosen, names[0])
     current = check_numeric(latest_runs(current), chosen, names[1])
-    runs = _match_runs(baseline, current)
+    runs = _match_runs(baseline, current, RUN_KEYS if paired else GROUP_KEYS)
 
     ok = lambda t: t[t["status"] == "ok"]  # noqa: E731
     base_ok, cur_ok = ok(baseline), ok(current)
@@ -244,13 +334,14 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
         b, c = select(base_ok), select(cur_ok)
         if b.empty or c.empty:
             continue  # the run table already says missing or new
+        judged = set(DIRECTIONS) if judge == "all" else judged_metrics(key.model, timings)
         for metric in chosen:
             b_values = b[metric].dropna() if metric in b else pd.Series(dtype=float)
             c_values = c[metric].dropna() if metric in c else pd.Series(dtype=float)
             if b_values.empty and c_values.empty:
                 continue
             record = {**key._asdict(), "metric": metric, "n_base": len(b_values),
-                      "n_cur": len(c_values),
+                      "n_cur": len(c_values), "judged": metric in judged,
                       "baseline": b_values.mean() if len(b_values) else math.nan,
                       "current": c_values.mean() if len(c_values) else math.nan}
             tol = tolerance_for(metric, tolerances)
@@ -263,30 +354,54 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
             elif differences:
                 record |= {"verdict": "incomparable", "detail": "; ".join(differences)}
             else:
-                v = regression_rule(b_values.to_numpy(), c_values.to_numpy(), DIRECTIONS[metric],
+                b_seeds = b.loc[b_values.index, "seed"].tolist()
+                c_seeds = c.loc[c_values.index, "seed"].tolist()
+                same_seeds = sorted(b_seeds) == sorted(c_seeds) and len(set(b_seeds)) > 1 \
+                    and len(set(b_seeds)) == len(b_seeds)
+                if paired and same_seeds:
+                    b_by_seed = dict(zip(b_seeds, b_values.to_numpy()))
+                    c_by_seed = dict(zip(c_seeds, c_values.to_numpy()))
+                    order = sorted(b_by_seed)
+                    v = paired_rule(np.array([b_by_seed[k] for k in order]),
+                                    np.array([c_by_seed[k] for k in order]), DIRECTIONS[metric],
                                     tol, alpha)
-                seed_aware |= v.rule == "welch"
+                else:
+                    v = regression_rule(b_values.to_numpy(), c_values.to_numpy(),
+                                        DIRECTIONS[metric], tol, alpha)
+                seed_aware |= v.rule != "tolerance (1 seed)"
                 record |= {"delta": record["current"] - record["baseline"], "change": v.change,
                            "noise": v.noise, "p_value": v.p_value, "tolerance": tol,
-                           "rule": v.rule, "verdict": "REGRESSION" if v.regression else "ok"}
+                           "rule": v.rule, "beyond_tolerance": v.beyond_tolerance,
+                           "verdict": "pending"}
+            if not record["judged"]:  # descriptive: shown with its change, never failing
+                record["verdict"] = "descriptive"
             record.setdefault("detail", "")
             configs = config_differences(b["config"].iloc[-1], c["config"].iloc[-1]) \
                 if "config" in b and "config" in c else ""
             if configs:
                 record["detail"] = "; ".join(filter(None, [record["detail"], "config " + configs]))
             records.append(record)
+    judge_together(records, alpha, correction)
     columns = GROUP_KEYS + ["metric", "baseline", "current", "delta", "change", "noise",
-                            "p_value", "n_base", "n_cur", "tolerance", "rule", "verdict",
-                            "detail"]
+                            "p_value", "p_adjusted", "n_base", "n_cur", "tolerance", "rule",
+                            "verdict", "detail"]
     return Comparison(runs, pd.DataFrame(records).reindex(columns=columns), seed_aware)
 
 
-def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
+def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame,
+                keys: list[str] = RUN_KEYS) -> pd.DataFrame:
     """Each run key with its status on both sides; a baseline run that finished but is missing
     or unfinished now is a regression ("missing", "diverged"); a run only in the current table
-    is "new"."""
-    merged = baseline[RUN_KEYS + ["status"]].merge(
-        current[RUN_KEYS + ["status"]], on=RUN_KEYS, how="outer", suffixes=("_base", "_cur"),
+    is "new". Matched on model / variant / dataset alone (unpaired compares), a side's status is
+    ok when all its seeds are, else the first other status."""
+    def statuses(table: pd.DataFrame) -> pd.DataFrame:
+        if keys == RUN_KEYS:
+            return table[RUN_KEYS + ["status"]]
+        first_bad = lambda s: next((v for v in s if v != "ok"), "ok")  # noqa: E731
+        return table.groupby(keys, sort=False)["status"].agg(first_bad).reset_index()
+
+    merged = statuses(baseline).merge(
+        statuses(current), on=keys, how="outer", suffixes=("_base", "_cur"),
         indicator=True, sort=False)
 
     def status(row) -> str:
@@ -301,7 +416,7 @@ def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
         return "ok" if row["status_cur"] == "ok" else "still not ok"
 
     merged["status"] = merged.apply(status, axis=1) if len(merged) else []
-    return merged[RUN_KEYS + ["status_base", "status_cur", "status"]]
+    return merged[keys + ["status_base", "status_cur", "status"]]
 
 
 def format_report(report: Comparison, allow_incomparable: bool = False,
@@ -312,14 +427,20 @@ def format_report(report: Comparison, allow_incomparable: bool = False,
     unusual = report.runs[report.runs["status"] != "ok"]
     if len(unusual):
         lines += ["Runs:", unusual.to_markdown(index=False), ""]
-    shown = report.metrics if show_all else report.metrics[report.metrics["verdict"] != "ok"]
+    m = report.metrics
+    if show_all or m.empty:
+        shown = m
+    else:  # what is not plainly ok: failures, and descriptive figures that moved
+        moved = (m["verdict"] == "descriptive") & (m["change"].abs() > m["tolerance"])
+        shown = m[~m["verdict"].isin(["ok", "descriptive"]) | moved]
     if len(shown):
         shown = shown.dropna(axis=1, how="all").copy()
         if "change" in shown:
             shown["change"] = shown["change"].map(lambda v: "" if pd.isna(v) else
                                                   f"{v * 100:+.2f}%")
-        if "p_value" in shown:
-            shown["p_value"] = shown["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        for column in ("p_value", "p_adjusted"):
+            if column in shown:
+                shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
         what = "Metrics" if show_all else "Metrics that are not plainly ok (--all shows every one)"
         lines += [f"{what}; mean over seeds, noise = standard error of the difference:",
                   shown.fillna("").to_markdown(index=False, floatfmt=".5g"), ""]
@@ -335,23 +456,27 @@ def commit_order(rows: pd.DataFrame) -> list[str]:
 
 
 def history(rows: pd.DataFrame, metrics: list[str] | None = None,
-            tolerances: dict[str, float] | None = None,
-            alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
+            tolerances: dict[str, float] | None = None, alpha: float = DEFAULT_ALPHA,
+            timings: bool = False) -> pd.DataFrame:
     """Per model / variant / dataset, metric and commit: mean, std and seed count over the runs
-    that finished, and whether a regression began there (`regression_rule` against the previous
-    commit that measured the metric the same way; a change of provenance starts afresh)."""
+    that finished, and whether a regression began there: each commit against the previous
+    commit that measured the metric the same way (a change of provenance starts afresh), by
+    the rules of `compare` (paired over shared seeds, else Welch; the family's objectives
+    only), the p-values of one commit's comparisons Holm-adjusted together. A rerun supersedes
+    an earlier row within its commit only: across commits the rows are the history."""
     for column in ("git_commit", "timestamp"):
         if column not in rows.columns:
             raise ValueError(f"the tables lack the column {column!r} that history orders by")
     check_columns(rows, "the tables")
     tolerances = tolerances or {}
-    rows = latest_runs(rows)
+    rows = latest_runs(rows, per_commit=True)
     rows = rows[rows["status"] == "ok"]
     chosen = [m for m in (metrics or HEADLINE) if m in rows.columns and rows[m].notna().any()]
     rows = check_numeric(rows, chosen, "the tables")
     order = {commit: i for i, commit in enumerate(commit_order(rows))}
     records = []
     for key, group in rows.groupby(GROUP_KEYS, sort=False):
+        judged = judged_metrics(key[0], timings)
         for metric in chosen:
             previous = None
             for commit, at_commit in sorted(group.groupby("git_commit"),
@@ -362,18 +487,34 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
                 record = dict(zip(GROUP_KEYS, key)) | {
                     "metric": metric, "commit": commit, "commit_index": order[commit],
                     "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1
-                    else math.nan, "n": len(values), "regression": False, "note": ""}
+                    else math.nan, "n": len(values), "regression": False, "note": "",
+                    "judged": metric in judged}
+                seeds = at_commit.loc[values.index, "seed"].tolist()
                 if previous is not None:
-                    prev_rows, prev_values = previous
+                    prev_rows, prev_values, prev_seeds = previous
                     differences = provenance_differences(metric, prev_rows,
                                                          at_commit.loc[values.index])
                     if differences:
                         record["note"] = "measured differently: " + "; ".join(differences)
                     else:
-                        v = regression_rule(prev_values, values.to_numpy(), DIRECTIONS[metric],
-                                            tolerance_for(metric, tolerances), alpha)
+                        tol = tolerance_for(metric, tolerances)
+                        if sorted(seeds) == sorted(prev_seeds) and len(set(seeds)) > 1 \
+                                and len(set(seeds)) == len(seeds):
+                            mine, theirs = dict(zip(seeds, values)), dict(zip(prev_seeds,
+                                                                              prev_values))
+                            v = paired_rule(np.array([theirs[k] for k in sorted(mine)]),
+                                            np.array([mine[k] for k in sorted(mine)]),
+                                            DIRECTIONS[metric], tol, alpha)
+                        else:
+                            v = regression_rule(prev_values, values.to_numpy(),
+                                                DIRECTIONS[metric], tol, alpha)
                         record |= {"previous_mean": prev_values.mean(), "change": v.change,
-                                   "p_value": v.p_value, "regression": v.regression}
-                previous = (at_commit.loc[values.index], values.to_numpy())
+                                   "p_value": v.p_value, "beyond_tolerance": v.beyond_tolerance,
+                                   "verdict": "pending" if metric in judged else "descriptive"}
+                previous = (at_commit.loc[values.index], values.to_numpy(), seeds)
                 records.append(record)
+    for commit in order:  # one gate decision per commit step
+        judge_together([r for r in records if r["commit"] == commit], alpha)
+    for record in records:
+        record["regression"] = record.pop("verdict", None) == "REGRESSION"
     return pd.DataFrame(records)

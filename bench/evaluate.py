@@ -322,8 +322,11 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
             x = dm.test_images[:32].to(model.device).float() / 255
             grids["reconstructions"] = torch.cat([x, model.reconstruct(x)]).cpu()
     if hasattr(model, "iw_nll"):
+        iw_start = time.perf_counter()
         metrics |= likelihood_metrics(model, test, settings.iw_k, settings.iw_images, seed)
+        metrics["iw_s"] = time.perf_counter() - iw_start  # ELBO and IW-NLL, seconds
     if hasattr(model, "sample") and settings.generation and extractor is not None:
+        generation_start = time.perf_counter()
         if callable(extractor):  # fetched only now: a failure here comes after every collective
             extractor = extractor()
         torch.manual_seed(seed)
@@ -332,13 +335,15 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
         n_real = settings.n_real or len(dm.test_images)
         real = to_uint8_rgb(dm.test_images[:n_real])
         log(f"  FID, IS, KID, PR, DC: {len(fake)} generated vs {len(real)} test images, "
-            f"features {extractor.name}")
+            f"features {extractor.features}")
         metrics |= fidelity_metrics(fake, real, extractor,
-                                    f"genbench-{dm.spec.name}-test{len(real)}-{extractor.name}",
+                                    f"genbench-{dm.spec.name}-test{len(real)}-{extractor.features}",
                                     settings, cuda=model.device.type == "cuda")
-        metrics |= {"n_fake": len(fake), "n_real": len(real), "features": extractor.name}
+        metrics |= {"n_fake": len(fake), "n_real": len(real), "features": extractor.features}
         if extractor.accuracy is not None:
             metrics["features_acc"] = extractor.accuracy
+        # generating, extracting features and FID & co, seconds (bench run --try scales it)
+        metrics["generation_s"] = time.perf_counter() - generation_start
     metrics["eval_s"] = time.perf_counter() - start
     return metrics, grids
 

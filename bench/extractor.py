@@ -27,6 +27,7 @@ from torch import nn
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+PUBLISHED_INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub names files by their sha256
 SHIPPED_DIR = Path(__file__).parent / "extractors"
 FILE_FORMAT = "genbench-classifier-1"
 # How the shipped classifiers were trained; a cached one for another dataset uses the same.
@@ -115,6 +116,26 @@ class Extractor:
     weights_path: str | None = None  # inception weights, or the classifier file that was used
     accuracy: float | None = None  # classifier's test accuracy (None for Inception)
     net: ClassifierNet | None = None
+    label: str | None = None  # what rows record as `features`, when it is not `name`
+
+    @property
+    def features(self) -> str:
+        """The row's `features`: which extractor and which weights made the features."""
+        return self.label or self.name
+
+
+def inception_label(weights_path: str | None) -> str | None:
+    """Inception features from weights other than the published file's are another
+    measurement: their label carries the file's sha256 (the published file's name carries its
+    own prefix, 6726825d, and keeps the plain name)."""
+    if not weights_path:
+        return None
+    digest = hashlib.sha256()
+    with open(weights_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    sha = digest.hexdigest()
+    return None if sha.startswith(PUBLISHED_INCEPTION_SHA256_PREFIX) else f"{INCEPTION}-{sha[:8]}"
 
 
 def inception_weights_available(weights_path: str | None) -> bool:
@@ -160,7 +181,8 @@ def get_extractor(features: str, dm, epochs: int | None = None, weights: str | N
     if features == "inception" or (features == "auto"
                                    and inception_weights_available(inception_weights)):
         check_inception_weights(inception_weights)
-        return Extractor(INCEPTION, weights_path=inception_weights)
+        return Extractor(INCEPTION, weights_path=inception_weights,
+                         label=inception_label(inception_weights))
     path = classifier_path(dm, epochs, weights, log)
     net, saved = load_classifier(path, dm.spec.name, dm.image_shape)
     return register_classifier(net, saved, path)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+import submitit.helpers
 from lightning.pytorch.utilities import rank_zero_only
 
 from bench.plots import metric_bar_charts
@@ -123,6 +124,15 @@ def run_parallel(specs, suite, out_dir: Path, workers: int, options: RunOptions,
     return rows
 
 
+class RequeueableSpecJob(submitit.helpers.Checkpointable):
+    """`run_spec_job` as a submitit Checkpointable: on a time limit or a preemption submitit
+    asks it for a checkpoint (the run has written its own at the batch under way, see
+    bench.runner.StopSignals, and resumes from it) and requeues the same call."""
+
+    def __call__(self, *args):
+        return run_spec_job(*args)
+
+
 @dataclass
 class SlurmOptions:
     partition: str | None = None
@@ -150,7 +160,7 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOpti
             parameters["slurm_partition"] = slurm.partition
     executor.update_parameters(**parameters)
     n = len(specs)
-    jobs = executor.map_array(run_spec_job, specs, [suite] * n, [str(out_dir)] * n,
+    jobs = executor.map_array(RequeueableSpecJob(), specs, [suite] * n, [str(out_dir)] * n,
                               [asdict(options)] * n, [commit] * n,
                               [(trained or {}).get(spec.config_hash) for spec in specs])
     log(f"submitted {n} jobs to {executor.cluster} (logs in {out_dir / 'slurm'}): "
@@ -185,7 +195,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
               checkpoint_every: int | None = None, strategy: str = "auto",
               num_nodes: int = 1, parallel: int = 1,
               launcher: str = "local", slurm: SlurmOptions | None = None,
-              log=print) -> pd.DataFrame:
+              try_batches: int | None = None, log=print) -> pd.DataFrame:
     """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
     several devices through DDP), `parallel` at a time, or as a SLURM job array; then write the
     summary table and plots. Returns this suite's rows."""
@@ -213,10 +223,27 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                 f"(config {spec.config_hash}), skipped; --force redoes it")
         else:
             pending.append(spec)
+    if try_batches is not None:  # before preflight: these are the user's to fix at once
+        cannot = [flag for flag, given in (("--force", force), (f"--launcher {launcher}",
+                                                              launcher != "local"))
+                  if given]
+        if cannot:
+            raise ValueError(f"--try cannot honour {' and '.join(cannot)}: it tries every entry "
+                             "not yet in the table, here, into a scratch folder; drop "
+                             f"{' and '.join(cannot)}")
     preflight(pending, out_dir)  # every problem at once, before anything trains
     commit = git_commit()
     options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
                          progress)
+    if try_batches is not None:
+        from bench.trial import try_suite
+
+        if parallel > 1:
+            say(f"--try runs the entries one after another; --parallel {parallel} only sets the "
+                "estimate's number of runs at once")
+        say(f"trying {len(pending)} entr{'y' if len(pending) == 1 else 'ies'} of suite "
+            f"{suite.name} for {try_batches} batches each (nothing is recorded)")
+        return try_suite(suite, pending, options, commit, try_batches, parallel, say)
     suite_start = time.perf_counter()
     left: list[str] = []  # runs another process has under way
     say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "

@@ -119,11 +119,13 @@ def eval_failed_rows(csv_path: Path) -> dict[str, dict]:
     return {str(r["config_hash"]): r.to_dict() for _, r in failed.iterrows()}
 
 
-def latest_runs(rows: pd.DataFrame) -> pd.DataFrame:
+def latest_runs(rows: pd.DataFrame, per_commit: bool = False) -> pd.DataFrame:
     """One row per run: a rerun (`--force`) appends a row with the same config hash and seed, and
     the latest (last in the file) supersedes the earlier ones, which stay in the file for the
-    record."""
-    keys = [k for k in ("config_hash", "seed") if k in rows.columns]
+    record. With `per_commit`, one row per run and commit: the same run at another commit is
+    another point of its history, not a rerun."""
+    keys = [k for k in ("config_hash", "seed") + (("git_commit",) if per_commit else ())
+            if k in rows.columns]
     if rows.empty or "config_hash" not in keys:
         return rows
     return rows.drop_duplicates(subset=keys, keep="last")

@@ -30,8 +30,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from bench.compare import PROVENANCE
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
-from bench.loop import (Diverged, LoopSettings, ManualStepDDP, Progress, Run, apply_net_options,
-                        configured_optimizers, fit, rank_seed, save_atomically, throughput)
+from bench.loop import (WARMUP_BATCHES, Diverged, LoopSettings, ManualStepDDP, Run,
+                        apply_net_options, configured_optimizers, fit, rank_seed,
+                        save_atomically, throughput)
 from bench.plots import save_run_grids
 from bench.results import DIRECTIONS
 from bench.suite import RunSpec, Suite
@@ -57,6 +58,7 @@ class RunOptions:
     checkpoint_every: int = CHECKPOINT_EVERY_STEPS
     force: bool = False
     progress: bool = False
+    warmup_batches: int = WARMUP_BATCHES  # before the throughput clock starts
 
     @property
     def multi_process(self) -> bool:
@@ -327,7 +329,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
         return evaluated_row(trained, spec, metrics, commit) | {"rank": rank_zero_only.rank}
     start = time.perf_counter()
     loop_settings = LoopSettings.from_suite(spec.trainer,
-                                            checkpoint_every=options.checkpoint_every)
+                                            checkpoint_every=options.checkpoint_every,
+                                            warmup_batches=options.warmup_batches)
     logger = make_logger(suite.wandb.get("project", "genbench"),
                          suite.wandb.get("group", suite.name), spec.run_id, out_dir,
                          options.wandb_mode,

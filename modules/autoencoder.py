@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, distributions
 
 from modules.nets import as_tuple_shape, make_decoder, make_encoder
-from modules.steps import LossSteps, first_tensor
+from modules.steps import RECONSTRUCTION_FIGURES, SAMPLE_FIGURES, LossSteps, first_tensor
 
 RECON_LOSSES = ("mse", "bce")
 
@@ -30,6 +30,9 @@ class Autoencoder(LossSteps):
     al. 2020, "From Variational to Deterministic Autoencoders"). The mixture lives in buffers,
     so checkpoints carry it.
     """
+
+    # It reconstructs, and samples from its latent mixture; its codes are not meant to be sparse.
+    judged_metrics = RECONSTRUCTION_FIGURES + SAMPLE_FIGURES
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32, loss: str = "mse",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.nets import as_tuple_shape, init_dcgan_weights, make_decoder, make_encoder
-from modules.steps import BenchModule, first_tensor
+from modules.steps import SAMPLE_FIGURES, BenchModule, first_tensor
 
 GAN_LOSSES = ("ns", "wgan-gp")
 OPTIMIZER_DEFAULTS = {"ns": (2e-4, (0.5, 0.999)), "wgan-gp": (1e-4, (0.0, 0.9))}
@@ -66,6 +66,8 @@ class GAN(BenchModule):
     # without it the first generator step fails. The search walks the autograd graph at every
     # backward, which costs time, so only the GAN asks for it.
     ddp_find_unused_parameters = True
+
+    judged_metrics = SAMPLE_FIGURES
 
     def __init__(self, backbone: str = "conv", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 64, hidden: int = 64, width: int = 32, loss: str = "ns",

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from modules.autoencoder import Autoencoder, reconstruction_loss
+from modules.steps import RECONSTRUCTION_FIGURES, SAMPLE_FIGURES
 
 SPARSITY_MECHANISMS = ("l1", "kl", "topk", "input_mask")
 
@@ -45,6 +46,8 @@ class SparseAutoencoder(Autoencoder):
     the AuxK loss on dead latents when `aux_k` > 0) and `input_mask` (train on inputs with a
     fraction `mask_fraction` of pixels zeroed). Codes are sigmoid with `kl`, else ReLU.
     """
+
+    judged_metrics = RECONSTRUCTION_FIGURES + ("l0", "dead_fraction") + SAMPLE_FIGURES
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32, loss: str = "mse",

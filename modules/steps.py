@@ -14,6 +14,12 @@ import torch
 from torch import Tensor
 
 
+# The figures a regression check judges, by what a family is for (its class's
+# `judged_metrics`); every other figure of its rows is descriptive: shown, never failing.
+RECONSTRUCTION_FIGURES = ("recon_mse", "psnr", "ssim")
+SAMPLE_FIGURES = ("fid", "kid_mean", "isc_mean", "precision", "recall", "density", "coverage")
+
+
 def first_tensor(batch) -> Tensor:
     """Images from an (images, labels) batch or a bare image batch."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch

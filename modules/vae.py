@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.nets import as_tuple_shape, make_decoder, make_encoder
-from modules.steps import LossSteps
+from modules.steps import RECONSTRUCTION_FIGURES, SAMPLE_FIGURES, LossSteps
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 LOG_2PI = math.log(2 * math.pi)
@@ -60,6 +60,8 @@ class VAE(LossSteps):
     negative beta-ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z)), with one reparameterised
     sample z = mu + sigma * eps (Kingma & Welling 2014). Losses are logged in nats per image.
     """
+
+    judged_metrics = RECONSTRUCTION_FIGURES + ("elbo", "iw_nll") + SAMPLE_FIGURES
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32,

@@ -103,7 +103,7 @@ def seeds(values, **extra):
 
 def test_a_three_sigma_shift_over_three_seeds_is_a_regression():
     base = [10.0, 11.0, 12.0]  # std 1
-    report = compare(table(*seeds(base)), table(*seeds([v + 3.0 for v in base])))
+    report = compare(table(*seeds(base)), table(*seeds([v + 3.0 for v in base])), paired=False)
     fid = metric_row(report, "fid")
     assert fid["verdict"] == "REGRESSION" and fid["rule"] == "welch"
     assert fid["noise"] == pytest.approx(np.sqrt(1 / 3 + 1 / 3))
@@ -113,7 +113,7 @@ def test_a_three_sigma_shift_over_three_seeds_is_a_regression():
 
 def test_a_half_sigma_shift_over_three_seeds_is_noise():
     base = [10.0, 11.0, 12.0]
-    report = compare(table(*seeds(base)), table(*seeds([v + 0.5 for v in base])))
+    report = compare(table(*seeds(base)), table(*seeds([v + 0.5 for v in base])), paired=False)
     fid = metric_row(report, "fid")
     assert fid["change"] < -0.02  # beyond the tolerance on its own...
     assert fid["verdict"] == "ok" and fid["p_value"] > 0.2  # ...but well inside the seed noise
@@ -273,11 +273,126 @@ def test_a_metric_only_in_the_current_table_is_new_not_a_regression():
 
 def test_the_significance_level_is_the_callers():
     base, cur = table(*seeds([10.0, 11.0, 12.0])), table(*seeds([13.0, 14.0, 15.0]))  # p ~ 0.012
-    assert metric_row(compare(base, cur), "fid")["verdict"] == "REGRESSION"
-    assert metric_row(compare(base, cur, alpha=0.001), "fid")["verdict"] == "ok"
+    assert metric_row(compare(base, cur, paired=False), "fid")["verdict"] == "REGRESSION"
+    assert metric_row(compare(base, cur, alpha=0.001, paired=False), "fid")["verdict"] == "ok"
 
 
 def test_one_group_judged_over_seeds_makes_the_report_seed_aware():
     base = table(*seeds([10.0, 11.0, 12.0]), row(model="vae", fid=5.0, **GEN))
     cur = table(*seeds([10.0, 11.0, 12.0]), row(model="vae", fid=5.0, **GEN))
     assert compare(base, cur).seed_aware  # ae over 3 seeds, vae with one
+
+
+def test_with_the_same_seeds_the_per_seed_differences_are_tested():
+    """A shift of 0.5 where the seeds spread by 1: within the seed noise for Welch, but every
+    seed moved alike, which the paired test sees (and matches scipy's ttest_rel)."""
+    base = [10.0, 11.0, 12.0]
+    cur = [10.6, 11.4, 12.5]
+    fid = metric_row(compare(table(*seeds(base)), table(*seeds(cur))), "fid")
+    assert fid["rule"] == "paired" and fid["verdict"] == "REGRESSION"
+    assert fid["p_value"] == pytest.approx(stats.ttest_rel(cur, base, alternative="greater").pvalue)
+    assert metric_row(compare(table(*seeds(base)), table(*seeds(cur)), paired=False),
+                      "fid")["verdict"] == "ok"
+
+
+def test_unpaired_compares_other_seeds_instead_of_calling_them_missing_and_new():
+    base = table(*seeds([10.0, 11.0, 12.0]))
+    cur = table(*[{**r, "seed": r["seed"] + 3, "config_hash": f"x{r['seed']}"}
+                  for r in seeds([10.2, 11.1, 12.3])])
+    assert compare(base, cur).exit_status() == 1  # every run missing (and new)
+    report = compare(base, cur, paired=False)
+    assert report.exit_status() == 0 and report.runs["status"].tolist() == ["ok"]
+    assert metric_row(report, "fid")["rule"] == "welch"
+
+
+def test_holm_adjusts_each_p_value_by_how_many_smaller_ones_there_are():
+    from bench.compare import holm_adjusted
+
+    adjusted = holm_adjusted([0.01, 0.04, float("nan"), 0.03, 0.005])
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): 4 x 0.005, 3 x 0.01, max(0.03, 2 x 0.03), 0.06
+    assert adjusted[[4, 0, 3, 1]] == pytest.approx([0.02, 0.03, 0.06, 0.06])
+    assert math.isnan(adjusted[2])
+
+
+def test_many_comparisons_are_adjusted_together_so_one_small_p_is_not_enough():
+    """20 metrics-worth of comparisons: a p of 0.02 alone fails a single comparison, not one
+    of twenty (Holm needs 0.05 / 20); the raw and adjusted p-values are both in the report."""
+    metrics = ["fid", "kid_mean", "isc_mean", "precision", "recall", "density", "coverage"]
+    base = [{**row(model="gan", variant=f"v{g}", seed=i, **GEN),
+             **{m: 10.0 + i for m in metrics}} for g in range(3) for i in range(3)]
+    cur = [dict(r) for r in base]
+    for r, shift in zip(cur[:3], (0.9, 1.25, 1.6)):  # one metric of one group moves a little
+        r["fid"] += shift
+    single = compare(table(*base[:3]), table(*cur[:3]), metrics=["fid"])
+    assert metric_row(single, "fid", model="gan")["verdict"] == "REGRESSION"
+    report = compare(table(*base), table(*cur))
+    fid = report.metrics[(report.metrics["metric"] == "fid")
+                         & (report.metrics["variant"] == "v0")].iloc[0]
+    assert fid["p_value"] < 0.05 < fid["p_adjusted"] and fid["verdict"] == "ok"
+    assert compare(table(*base), table(*cur), correction="none").exit_status() == 1
+
+
+def test_only_a_familys_objectives_fail_the_gate_the_rest_is_shown():
+    base = table(*[row(seed=i, hoyer=0.20, recon_mse=0.1, **GEN) for i in range(3)])
+    cur = table(*[row(seed=i, hoyer=0.10 + 0.01 * i, recon_mse=0.1, **GEN) for i in range(3)])
+    report = compare(base, cur)
+    hoyer = metric_row(report, "hoyer")
+    assert hoyer["verdict"] == "descriptive" and hoyer["change"] < -0.4  # the AE's codes
+    assert report.exit_status() == 0 and "descriptive figure(s) shown" in report.summary_line()
+    from bench.compare import format_report
+    assert "hoyer" in format_report(report)  # it moved, so it is shown
+    assert compare(base, cur, judge="all").exit_status() == 1
+
+
+def test_timings_are_descriptive_unless_asked_for():
+    base = table(*[row(seed=i, train_img_per_s=1000.0 + i, device="cpu", devices=1)
+                   for i in range(3)])
+    cur = table(*[row(seed=i, train_img_per_s=100.0 + i, device="cpu", devices=1)
+                  for i in range(3)])
+    assert compare(base, cur).exit_status() == 0
+    assert compare(base, cur, timings=True).exit_status() == 1
+
+
+def test_history_keeps_every_commit_of_the_same_runs():
+    """The same config hashes at three commits: three points of history, not reruns of one
+    (the latest row of a hash and seed supersedes only within its commit)."""
+    def at(commit, hour, values):
+        return [{**r, "config_hash": f"run-{r['seed']}"} for r in commit_rows(commit, hour,
+                                                                              values)]
+    rows = table(*at("c1", 1, [10.0, 11.0, 12.0]), *at("c2", 2, [10.1, 11.1, 12.1]),
+                 *at("c3", 3, [14.0, 15.0, 16.0]))
+    course = history(rows, ["fid"])
+    assert course["commit"].tolist() == ["c1", "c2", "c3"]
+    assert course["regression"].tolist() == [False, False, True]  # paired: every seed +4
+
+
+def null_tables(rng, groups=4, seeds_a_side=3):
+    """Two tables of the same code at disjoint seeds: every figure of a group drawn from one
+    normal distribution (its own mean, a spread of 10% of it, far beyond the tolerance)."""
+    metrics = ["recon_mse", "psnr", "ssim", "fid", "kid_mean", "isc_mean", "precision",
+               "recall", "density", "coverage"]
+    means = rng.uniform(1, 100, size=(groups, len(metrics)))
+    sides = []
+    for side in range(2):
+        rows = []
+        for g in range(groups):
+            for s in range(seeds_a_side):
+                seed = side * seeds_a_side + s
+                values = rng.normal(means[g], 0.1 * means[g])
+                rows.append({**row(variant=f"v{g}", seed=seed, **GEN),
+                             "config_hash": f"v{g}-{seed}", **dict(zip(metrics, values))})
+        sides.append(table(*rows))
+    return sides
+
+
+def test_null_compares_fail_the_gate_at_most_alpha_of_the_time():
+    """60 compares of unchanged code (40 comparisons each): with Holm's adjustment the share
+    that fails stays near alpha = 0.05 (at most 7 of 60, a binomial tail of ~3% at 0.05);
+    unadjusted, most of them fail."""
+    rng = np.random.default_rng(0)
+    failed = unadjusted = 0
+    for _ in range(60):
+        base, cur = null_tables(rng)
+        failed += compare(base, cur, paired=False).exit_status()
+        unadjusted += compare(base, cur, paired=False, correction="none").exit_status()
+    assert failed <= 7 and unadjusted >= 25, (failed, unadjusted)

@@ -204,3 +204,46 @@ def test_inception_weights_whose_pickle_would_run_code_are_refused_before_anythi
         check_inception_weights(str(weights))
     assert "could run code" in inception_problem(str(weights))
     assert not marker.exists()
+
+
+def random_inception_weights(path):
+    """torch-fidelity's InceptionV3 with its architecture and keys but random weights, saved as
+    its weights file: the real numbers are not needed to test the path (and cannot be fetched
+    here). Built with the download and the strict load patched out, then saved."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    cls = inception.FeatureExtractorInceptionV3
+    original_load, original_url = cls.load_state_dict, inception.load_state_dict_from_url
+    cls.load_state_dict = lambda self, state_dict, *a, **k: None
+    inception.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        net = cls("inception-v3-compat", ["2048"])
+    finally:
+        cls.load_state_dict, inception.load_state_dict_from_url = original_load, original_url
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_an_entry_runs_end_to_end_on_inception_features_from_a_named_weights_file(tmp_path,
+                                                                                   monkeypatch):
+    from bench.launch import run_suite
+    from bench.suite import load_suite
+    from tests.data_files import write_mnist_suite
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    suite = load_suite(str(write_mnist_suite(
+        tmp_path, [{"model": "gan", "variant": "g", "budget": {"steps": 5},
+                    "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
+        eval={"generation": True, "features": "inception", "inception_weights": str(weights),
+              "n_fake": 12, "n_real": 12, "kid_subset_size": 6, "batch_size": 6})))
+    row = run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False,
+                    log=lambda m: None).iloc[0]
+    assert row["status"] == "ok", row.get("error")
+    # random weights are not the published ones: the row names the file's hash
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    assert row["features"] == f"{INCEPTION}-{sha}" and row["n_fake"] == 12 and row["n_real"] == 12
+    for metric in ("fid", "kid_mean", "isc_mean", "precision", "recall", "density", "coverage"):
+        assert np.isfinite(row[metric]), metric

@@ -119,26 +119,34 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, mo
             assert resumed[metric] == whole[metric], metric
 
 
+def ddp_gan_runner(tmp_path, epochs: int, checkpoint_every: int):
+    """A function that starts `bench run` of a tiny MLP GAN over two CPU processes (gloo) into
+    a folder, in a session of its own (a signal to the group reaches rank 1, a child of
+    rank 0)."""
+    suite_path = write_mnist_suite(
+        tmp_path, [{"model": "gan", "variant": "v",
+                    "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
+        budget={"epochs": epochs})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache"),
+           "GENBENCH_DDP_TIMEOUT_S": "60"}
+
+    def bench_run(out: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out",
+             str(out), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+             "--wandb", "disabled", "--no-progress", "--checkpoint-every",
+             str(checkpoint_every)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+    return bench_run
+
+
 @pytest.mark.slow
 def test_a_killed_ddp_run_resumes_each_ranks_noise_to_the_uninterrupted_result(tmp_path):
     """Two processes (gloo), a GAN whose ranks draw their own latents: the kill lands after the
     first checkpoint, and the resumed run must give each rank back its own random state, ending
     bitwise where the uninterrupted run ends."""
-    suite_path = write_mnist_suite(
-        tmp_path, [{"model": "gan", "variant": "v",
-                    "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
-        budget={"epochs": 20})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache"),
-           "GENBENCH_DDP_TIMEOUT_S": "60"}
-
-    def bench_run(out: Path) -> subprocess.Popen:
-        # a session of its own: the kill must reach rank 1, a child of rank 0
-        return subprocess.Popen(
-            [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out",
-             str(out), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-             "--wandb", "disabled", "--no-progress", "--checkpoint-every", "7"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+    bench_run = ddp_gan_runner(tmp_path, epochs=20, checkpoint_every=7)
 
     assert bench_run(tmp_path / "whole").wait(timeout=300) == 0
     killed = tmp_path / "killed"
@@ -259,21 +267,7 @@ def test_a_sigtermed_run_checkpoints_its_batch_and_resumes_to_the_uninterrupted_
 
 @pytest.mark.slow
 def test_a_sigtermed_ddp_run_stops_every_rank_at_one_batch_and_resumes_bitwise(tmp_path):
-    suite_path = write_mnist_suite(
-        tmp_path, [{"model": "gan", "variant": "v",
-                    "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
-        budget={"epochs": 200})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache"),
-           "GENBENCH_DDP_TIMEOUT_S": "60"}
-
-    def bench_run(out: Path) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite_path), "--out",
-             str(out), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-             "--wandb", "disabled", "--no-progress", "--checkpoint-every", "100000"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-
+    bench_run = ddp_gan_runner(tmp_path, epochs=200, checkpoint_every=100000)
     assert bench_run(tmp_path / "whole").wait(timeout=300) == 0
     stopped = tmp_path / "stopped"
     process = bench_run(stopped)

@@ -1,0 +1,79 @@
+"""`bench run --try` (bench/trial.py): every entry tried through the whole path, nothing
+recorded, failures named, and the suite's time estimated."""
+
+import pytest
+
+import bench.trial
+from bench.launch import run_suite
+from bench.suite import load_suite
+from bench.trial import makespan, trial_spec
+from tests.data_files import write_mnist_suite
+
+pytestmark = pytest.mark.integration  # trains through the harness
+
+
+@pytest.fixture
+def suite(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    runs = [{"model": "vae", "variant": "v", "params": {"hidden": 16, "latent_dim": 4}},
+            {"model": "gan", "variant": "g", "params": {"backbone": "mlp", "hidden": 16,
+                                                        "latent_dim": 4}}]
+    return load_suite(str(write_mnist_suite(
+        tmp_path, runs, budget={"epochs": 5},
+        eval={"generation": True, "features": "classifier", "n_fake": 500, "iw_k": 7,
+              "iw_images": 50, "kid_subset_size": 200})))
+
+
+def test_every_entry_is_tried_and_nothing_is_recorded(suite, tmp_path):
+    lines = []
+    table = run_suite(suite, tmp_path / "out", try_batches=6, parallel=2, log=lines.append)
+    assert table["status"].tolist() == ["ok", "ok"]
+    assert not (tmp_path / "out" / "runs.csv").exists()
+    assert (table["est_train_s"] > 0).all() and (table["est_total_s"] > table["est_train_s"]).all()
+    vae = table.set_index("entry").iloc[0]
+    assert vae["eval_s_per_iw_sample"] > 0 and vae["eval_s_per_image"] > 0
+    assert any("with --parallel 2" in line and "one after another" in line for line in lines)
+
+
+def test_an_entry_that_fails_is_named_and_the_others_still_run(suite, tmp_path, monkeypatch):
+    from modules import VAE
+
+    def broken(self, x):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (20x3072 and 784x64)")
+
+    monkeypatch.setattr(VAE, "losses", broken)
+    table = run_suite(suite, tmp_path / "out", try_batches=6, log=lambda m: None)
+    assert table["status"].tolist()[0].startswith("RuntimeError: mat1 and mat2 shapes")
+    assert table["status"].tolist()[1] == "ok"
+
+
+def test_try_refuses_what_it_cannot_honour(suite, tmp_path):
+    with pytest.raises(ValueError, match="--try cannot honour --force"):
+        run_suite(suite, tmp_path / "out", try_batches=6, force=True, log=lambda m: None)
+
+
+def test_the_trial_keeps_the_entrys_k_and_shrinks_only_the_samples(suite):
+    spec = trial_spec(suite.specs[0], 6)
+    assert spec.budget == {"steps": 6}
+    # K = 7: the trial takes all 50 images (it wants 10,000 samples for a full-batch cost)
+    assert spec.eval["iw_k"] == 7 and spec.eval["iw_images"] == 50 and spec.eval["n_fake"] == 200
+    assert spec.eval["kid_subset_size"] == 100 and spec.eval["features"] == "classifier"
+
+
+def test_the_estimate_scales_each_part_by_its_own_count(suite, monkeypatch):
+    monkeypatch.setattr(bench.trial, "budget_batches", lambda spec: 1000)
+    row = {"train_img_per_s": 100.0, "eval_s": 10.0, "generation_s": 4.0, "iw_s": 2.0,
+           "n_fake": 200, "n_real": 200, "iw_k": 7, "iw_images": 8, "test_images": 100,
+           "wall_s": 20.0}
+    spec = suite.specs[0]  # batch size 10, n_fake 500, all 100 test images real, iw 7 x 50
+    got = bench.trial.estimate(spec, row, tried_batches=6, warmup=2)
+    assert got["s_per_batch"] == pytest.approx(0.1)
+    assert got["est_train_s"] == pytest.approx(100.0)
+    # 4 s fixed + 4 s / 400 images x 600 + 2 s / 56 samples x 350
+    assert got["est_eval_s"] == pytest.approx(4 + 4 / 400 * 600 + 2 / 56 * 350)
+    assert got["est_total_s"] == pytest.approx(100 + got["est_eval_s"] + (20 - 10 - 0.6))
+
+
+def test_the_parallel_estimate_puts_the_longest_first_on_the_least_loaded():
+    assert makespan([5, 4, 3, 3, 3], 2) == 10  # 5 3 | 4 3 3, in that order
+    assert makespan([10, 1, 1], 3) == 10 and makespan([2, 2], 1) == 4
