@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -480,16 +480,3 @@ def throughput(fabric: L.Fabric, progress: Progress, peak_mb: float) -> dict[str
     images, seconds, peak = every[:, 0].sum(), every[:, 1].max(), every[:, 2].max()
     rate = float(images / seconds) if images > 0 and seconds > 0 else math.nan
     return {"train_img_per_s": rate, "peak_mem_mb": float(peak)}
-
-
-def broadcast_buffers(module) -> None:
-    """Rank zero's buffers (BatchNorm's running statistics) on every rank: DDP broadcasts them
-    at each forward, and each rank then updates its own on its last batch. Evaluation and the
-    final checkpoint must see one model."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for buffer in module.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-
-
-def settings_fields() -> set[str]:
-    return {f.name for f in fields(LoopSettings)}

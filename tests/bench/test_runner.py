@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -261,3 +262,36 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_set_aside_and_runs_nothing(
     assert not marker.exists()
     assert any("last.ckpt is unreadable (UnpicklingError" in m for m in messages)
     assert read_rows(tmp_path / "out" / "runs.csv")["status"].tolist() == ["ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kept", [True, False])
+def test_freed_memory_is_kept_for_the_next_step_instead_of_faulting_in_again(kept):
+    """A conv AE's training steps on a CPU free and allocate the same large buffers: with
+    keep_freed_memory their pages stay mapped; without it they fault in again every step
+    (thousands of pages)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch\n"
+        "from bench.runner import keep_freed_memory\n"
+        f"print(keep_freed_memory() if {kept} else False)\n"
+        "from modules import Autoencoder\n"
+        "torch.manual_seed(0); model = Autoencoder(backbone='conv')\n"
+        "optimizer = torch.optim.Adam(model.parameters())\n"
+        "x = torch.rand(128, 1, 28, 28)\n"
+        "def step():\n"
+        "    model.losses(x)['loss'].backward(); optimizer.step(); optimizer.zero_grad()\n"
+        "for _ in range(3): step()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5): step()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env=env).stdout.split()
+    applied, faults_per_step = out[0] == "True", float(out[1])
+    if kept:
+        assert applied and faults_per_step < 300, faults_per_step
+    else:
+        assert faults_per_step > 1000, faults_per_step
