@@ -363,8 +363,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(run: Run, progress_bar: bool = False, stop_requested: Callable[[], bool] = lambda: False,
-        log=print) -> Progress:
+def fit(run: Run, progress_bar: bool = False,
+        stop_requested: Callable[[], bool] = lambda: False) -> Progress:
     """Train `run` from where its progress stands to its budget. Raises Diverged at the first
     non-finite loss (every rank together). `stop_requested` is asked after each batch (under
     DDP, every divergence_every batches, all ranks together): when it says yes, the loop writes

@@ -229,6 +229,7 @@ class StopSignals:
         self.previous: dict[int, object] = {}
 
     def install(self) -> None:
+        self.signum = None  # a new suite: an earlier stop's signal is handled
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only
         for name in self.SIGNALS:
@@ -348,7 +349,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
     model = run.module.module
     # train
     try:
-        fit(run, progress_bar=options.progress, stop_requested=STOP.requested, log=log)
+        fit(run, progress_bar=options.progress, stop_requested=STOP.requested)
         if STOP.requested():
             log(f"  stopped by {signal.Signals(STOP.signum).name} after batch "
                 f"{run.progress.batches}: resumable checkpoint {run.checkpoint}")

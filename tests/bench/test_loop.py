@@ -261,7 +261,9 @@ def test_every_form_of_configure_optimizers_is_read(configured, optimizers, inte
                                                                 "interval": "step"}}}
     found, schedules = configured_optimizers(SimpleNamespace(
         configure_optimizers=lambda: forms[configured]))
-    assert len(found) == optimizers and [s.interval for s in schedules] == intervals
+    assert len(found) == optimizers and found[0] is adam
+    assert [s.interval for s in schedules] == intervals
+    assert all(s.scheduler is scheduler for s in schedules)
 
 
 def test_settings_that_are_gone_or_unknown_are_refused_with_what_to_do():

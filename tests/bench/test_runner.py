@@ -295,3 +295,16 @@ def test_freed_memory_is_kept_for_the_next_step_instead_of_faulting_in_again(kep
         assert applied and faults_per_step < 300, faults_per_step
     else:
         assert faults_per_step > 1000, faults_per_step
+
+
+def test_a_new_suite_forgets_the_signal_that_stopped_the_last_one():
+    import signal
+
+    from bench.runner import StopSignals
+
+    stop = StopSignals()
+    stop.signum = signal.SIGTERM  # what the handler left after the last suite stopped
+    stop.install()
+    assert not stop.requested()
+    for signum, previous in stop.previous.items():  # leave this process as it was
+        signal.signal(signum, previous)
