@@ -18,11 +18,14 @@ Three rules make a verdict trustworthy:
    Benjamini-Hochberg because the gate's error is "any false alarm" (family-wise), which Holm
    controls under any dependence between metrics; BH controls the expected share of false
    alarms among the flagged ones, which lets a compare with many true nulls fail more often.
-5. **Objectives judged, the rest shown.** Each family declares what it is for
-   (`judged_metrics` on its class: reconstruction figures where it reconstructs, ELBO and
-   IW-NLL for the VAE, sample figures where it samples, L0 and dead fraction for the sparse
-   AE); every other figure (the sparsity of codes not meant to be sparse; timings and memory
-   unless asked) is descriptive: reported with its change, never failing the gate.
+5. **Objectives judged, the rest shown.** Each family declares what it is trained for, one
+   figure per objective (`judged_metrics` on its class: recon_mse where it reconstructs, ELBO
+   and IW-NLL for the VAE, FID, precision and recall where it is trained to sample, L0 and
+   dead fraction for the sparse AE); every other figure (PSNR and SSIM beside recon_mse, KID
+   and IS beside FID, the AE's mixture samples, the sparsity of codes not meant to be sparse;
+   timings and memory unless asked) is descriptive: reported with its change, never failing
+   the gate. Each judged figure costs the others power under Holm, and `bench calibrate`
+   measured what that buys (docs/regression.md).
 """
 
 from __future__ import annotations

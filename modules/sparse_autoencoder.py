@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from modules.autoencoder import Autoencoder, reconstruction_loss
-from modules.steps import RECONSTRUCTION_FIGURES, SAMPLE_FIGURES
+from modules.steps import RECONSTRUCTION_FIGURES
 
 SPARSITY_MECHANISMS = ("l1", "kl", "topk", "input_mask")
 
@@ -47,7 +47,7 @@ class SparseAutoencoder(Autoencoder):
     fraction `mask_fraction` of pixels zeroed). Codes are sigmoid with `kl`, else ReLU.
     """
 
-    judged_metrics = RECONSTRUCTION_FIGURES + ("l0", "dead_fraction") + SAMPLE_FIGURES
+    judged_metrics = RECONSTRUCTION_FIGURES + ("l0", "dead_fraction")
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32, loss: str = "mse",
