@@ -1,8 +1,7 @@
 import pandas as pd
 
 from bench.cli import main
-from tests.bench.test_compare import GEN, commit_rows
-from tests.bench.test_results import row
+from tests.bench.test_compare import GEN, commit_rows, row  # VAE rows: FID is judged
 
 
 def write(path, rows):
@@ -45,7 +44,7 @@ def test_history_reads_a_folder_of_tables_and_plots_each_metric(tmp_path, capsys
     assert main(["history", str(tmp_path / "nightly"), "--metrics", "fid",
                  "--out", str(tmp_path / "plots")]) == 1
     out = capsys.readouterr().out
-    assert "regression began at c3: ae/mlp on mnist fid 11.1 -> 14 (26.1% worse, p=" in out
+    assert "regression began at c3: vae/mlp on mnist fid 11.1 -> 14 (26.1% worse, p=" in out
     assert "| c1" in out and "11 ± 1 (n=3)" in out and "14 ± 1 (n=3) !" in out
     assert (tmp_path / "plots" / "history-fid.png").stat().st_size > 1000
 
