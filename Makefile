@@ -35,7 +35,7 @@ bench: setup
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
-# Mutation testing, not part of `make test` or CI: 25-40 minutes on 2 cores (config in
+# Mutation testing, not part of `make test` or CI: slow, it runs tests once per mutant (config in
 # pyproject.toml [tool.mutmut]; equivalent mutants in mutation-equivalents.md). A rerun only
 # tests the mutants of functions whose source changed (new tests alone retest nothing);
 # `rm -rf mutants` starts afresh.

@@ -1,5 +1,5 @@
 """The `bench` command. Heavy modules (torch, Lightning) are imported inside the commands that need
-them, so `bench --help` and `bench list` answer without paying the 7-16 s import of the stack."""
+them, so `bench --help` and `bench list` answer at once instead of after the stack's import."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.try_ and args.try_batches < 2:
         raise UserError(f"--try-batches {args.try_batches}: give 2 or more (the first ones warm "
                         "up, the rest are timed)")
+    from bench.trial import LEAST_TRY_SAMPLE
+
+    if args.try_ and args.try_sample is not None and args.try_sample < LEAST_TRY_SAMPLE:
+        raise UserError(f"--try-sample {args.try_sample}: give {LEAST_TRY_SAMPLE} or more (the "
+                        "k-NN figures need a neighbourhood)")
     slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
                          gpus_per_job=args.slurm_gpus, cpus_per_job=args.slurm_cpus)
     try:
@@ -52,7 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           checkpoint_every=args.checkpoint_every, strategy=args.strategy,
                           num_nodes=args.num_nodes, parallel=args.parallel,
                           launcher=args.launcher, slurm=slurm,
-                          try_batches=args.try_batches if args.try_ else None)
+                          try_batches=args.try_batches if args.try_ else None,
+                          try_sample=args.try_sample)
         if args.try_:
             return 1 if (table["status"] != "ok").any() else 0
     except Stopped as err:  # a signal: the run under way checkpointed where it was
@@ -119,6 +125,35 @@ def cmd_table(args: argparse.Namespace) -> int:
                   "(no finished run has a reference)")
     except ValueError as err:
         raise UserError(str(err)) from err
+    return 0
+
+
+def cmd_plot_frontier(args: argparse.Namespace) -> int:
+    from bench.plots import DIRECTIONS, frontier_chart, frontier_points, pareto_front
+
+    try:
+        rows = _read_table(args.runs)
+        if args.models:
+            wanted = args.models.split(",")
+            rows = rows[rows["model"].isin(wanted)]
+            if rows.empty:
+                raise ValueError(f"--models {args.models}: no rows of those models in the table")
+        points = frontier_points(rows, args.x, args.y, args.by)
+        out = Path(args.out or Path(args.runs).parent / "plots" / f"frontier-{args.y}-{args.x}.png")
+        frontier_chart(rows, args.x, args.y, out, args.by)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    shown = points.copy()
+    shown["pareto"] = False
+    for _, panel in points.groupby("dataset", sort=False):
+        shown.loc[panel.index, "pareto"] = pareto_front(panel["x_mean"], panel["y_mean"],
+                                                        DIRECTIONS[args.x], DIRECTIONS[args.y])
+    shown["pareto"] = shown["pareto"].map({True: "*", False: ""})
+    shown = shown.rename(columns={"x_mean": args.x, "x_std": f"{args.x} std",
+                                  "y_mean": args.y, "y_std": f"{args.y} std", "n": "seeds"})
+    print(shown.drop(columns=["order"]).to_markdown(index=False, floatfmt=".4g"))
+    print(f"\n{int((shown['pareto'] == '*').sum())} of {len(shown)} points on the Pareto front "
+          f"(*); plot: {out}")
     return 0
 
 
@@ -309,7 +344,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     # Reads the suite files as plain YAML: no torch import, so this answers at once.
     import yaml
 
-    from bench.suite import SUITES_DIR, available_suites
+    from bench.suite import SUITES_DIR, SweepError, available_suites, sweep_points
 
     print("models (bench run suites use the short name; bench fit takes either):")
     for short, cls, what in MODEL_SUMMARY:
@@ -320,9 +355,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("suites:")
     for name in available_suites():
         raw = yaml.safe_load((SUITES_DIR / f"{name}.yaml").read_text())
-        runs = raw.get("runs", [])
-        variants = ", ".join(f"{r.get('model')}/{r.get('variant', '')}" for r in runs)
-        print(f"  {name:<8} {len(runs)} runs: {variants}")
+        defaults, runs = raw.get("defaults") or {}, raw.get("runs", [])
+        total, shown = 0, []
+        for r in runs:
+            try:
+                points = len(sweep_points(r["sweep"])) if "sweep" in r else 1
+            except SweepError:
+                points = 0  # bench run names the problem
+            as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+            total += points * len(as_list(r.get("datasets", defaults.get("datasets", [0])))) \
+                * len(as_list(r.get("seeds", defaults.get("seeds", [0]))))
+            swept = f" x{points} points" if "sweep" in r else ""
+            shown.append(f"{r.get('model')}/{r.get('variant', '')}{swept}")
+        print(f"  {name:<9} {len(runs)} entries, {total} runs: {', '.join(shown)}")
     return 0
 
 
@@ -371,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "this machine; exit 1 if an entry failed. Run it before a long suite")
     run.add_argument("--try-batches", type=int, default=24, metavar="N",
                      help="training batches per entry with --try (default 24)")
+    run.add_argument("--try-sample", type=int, metavar="N",
+                     help="generated and real images each entry is evaluated on with --try "
+                          "(default 200; fewer check sooner and estimate worse)")
     run.add_argument("--only", metavar="REGEX", help="run only specs whose id "
                      "(model-variant-dataset-sSEED) matches")
     run.add_argument("--force", action="store_true", help="redo runs already in the table")
@@ -422,6 +470,25 @@ def build_parser() -> argparse.ArgumentParser:
                             "matches (default file: bench/references.yaml)")
     table.set_defaults(func=cmd_table)
 
+    plot = commands.add_parser("plot", help="figures from a results table")
+    plots = plot.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+    frontier = plots.add_parser(
+        "frontier", help="one figure against another: a line per mechanism, the Pareto front",
+        description="The trade-off curves of sweeps (bench/suites/sparsity.yaml): mean over "
+        "seeds of --y against --x per run, std error bars, one line per suite entry (a sweep's "
+        "points in order), the Pareto front over all points ringed; a panel per dataset.")
+    frontier.add_argument("runs", help="a runs.csv written by bench run")
+    frontier.add_argument("--x", default="l0", help="metric on the x axis (default l0)")
+    frontier.add_argument("--y", default="recon_mse", help="metric on the y axis "
+                          "(default recon_mse)")
+    frontier.add_argument("--by", default="entry", choices=["entry", "model"],
+                          help="one line per suite entry (default) or per model family")
+    frontier.add_argument("--models", metavar="M1,M2", help="only these model families "
+                          "(e.g. sae: the VAE's codes are not meant to be sparse)")
+    frontier.add_argument("--out", help="PNG to write (default: plots/frontier-Y-X.png beside "
+                          "the table)")
+    frontier.set_defaults(func=cmd_plot_frontier)
+
     comp = commands.add_parser(
         "compare", help="check a results table against a baseline; exit 1 on a regression",
         description="Match runs on model / variant / dataset / seed and judge each metric in its "
@@ -437,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("current")
     comp.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL",
                       help="relative tolerances, e.g. fid=0.05 recon_mse=0.01")
-    comp.add_argument("--metrics", help="comma-separated metrics to compare (default: all)")
+    comp.add_argument("--metrics", help="comma-separated metrics to compare, each judged "
+                      "whatever the family's objectives (default: all, the objectives judged)")
     comp.add_argument("--alpha", type=float, default=0.05,
                       help="significance of the seed-noise test (default 0.05)")
     comp.add_argument("--allow-incomparable", action="store_true",

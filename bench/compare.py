@@ -54,7 +54,8 @@ GROUP_KEYS = ["model", "variant", "dataset"]
 _SPLIT = ["eval_split", "test_images"]
 _GENERATION = _SPLIT + ["features", "n_real", "n_fake"]
 PROVENANCE: dict[str, list[str]] = {
-    **{m: _SPLIT for m in ("recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer", "elbo")},
+    **{m: _SPLIT for m in ("recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer", "elbo",
+                           "rate", "distortion")},
     "iw_nll": _SPLIT + ["iw_k", "iw_images"],
     "fid": _GENERATION, "isc_mean": _GENERATION,
     "kid_mean": _GENERATION + ["kid_subset_size"],
@@ -312,7 +313,8 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
     judged over the seeds that finished on each side: `paired_rule` where both sides ran the
     same seeds (unless `paired=False`), else `regression_rule`; p-values adjusted together
     (`correction`: holm or none). Only the family's objectives can fail (`judge`: objectives,
-    or all), timings too with `timings`; the rest is descriptive. Reruns count once (the latest
+    or all; named `metrics` are all judged), timings too with `timings`; the rest is
+    descriptive. Reruns count once (the latest
     row of a config hash). `names` (file paths) go into error messages."""
     tolerances = tolerances or {}
     for option, given in (("--tol", tolerances), ("--metrics", metrics or [])):
@@ -337,7 +339,9 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
         b, c = select(base_ok), select(cur_ok)
         if b.empty or c.empty:
             continue  # the run table already says missing or new
-        judged = set(DIRECTIONS) if judge == "all" else judged_metrics(key.model, timings)
+        # metrics named by the caller are judged: they asked for exactly those
+        judged = set(DIRECTIONS) if judge == "all" or metrics else judged_metrics(key.model,
+                                                                                  timings)
         for metric in chosen:
             b_values = b[metric].dropna() if metric in b else pd.Series(dtype=float)
             c_values = c[metric].dropna() if metric in c else pd.Series(dtype=float)

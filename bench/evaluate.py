@@ -161,14 +161,22 @@ class ImageNoise:
         return out
 
 
+def rate_distortion(log_px: Tensor, kl: Tensor) -> tuple[Tensor, Tensor]:
+    """The ELBO's two terms per image, in nats (Alemi et al. 2018, "Fixing a Broken ELBO"):
+    rate R = KL(q(z|x) || p(z)) and distortion D = -E_q[log p(x|z)], so that ELBO = -(D + R).
+    A beta-VAE trades one for the other; a sweep over beta draws the rate-distortion curve."""
+    return kl, -log_px
+
+
 @torch.inference_mode()
 def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None,
                        seed: int = 0) -> dict[str, float]:
-    """elbo over the whole test split and iw_nll over its first `iw_images` images, both in
-    nats per image; records K and the image count next to them. Each image's samples come from
+    """elbo (with its rate and distortion) over the whole test split and iw_nll over its first
+    `iw_images` images, all in nats per image; records K and the image count next to them. Each image's samples come from
     its own seeded stream (`ImageNoise`), so the figures equal a single process's under DDP."""
     device = model.device
     elbo, iw_nll = MeanMetric().to(device), MeanMetric().to(device)
+    rate, distortion = MeanMetric().to(device), MeanMetric().to(device)
     iw_count = SumMetric().to(device)  # reduced across processes, as the means are
     positions = batches.positions() if hasattr(batches, "positions") else None
     seen = 0
@@ -178,7 +186,11 @@ def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None,
                  else torch.arange(seen, seen + len(x)))
         seen += len(x)
         noise = ImageNoise(index, seed, model.hparams.latent_dim, device)
-        elbo.update(model.elbo(x, eps=noise()))
+        log_px, kl = model.elbo_terms(x, eps=noise())
+        image_rate, image_distortion = rate_distortion(log_px, kl)
+        rate.update(image_rate)
+        distortion.update(image_distortion)
+        elbo.update(log_px - kl)
         keep = index < iw_images if iw_images is not None else torch.ones(len(x), dtype=bool)
         if keep.any() and iw_k > 0:
             keep_device = keep.to(device)
@@ -187,7 +199,8 @@ def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None,
             iw_nll.update(model.iw_nll(x[keep_device], iw_k, chunk=max(1, 50_000 // budget),
                                        noise=noise.subset(keep)))
             iw_count.update(budget)
-    out = {"elbo": elbo.compute().item(), "iw_k": iw_k}
+    out = {"elbo": elbo.compute().item(), "rate": rate.compute().item(),
+           "distortion": distortion.compute().item(), "iw_k": iw_k}
     out["iw_nll"] = iw_nll.compute().item() if iw_k > 0 else float("nan")
     out["iw_images"] = int(iw_count.compute().item()) if iw_k > 0 else 0
     return out

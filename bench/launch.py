@@ -195,7 +195,8 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
               checkpoint_every: int | None = None, strategy: str = "auto",
               num_nodes: int = 1, parallel: int = 1,
               launcher: str = "local", slurm: SlurmOptions | None = None,
-              try_batches: int | None = None, log=print) -> pd.DataFrame:
+              try_batches: int | None = None, try_sample: int | None = None,
+              log=print) -> pd.DataFrame:
     """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
     several devices through DDP), `parallel` at a time, or as a SLURM job array; then write the
     summary table and plots. Returns this suite's rows."""
@@ -237,13 +238,17 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                          progress)
     if try_batches is not None:
         from bench.trial import try_suite
-
         if parallel > 1:
             say(f"--try runs the entries one after another; --parallel {parallel} only sets the "
                 "estimate's number of runs at once")
-        say(f"trying {len(pending)} entr{'y' if len(pending) == 1 else 'ies'} of suite "
-            f"{suite.name} for {try_batches} batches each (nothing is recorded)")
-        return try_suite(suite, pending, options, commit, try_batches, parallel, say)
+        from bench.trial import TRY_SAMPLE, seedless
+
+        sample = try_sample or TRY_SAMPLE
+        entries = len({seedless(spec) for spec in pending})
+        say(f"trying {entries} entr{'y' if entries == 1 else 'ies'} of suite {suite.name} "
+            f"({len(pending)} pending run(s); one seed each) for {try_batches} batches, "
+            f"evaluated on {sample} generated and real images (nothing is recorded)")
+        return try_suite(suite, pending, options, commit, try_batches, parallel, sample, say)
     suite_start = time.perf_counter()
     left: list[str] = []  # runs another process has under way
     say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "

@@ -105,3 +105,88 @@ def history_charts(course: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         paths.append(save_figure(fig, out_dir / f"history-{metric}.png"))
     return paths
+
+
+# What each axis of a trade-off plot is measured in.
+UNITS = {"recon_mse": "per pixel, images in [0, 1]",
+         "l0": "active code units per image", "dead_fraction": "share of code units",
+         "rate": "nats per image", "distortion": "nats per image", "elbo": "nats per image",
+         "iw_nll": "nats per image", "psnr": "dB"}
+FRONTIER_GROUPS = {"entry": "one line per suite entry (a sweep's points: one mechanism)",
+                   "model": "one line per model family"}
+
+
+def frontier_points(rows: pd.DataFrame, x: str, y: str, by: str = "entry") -> pd.DataFrame:
+    """One point per model / variant / dataset: the mean and std over seeds of `x` and `y`,
+    with its line (`by`: the suite entry a sweep point belongs to, or the model) and its place
+    on that line (the sweep's order; a run without a sweep is a line of one point)."""
+    from bench.results import latest_runs
+
+    missing = [m for m in (x, y) if m not in rows.columns or rows[m].isna().all()]
+    if missing:
+        raise ValueError(f"no figure for {', '.join(missing)} in the table; choose from: "
+                         f"{', '.join(m for m in DIRECTIONS if m in rows and rows[m].notna().any())}")
+    if by not in FRONTIER_GROUPS:
+        raise ValueError(f"--by {by!r}: choose one of {', '.join(FRONTIER_GROUPS)}")
+    rows = latest_runs(rows)
+    rows = rows[rows["status"] == "ok"] if "status" in rows else rows
+    rows = rows.dropna(subset=[x, y]).copy()
+    entry = rows["entry"] if "entry" in rows else pd.Series(float("nan"), index=rows.index)
+    rows["entry"] = entry.where(entry.notna(), rows["variant"]).astype(str)
+    rows["sweep_index"] = rows["sweep_index"].fillna(0) if "sweep_index" in rows else 0
+    rows["line"] = (rows["model"] + " / " + rows["entry"] if by == "entry" else rows["model"])
+    keys = ["line", "model", "variant", "dataset"]
+    points = rows.groupby(keys, sort=False).agg(
+        x_mean=(x, "mean"), x_std=(x, "std"), y_mean=(y, "mean"), y_std=(y, "std"),
+        n=(x, "count"), order=("sweep_index", "first")).reset_index()
+    points[["x_std", "y_std"]] = points[["x_std", "y_std"]].fillna(0.0)
+    return points.sort_values(["line", "order", "x_mean"], kind="stable").reset_index(drop=True)
+
+
+def pareto_front(x: pd.Series, y: pd.Series, x_direction: int, y_direction: int) -> pd.Series:
+    """True where no other point is at least as good on both axes and better on one (each axis
+    in its better direction: +1 higher, -1 lower is better). Quadratic in the points, which a
+    sweep keeps to tens."""
+    gx, gy = x.to_numpy() * x_direction, y.to_numpy() * y_direction  # higher is better now
+    front = [not any((gx[j] >= gx[i] and gy[j] >= gy[i]) and (gx[j] > gx[i] or gy[j] > gy[i])
+                     for j in range(len(gx))) for i in range(len(gx))]
+    return pd.Series(front, index=x.index)
+
+
+def axis_label(metric: str) -> str:
+    unit = f" ({UNITS[metric]})" if metric in UNITS else ""
+    return f"{metric}{unit}, {better_direction(metric)} is better"
+
+
+def frontier_chart(rows: pd.DataFrame, x: str, y: str, out: Path, by: str = "entry") -> Path:
+    """The trade-off between two figures: per dataset a panel, per line (`by`) its points in
+    sweep order with one std over seeds as error bars on both axes, and the Pareto front over
+    every point of the panel ringed and joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = frontier_points(rows, x, y, by)
+    datasets = list(dict.fromkeys(points["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.0 * len(datasets), 4.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        panel = points[points["dataset"] == dataset]
+        for line, group in panel.groupby("line", sort=False):
+            ax.errorbar(group["x_mean"], group["y_mean"], xerr=group["x_std"],
+                        yerr=group["y_std"], marker="o", capsize=2, label=line)
+        front = panel[pareto_front(panel["x_mean"], panel["y_mean"], DIRECTIONS[x],
+                                   DIRECTIONS[y])].sort_values("x_mean")
+        ax.plot(front["x_mean"], front["y_mean"], "k--", lw=1, zorder=1)
+        ax.scatter(front["x_mean"], front["y_mean"], s=140, facecolors="none",
+                   edgecolors="black", linewidths=1.5, zorder=3, label="Pareto front")
+        ax.set_xlabel(axis_label(x), fontsize=9)
+        ax.set_ylabel(axis_label(y), fontsize=9)
+        seeds = int(panel["n"].max())
+        ax.set_title(f"{y} against {x} on {dataset}\nmean over {seeds} seed(s), bars one std",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, out)

@@ -14,20 +14,21 @@ from filelock import FileLock
 
 # Direction of each metric: +1 higher is better, -1 lower is better.
 DIRECTIONS: dict[str, int] = {
-    "recon_mse": -1, "psnr": +1, "ssim": +1, "elbo": +1, "iw_nll": -1, "fid": -1,
+    "recon_mse": -1, "psnr": +1, "ssim": +1, "elbo": +1, "rate": -1, "distortion": -1,
+    "iw_nll": -1, "fid": -1,
     "kid_mean": -1, "isc_mean": +1, "precision": +1, "recall": +1, "density": +1,
     "coverage": +1, "l0": -1,
     "dead_fraction": -1, "hoyer": +1, "train_img_per_s": +1, "sample_img_per_s": +1,
     "eval_s": -1, "wall_s": -1, "peak_mem_mb": -1,
 }
 TIMING_METRICS = {"train_img_per_s", "sample_img_per_s", "eval_s", "wall_s", "peak_mem_mb"}
-HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "iw_nll", "fid",
-            "kid_mean", "isc_mean", "precision", "recall", "density", "coverage",
-            "train_img_per_s"]
+HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "rate", "distortion",
+            "iw_nll", "fid", "kid_mean", "isc_mean", "precision", "recall", "density",
+            "coverage", "train_img_per_s"]
 KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
 # and a variant or commit of digits as an integer, and then no longer matches.
-TEXT_COLUMNS = ["suite", "model", "variant", "dataset", "config_hash", "status", "git_commit",
+TEXT_COLUMNS = ["suite", "model", "variant", "entry", "dataset", "config_hash", "status", "git_commit",
                 "features", "device", "eval_split"]
 
 
@@ -159,11 +160,22 @@ def _cell(mean: float, std: float, count: int) -> str:
     return f"{text} ± {std:.{digits}f}" if count > 1 and not pd.isna(std) else text
 
 
+def run_label(model: str, variant: str, entry: str | None = None) -> str:
+    """'sae / topk-conv', or for a sweep's point 'sae / topk: k8' (its entry, then the point)."""
+    if entry and variant.startswith(f"{entry}-"):
+        return f"{model} / {entry}: {variant[len(entry) + 1:]}"
+    return f"{model} / {variant}"
+
+
 def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None = None) -> str:
     """The pivot as Markdown, LaTeX or CSV: `mean ± std` over seeds (`mean` alone for one seed)."""
     stats = seed_table(rows, metrics)
     if stats.empty:
         return "(no finished runs)"
+    entries = {}  # a sweep point's entry, so its rows read as points under it
+    if "entry" in rows:
+        points = rows.dropna(subset=["entry"])
+        entries = dict(zip(zip(points["model"], points["variant"]), points["entry"]))
     datasets = list(dict.fromkeys(stats.columns.get_level_values(0)))
     cells = {}
     for dataset in datasets:
@@ -172,7 +184,8 @@ def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None 
             column = f"{metric} ({dataset})" if len(datasets) > 1 else metric
             cells[column] = [_cell(m, s, c) for m, s, c in zip(block["mean"], block["std"],
                                                                  block["count"])]
-    out = pd.DataFrame(cells, index=[f"{m} / {v}" for m, v in stats.index])
+    out = pd.DataFrame(cells, index=[run_label(m, v, entries.get((m, v)))
+                                     for m, v in stats.index])
     out.index.name = "model / variant"
     if fmt == "md":
         return out.to_markdown()
@@ -188,7 +201,8 @@ def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None 
 # DIRECTIONS.
 LATEX_HEADERS = {
     "recon_mse": "MSE", "psnr": "PSNR (dB)", "ssim": "SSIM", "l0": "$L_0$",
-    "dead_fraction": "Dead", "hoyer": "Hoyer", "elbo": "ELBO (nats)", "iw_nll": "NLL (nats)",
+    "dead_fraction": "Dead", "hoyer": "Hoyer", "elbo": "ELBO (nats)", "rate": "Rate (nats)",
+    "distortion": "Distortion (nats)", "iw_nll": "NLL (nats)",
     "fid": "FID", "kid_mean": "KID", "isc_mean": "IS", "precision": "Prec.", "recall": "Rec.",
     "density": "Dens.", "coverage": "Cov.", "train_img_per_s": "img/s",
     "sample_img_per_s": "samples/s", "eval_s": "eval (s)", "wall_s": "wall (s)",

@@ -343,6 +343,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
                  "dataset": spec.dataset, "seed": spec.seed, "config_hash": spec.config_hash,
                  "status": "ok", "diverged_step": None,
                  "peak_mem_scope": reset_peak_memory(fabric.device)}
+    if spec.sweep_index is not None:  # a sweep's point: its entry, and its place on the curve
+        row |= {"entry": spec.entry, "sweep_index": spec.sweep_index}
     run, dm, resumed = build_run(spec, fabric, loop_settings, ckpt_dir, options.force, log)
     if resumed is not None:
         row["resumed_step"] = resumed

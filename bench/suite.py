@@ -14,7 +14,11 @@
       - {model: vae, variant: conv, params: {backbone: conv}}
 
 Each run x dataset x seed becomes one RunSpec with a stable config hash, which is how a rerun
-knows what is already done.
+knows what is already done. A run with `sweep:` is several entries, one per point:
+
+      - {model: sae, variant: topk, params: {sparsity: topk}, sweep: {params.k: [4, 8, 16]}}
+        # -> variants topk-k4, topk-k8, topk-k16; several keys sweep their product, and a list
+        # of mappings ([{params.k: 8, params.aux_k: 16}, ...]) gives points that go together
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,9 @@ from typing import Any
 import yaml
 
 SUITES_DIR = Path(__file__).parent / "suites"
-RUN_KEYS = {"model", "variant", "params", "datasets", "seeds", "budget", "data", "trainer", "eval"}
+RUN_KEYS = {"model", "variant", "params", "datasets", "seeds", "budget", "data", "trainer", "eval",
+            "sweep"}
+SWEEP_SECTIONS = ("params", "data", "budget", "trainer", "eval")
 TOP_KEYS = {"name", "description", "wandb", "defaults", "runs"}
 BUDGET_KEYS = {"epochs", "steps"}
 
@@ -54,6 +61,10 @@ class RunSpec:
     # devices per node and nodes, from the command line; part of the identity when not 1 x 1:
     # each rank sees 1/N of every batch's data, so a DDP run is another experiment
     launch: dict[str, Any] = field(default_factory=dict)
+    # the suite entry a sweep point belongs to (its variant before the point's suffix) and the
+    # point's place in the sweep; names only, not part of the config
+    entry: str = ""
+    sweep_index: int | None = None
 
     def on(self, devices: int | str = 1, num_nodes: int = 1) -> RunSpec:
         """This spec as run on `devices` per node x `num_nodes`."""
@@ -141,6 +152,91 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class SweepError(ValueError):
+    """A malformed `sweep:`; `key` is the dotted key (or list position) it is about."""
+
+    def __init__(self, message: str, key: str | int | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def sweep_points(sweep: Any) -> list[dict[str, Any]]:
+    """The points of a `sweep:`, each a mapping from dotted key to value, in order: a mapping of
+    key -> list of values gives their product (the last key varying fastest); a list of
+    mappings gives those points as they are. An empty or duplicated list is an error."""
+    if isinstance(sweep, dict):
+        keys = list(sweep)
+        for key in keys:
+            values = sweep[key]
+            if not isinstance(values, list) or not values:
+                raise SweepError("give a non-empty list of values", key)
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                raise SweepError(f"the value {repeated[0]!r} is listed twice", key)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*sweep.values())]
+    if isinstance(sweep, list) and sweep:
+        for i, point in enumerate(sweep):
+            if not isinstance(point, dict) or not point:
+                raise SweepError("each point is a mapping of dotted key -> value", i)
+            if point in sweep[:i]:
+                raise SweepError(f"the point {point} is listed twice", i)
+        return [dict(point) for point in sweep]
+    raise SweepError("give a mapping of dotted key -> list of values, or a non-empty list of "
+                     "such mappings (points that go together)")
+
+
+def _value_name(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def point_variant(variant: str, point: dict[str, Any]) -> str:
+    """The variant a sweep point runs as: the entry's, then each key's last part and value
+    (`topk` with params.k = 8 -> `topk-k8`; budget.epochs = 3 -> `-epochs3`); no point, the
+    entry's own."""
+    return "-".join([variant] + [f"{key.rsplit('.', 1)[-1]}{_value_name(value)}"
+                                 for key, value in point.items()])
+
+
+def apply_point(merged: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """The merged run with each `section.name` of the point set (a budget key replaces the
+    budget, as a run's own budget does)."""
+    out = copy.deepcopy(merged)
+    for key, value in point.items():
+        section, name = key.split(".", 1)
+        if section == "budget":
+            out[section] = {name: value}
+        elif isinstance(out.get(section) or {}, dict):  # else the run's check names the section
+            out[section] = {**(out.get(section) or {}), name: value}
+    return out
+
+
+def sweep_keys(model_cls) -> dict[str, set[str]]:
+    """What a sweep may set, per section, for a family."""
+    import inspect
+
+    from bench.evaluate import EvalSettings
+    from bench.loop import TRAINER_SETTINGS
+    from datamodules import ImageDataModule
+
+    signature = lambda f: set(inspect.signature(f).parameters)  # noqa: E731
+    return {"params": signature(model_cls.__init__) - {"self", "image_shape"},
+            "data": signature(ImageDataModule.__init__) - {"self", "dataset", "seed"},
+            "budget": set(BUDGET_KEYS), "trainer": set(TRAINER_SETTINGS),
+            "eval": {f.name for f in dataclasses.fields(EvalSettings)}}
+
+
+def check_sweep_keys(points: list[dict[str, Any]], model_cls) -> None:
+    allowed = sweep_keys(model_cls)
+    for key in dict.fromkeys(k for point in points for k in point):
+        section, _, name = str(key).partition(".")
+        if section not in SWEEP_SECTIONS or not name:
+            raise SweepError(f"a sweep key is section.name with section one of "
+                             f"{', '.join(SWEEP_SECTIONS)}", key)
+        if name not in allowed[section]:
+            raise SweepError(f"{model_cls.__name__ if section == 'params' else section} has no "
+                             f"{name!r}; it takes: {', '.join(sorted(allowed[section]))}", key)
+
+
 def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
     """Parse and check a suite; `seeds` replaces every run's seeds (the --seeds option)."""
     from datamodules import get_spec
@@ -187,41 +283,55 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             model_cls = get_model_class(str(merged["model"]))
         except ValueError as err:
             raise fail(str(err), "runs", i, "model") from err
-        params = merged.get("params") or {}
-        if not isinstance(params, dict):
-            raise fail("must be a mapping of model arguments", "runs", i, "params")
-        budget = merged.get("budget") or {"epochs": 1}
-        if (not isinstance(budget, dict) or len(budget) != 1 or not set(budget) <= BUDGET_KEYS
-                or not _is_positive_int(next(iter(budget.values())))):
-            raise fail("must be {epochs: N} or {steps: N} with N >= 1", "runs", i, "budget")
-        datasets = merged.get("datasets") or ["fashion_mnist"]
-        datasets = [datasets] if isinstance(datasets, str) else datasets
-        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
-            raise fail("must be a dataset name or a list of them", "runs", i, "datasets")
-        run_seeds = seeds if seeds is not None else merged.get("seeds", [0])
-        run_seeds = [run_seeds] if isinstance(run_seeds, int) else run_seeds
-        if (not isinstance(run_seeds, list) or not run_seeds
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in run_seeds)):
-            raise fail("must be a list of integers", "runs", i, "seeds")
-        variant = merged.get("variant") or params.get("backbone") or "default"
-        if not isinstance(variant, (str, int)):
-            raise fail("must be a name", "runs", i, "variant")
-        for section in ("data", "trainer", "eval"):
-            if not isinstance(merged.get(section) or {}, dict):
-                raise fail("must be a mapping", "runs", i, section)
-        _check_section_keys(merged, i, fail)
-        for dataset in datasets:
+        points: list[dict[str, Any]] = [{}]
+        if "sweep" in run:
             try:
-                dataset_name = get_spec(str(dataset)).name
-            except KeyError as err:
-                raise fail(str(err), "runs", i, "datasets") from err
-            for seed in run_seeds:
-                specs.append(RunSpec(
-                    suite=name, model=_short_name(model_cls),
-                    variant=str(variant),
-                    dataset=dataset_name, seed=int(seed), params=dict(params),
-                    budget=dict(budget), data=dict(merged.get("data") or {}),
-                    trainer=dict(merged.get("trainer") or {}), eval=dict(merged.get("eval") or {})))
+                points = sweep_points(run["sweep"])
+                check_sweep_keys(points, model_cls)
+            except SweepError as err:
+                keys = ("runs", i, "sweep") + (() if err.key is None else (err.key,))
+                raise fail(str(err), *keys) from err
+        for index, point in enumerate(points):
+            point_run = apply_point(merged, point)
+            params = point_run.get("params") or {}
+            if not isinstance(params, dict):
+                raise fail("must be a mapping of model arguments", "runs", i, "params")
+            budget = point_run.get("budget") or {"epochs": 1}
+            if (not isinstance(budget, dict) or len(budget) != 1
+                    or not set(budget) <= BUDGET_KEYS
+                    or not _is_positive_int(next(iter(budget.values())))):
+                raise fail("must be {epochs: N} or {steps: N} with N >= 1", "runs", i, "budget")
+            datasets = point_run.get("datasets") or ["fashion_mnist"]
+            datasets = [datasets] if isinstance(datasets, str) else datasets
+            if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+                raise fail("must be a dataset name or a list of them", "runs", i, "datasets")
+            run_seeds = seeds if seeds is not None else point_run.get("seeds", [0])
+            run_seeds = [run_seeds] if isinstance(run_seeds, int) else run_seeds
+            if (not isinstance(run_seeds, list) or not run_seeds or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in run_seeds)):
+                raise fail("must be a list of integers", "runs", i, "seeds")
+            variant = point_run.get("variant") or params.get("backbone") or "default"
+            if not isinstance(variant, (str, int)):
+                raise fail("must be a name", "runs", i, "variant")
+            entry, variant = str(variant), point_variant(str(variant), point)
+            for section in ("data", "trainer", "eval"):
+                if not isinstance(point_run.get(section) or {}, dict):
+                    raise fail("must be a mapping", "runs", i, section)
+            _check_section_keys(point_run, i, fail)
+            for dataset in datasets:
+                try:
+                    dataset_name = get_spec(str(dataset)).name
+                except KeyError as err:
+                    raise fail(str(err), "runs", i, "datasets") from err
+                for seed in run_seeds:
+                    specs.append(RunSpec(
+                        suite=name, model=_short_name(model_cls),
+                        variant=variant, entry=entry,
+                        sweep_index=index if "sweep" in run else None,
+                        dataset=dataset_name, seed=int(seed), params=dict(params),
+                        budget=dict(budget), data=dict(point_run.get("data") or {}),
+                        trainer=dict(point_run.get("trainer") or {}),
+                        eval=dict(point_run.get("eval") or {})))
     if not isinstance(raw.get("wandb") or {}, dict):
         raise fail("must be a mapping like {project: genbench, group: NAME}", "wandb")
     _check_models(specs, fail)

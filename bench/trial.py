@@ -25,26 +25,38 @@ from bench.runner import RunOptions, run_one
 from bench.suite import RunSpec, Suite
 
 TRY_BATCHES = 24
-# The sample the evaluation is tried on: enough for every metric to run (KID subsets, k-NN
-# neighbourhoods), small enough to take seconds.
-TRY_SAMPLE = {"n_fake": 200, "n_real": 200, "iw_images": 8, "kid_subset_size": 100}
+# Generated and real images the evaluation is tried on: enough for every metric to run (KID
+# subsets, k-NN neighbourhoods) and for its per-image cost to be the full run's, small enough to
+# take seconds. `--try-sample` sets it (a smaller one checks the path sooner, estimates worse).
+TRY_SAMPLE = 200
+# Below this many images the k-NN figures (precision/recall, density/coverage with their
+# neighbourhood of 5) have no neighbourhood to draw.
+LEAST_TRY_SAMPLE = 8
 # IW-NLL's cost per importance sample falls as its batches fill (the decoder runs on images x
-# samples at once): the trial takes at least this many samples in all, so that its per-sample
-# cost is the full evaluation's.
+# samples at once): at the default sample the trial takes at least this many samples in all,
+# so that its per-sample cost is the full evaluation's (a smaller --try-sample takes fewer).
 TRY_IW_SAMPLES = 10_000
 
 
-def trial_spec(spec: RunSpec, batches: int) -> RunSpec:
-    """The entry with a budget of `batches` training batches and its evaluation on a small
-    sample (at the entry's own K, extractor and batch sizes)."""
+def trial_spec(spec: RunSpec, batches: int, sample: int = TRY_SAMPLE) -> RunSpec:
+    """The entry with a budget of `batches` training batches and its evaluation on `sample`
+    generated and `sample` real images, IW-NLL on a few test images (at the entry's own K,
+    extractor and batch sizes)."""
     settings = EvalSettings.from_dict(spec.eval)
-    small = {name: min(getattr(settings, name) or math.inf, least)
-             for name, least in TRY_SAMPLE.items()}
-    small["kid_subset_size"] = min(small["kid_subset_size"], small["n_fake"])
+    small = {"n_fake": min(settings.n_fake, sample),
+             "n_real": min(settings.n_real or math.inf, sample),
+             "kid_subset_size": min(settings.kid_subset_size, sample // 2)}
     if settings.iw_k:
-        small["iw_images"] = min(settings.iw_images or math.inf,
-                                 max(TRY_SAMPLE["iw_images"], -(-TRY_IW_SAMPLES // settings.iw_k)))
+        least_images = max(1, -(-TRY_IW_SAMPLES * sample // (TRY_SAMPLE * settings.iw_k)))
+        small["iw_images"] = min(settings.iw_images or math.inf, max(8, least_images)
+                                 if sample >= TRY_SAMPLE else least_images)
     return dataclasses.replace(spec, budget={"steps": batches}, eval={**spec.eval, **small})
+
+
+def seedless(spec: RunSpec) -> str:
+    """What an entry is apart from its seed: the seeds of one entry train the same shapes under
+    the same settings, so one of them is tried for all."""
+    return dataclasses.replace(spec, seed=0).config_hash
 
 
 def budget_batches(spec: RunSpec) -> int:
@@ -118,19 +130,26 @@ def clock(seconds: float) -> str:
 
 
 def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: str,
-              batches: int = TRY_BATCHES, parallel: int = 1, log=print) -> pd.DataFrame:
-    """Try each spec (one line each as it goes), then print the table and the suite's
-    estimated time; returns the table (status "ok" or the error in one line)."""
+              batches: int = TRY_BATCHES, parallel: int = 1, sample: int = TRY_SAMPLE,
+              log=print) -> pd.DataFrame:
+    """Try each entry (one seed for all its pending seeds; a line each as it goes), then print
+    the table and the suite's estimated time; returns the table (status "ok" or the error in
+    one line; `runs`: the pending seeds the entry's estimate stands for)."""
     warmup = max(1, min(batches // 3, 8))
     options = dataclasses.replace(options, wandb_mode="disabled", force=True,
                                   checkpoint_every=10**9, warmup_batches=warmup)
+    entries: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        entries.setdefault(seedless(spec), []).append(spec)
     records = []
     with tempfile.TemporaryDirectory(prefix="genbench-try-") as scratch:
-        for i, spec in enumerate(specs, 1):
-            record = {"entry": spec.run_id, "status": "ok"}
+        for i, seeds in enumerate(entries.values(), 1):
+            spec = seeds[0]
+            record = {"entry": spec.run_id, "runs": len(seeds), "status": "ok"}
             try:
-                row = run_one(trial_spec(spec, batches), suite, Path(scratch) / spec.config_hash,
-                              options, commit, log=lambda message: None)
+                row = run_one(trial_spec(spec, batches, sample), suite,
+                              Path(scratch) / spec.config_hash, options, commit,
+                              log=lambda message: None)
                 row.pop("rank", None)
                 if row["status"] != "ok":
                     record["status"] = f"{row['status']}: {row.get('error') or ''}".strip(": ")
@@ -141,7 +160,8 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
             records.append(record)
             shown = (f"{record['s_per_batch'] * 1000:.1f} ms/batch, est. "
                      f"{clock(record['est_total_s'])}") if "est_total_s" in record else ""
-            log(f"[{i}/{len(specs)}] {spec.run_id}: {record['status']}  {shown}")
+            also = f" (for {len(seeds)} seeds)" if len(seeds) > 1 else ""
+            log(f"[{i}/{len(entries)}] {spec.run_id}{also}: {record['status']}  {shown}")
     table = pd.DataFrame(records)
     shown = table.copy()
     for column in ("est_train_s", "est_eval_s", "est_total_s"):
@@ -149,8 +169,9 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
             shown[column] = shown[column].map(lambda v: clock(v) if pd.notna(v) else "")
     log("\n" + shown.to_markdown(index=False, floatfmt=".4g"))
     if "est_total_s" in table:
-        totals = table["est_total_s"].dropna().tolist()
-        line = (f"\nestimated on {machine()}: the suite's {len(totals)} tried run(s) "
+        tried = table.dropna(subset=["est_total_s"])
+        totals = [s for s, n in zip(tried["est_total_s"], tried["runs"]) for _ in range(n)]
+        line = (f"\nestimated on {machine()}: the suite's {len(totals)} run(s) "
                 f"{clock(sum(totals))} one after another")
         if parallel > 1:
             line += f", {clock(makespan(totals, parallel))} with --parallel {parallel}"

@@ -418,3 +418,10 @@ def test_null_compares_fail_the_gate_at_most_alpha_of_the_time():
         unadjusted += compare(base, cur, paired=False, correction="none",
                               judge="all").exit_status()
     assert failed <= 7 and unadjusted >= 25, (failed, unadjusted)
+
+
+def test_metrics_named_by_the_caller_are_judged_whatever_the_family():
+    base = table(row("ae", fid=10.0, **GEN))
+    cur = table(row("ae", fid=20.0, **GEN))
+    assert compare(base, cur).exit_status() == 0  # the AE's samples are descriptive
+    assert compare(base, cur, metrics=["fid"]).exit_status() == 1

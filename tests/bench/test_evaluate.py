@@ -70,6 +70,22 @@ def test_likelihood_metrics_record_k_and_image_count():
     assert metrics["elbo"] < 0 and metrics["iw_nll"] > 0
 
 
+def test_rate_and_distortion_are_the_elbos_two_terms():
+    """rate = KL(q || p) and distortion = -E_q[log p(x|z)] per image, so that their sum is
+    -ELBO; the rate checked against torch.distributions' KL on the same posteriors."""
+    from torch.distributions import Normal, kl_divergence
+
+    model = tiny_model("vae").eval()
+    x = prototype_images(30).float() / 255
+    metrics = likelihood_metrics(model, [(x[:20], None), (x[20:], None)], iw_k=2, iw_images=5)
+    assert metrics["rate"] + metrics["distortion"] == pytest.approx(-metrics["elbo"], rel=1e-6)
+    with torch.no_grad():
+        mu, logvar = model.posterior(x)
+        kl = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)
+    assert metrics["rate"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert metrics["rate"] > 0 and metrics["distortion"] > 0
+
+
 def test_likelihood_figures_do_not_depend_on_batching():
     model = tiny_model("vae").eval()
     x = prototype_images(30).float() / 255

@@ -50,7 +50,9 @@ def _append_many(args):
 
 def test_concurrent_appends_lose_no_row(tmp_path):
     path = tmp_path / "runs.csv"
-    with multiprocessing.get_context("fork").Pool(3) as pool:
+    # spawn, not fork: a fork of a test process that runs threads (tqdm's monitor, W&B's
+    # service) can inherit a lock held by one of them and hang
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
         pool.map(_append_many, [(path, w) for w in range(3)])
     rows = read_rows(path)
     assert len(rows) == 45 and rows["config_hash"].is_unique
@@ -198,3 +200,14 @@ def test_a_full_disk_while_a_row_is_written_leaves_the_table_whole(tmp_path, mon
         append_row(path, {"config_hash": "h1", "status": "ok", "model": "vae",
                           "variant": "conv", "seed": 1})
     assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_sweeps_points_are_listed_under_their_entry_in_order():
+    from bench.results import format_table
+
+    rows = pd.DataFrame([{**row("sae", f"topk-k{k}", seed=s, recon_mse=0.1 / k), "entry": "topk",
+                          "sweep_index": i}
+                         for i, k in enumerate((4, 8, 16)) for s in range(2)]
+                        + [row("ae", "mlp", recon_mse=0.05)])
+    labels = [line.split("|")[1].strip() for line in format_table(rows).splitlines()[2:]]
+    assert labels == ["sae / topk: k4", "sae / topk: k8", "sae / topk: k16", "ae / mlp"]

@@ -77,3 +77,59 @@ def test_the_estimate_scales_each_part_by_its_own_count(suite, monkeypatch):
 def test_the_parallel_estimate_puts_the_longest_first_on_the_least_loaded():
     assert makespan([5, 4, 3, 3, 3], 2) == 10  # 5 3 | 4 3 3, in that order
     assert makespan([10, 1, 1], 3) == 10 and makespan([2, 2], 1) == 4
+
+
+@pytest.fixture(scope="module")
+def synthetic_data_and_inception(tmp_path_factory):
+    """MNIST, Fashion-MNIST and CIFAR-10 as small files in their real formats, in torchvision's
+    layout under one root (GENBENCH_DATA), each with more training images than the shipped
+    suites' 5,000 held out for validation; and torch-fidelity's InceptionV3 with random
+    weights where torch hub keeps the downloaded file (TORCH_HOME)."""
+    import torch
+
+    from bench.extractor import INCEPTION_WEIGHTS_FILE
+    from tests.bench.test_extractor import random_inception_weights
+    from tests.data_files import write_cifar_dir, write_mnist_dir
+
+    root = tmp_path_factory.mktemp("data")
+    write_mnist_dir(root / "MNIST" / "raw", n_train=5500, n_test=64)
+    write_mnist_dir(root / "FashionMNIST" / "raw", n_train=5500, n_test=64, seed=7)
+    write_cifar_dir(root / "cifar-10-batches-py", n_per_batch=1100, n_test=64)
+    torch_home = tmp_path_factory.mktemp("torch")
+    hub = torch_home / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    random_inception_weights(hub / INCEPTION_WEIGHTS_FILE)
+    return root, torch_home
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smoke", "default", "paper"])
+def test_every_entry_of_a_shipped_suite_trains_and_evaluates(name, synthetic_data_and_inception,
+                                                            tmp_path, monkeypatch, capsys):
+    """What a user runs before a long suite, on every shipped suite: each entry's model, data,
+    trainer and evaluation settings (Inception features for the paper suites) through the
+    whole path, a few batches and a small sample each."""
+    from bench.cli import main
+    from bench.suite import load_suite
+
+    root, torch_home = synthetic_data_and_inception
+    monkeypatch.setenv("GENBENCH_DATA", str(root))
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    status = main(["run", "--suite", name, "--out", str(tmp_path / "out"), "--try",
+                   "--try-batches", "2", "--try-sample", "8", "--no-progress"])
+    out = capsys.readouterr().out
+    entries = {spec.run_id.rsplit("-s", 1)[0] for spec in load_suite(name).specs}
+    assert status == 0, out
+    assert f"{len(entries)} of {len(entries)} entries ok" in out
+    assert not (tmp_path / "out" / "runs.csv").exists()
+
+
+def test_the_paper_1h_suite_tries_exactly_the_runs_the_paper_suite_tries():
+    """paper-1h is the paper suite at one seed and a shorter budget, and a trial replaces the
+    budget: its trials are the paper's (by config hash), so trying the paper suite tries both."""
+    from bench.suite import load_suite
+
+    tried = lambda name: {trial_spec(s, 2, 8).config_hash for s in load_suite(name).specs}  # noqa
+    assert tried("paper-1h") <= tried("paper")
+    assert len(tried("paper-1h")) == len(load_suite("paper-1h").specs)
