@@ -172,8 +172,9 @@ def rate_distortion(log_px: Tensor, kl: Tensor) -> tuple[Tensor, Tensor]:
 def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None,
                        seed: int = 0) -> dict[str, float]:
     """elbo (with its rate and distortion) over the whole test split and iw_nll over its first
-    `iw_images` images, all in nats per image; records K and the image count next to them. Each image's samples come from
-    its own seeded stream (`ImageNoise`), so the figures equal a single process's under DDP."""
+    `iw_images` images, all in nats per image; records K and the image count next to them.
+    Each image's samples come from its own seeded stream (`ImageNoise`), so the figures equal a
+    single process's under DDP."""
     device = model.device
     elbo, iw_nll = MeanMetric().to(device), MeanMetric().to(device)
     rate, distortion = MeanMetric().to(device), MeanMetric().to(device)

@@ -124,8 +124,9 @@ def frontier_points(rows: pd.DataFrame, x: str, y: str, by: str = "entry") -> pd
 
     missing = [m for m in (x, y) if m not in rows.columns or rows[m].isna().all()]
     if missing:
+        present = [m for m in DIRECTIONS if m in rows and rows[m].notna().any()]
         raise ValueError(f"no figure for {', '.join(missing)} in the table; choose from: "
-                         f"{', '.join(m for m in DIRECTIONS if m in rows and rows[m].notna().any())}")
+                         f"{', '.join(present)}")
     if by not in FRONTIER_GROUPS:
         raise ValueError(f"--by {by!r}: choose one of {', '.join(FRONTIER_GROUPS)}")
     rows = latest_runs(rows)

@@ -28,7 +28,8 @@ HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "rate", 
 KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
 # and a variant or commit of digits as an integer, and then no longer matches.
-TEXT_COLUMNS = ["suite", "model", "variant", "entry", "dataset", "config_hash", "status", "git_commit",
+TEXT_COLUMNS = ["suite", "model", "variant", "entry", "dataset", "config_hash", "status",
+                "git_commit",
                 "features", "device", "eval_split"]
 
 
