@@ -129,31 +129,28 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_frontier(args: argparse.Namespace) -> int:
-    from bench.plots import DIRECTIONS, frontier_chart, frontier_points, pareto_front
+    from bench.plots import frontier_chart, frontier_points
 
     try:
         rows = _read_table(args.runs)
         if args.models:
-            wanted = args.models.split(",")
-            rows = rows[rows["model"].isin(wanted)]
-            if rows.empty:
-                raise ValueError(f"--models {args.models}: no rows of those models in the table")
+            chosen = rows[rows["model"].isin(args.models.split(","))]
+            if chosen.empty:
+                raise ValueError(f"--models {args.models}: no rows of those models in the "
+                                 f"table; it has: {', '.join(rows['model'].unique())}")
+            rows = chosen
         points = frontier_points(rows, args.x, args.y, args.by)
-        out = Path(args.out or Path(args.runs).parent / "plots" / f"frontier-{args.y}-{args.x}.png")
-        frontier_chart(rows, args.x, args.y, out, args.by)
     except ValueError as err:
         raise UserError(str(err)) from err
-    shown = points.copy()
-    shown["pareto"] = False
-    for _, panel in points.groupby("dataset", sort=False):
-        shown.loc[panel.index, "pareto"] = pareto_front(panel["x_mean"], panel["y_mean"],
-                                                        DIRECTIONS[args.x], DIRECTIONS[args.y])
+    out = Path(args.out or Path(args.runs).parent / "plots" / f"frontier-{args.y}-{args.x}.png")
+    frontier_chart(points, args.x, args.y, out)
+    shown = points.drop(columns=["order"]).rename(columns={
+        "x_mean": args.x, "x_std": f"{args.x} std", "y_mean": args.y, "y_std": f"{args.y} std",
+        "n": "seeds"})
     shown["pareto"] = shown["pareto"].map({True: "*", False: ""})
-    shown = shown.rename(columns={"x_mean": args.x, "x_std": f"{args.x} std",
-                                  "y_mean": args.y, "y_std": f"{args.y} std", "n": "seeds"})
-    print(shown.drop(columns=["order"]).to_markdown(index=False, floatfmt=".4g"))
-    print(f"\n{int((shown['pareto'] == '*').sum())} of {len(shown)} points on the Pareto front "
-          f"(*); plot: {out}")
+    print(shown.to_markdown(index=False, floatfmt=".4g"))
+    print(f"\n{int(points['pareto'].sum())} of {len(points)} points on the Pareto front (*); "
+          f"plot: {out}")
     return 0
 
 
@@ -362,9 +359,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                 points = len(sweep_points(r["sweep"])) if "sweep" in r else 1
             except SweepError:
                 points = 0  # bench run names the problem
-            as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-            total += points * len(as_list(r.get("datasets", defaults.get("datasets", [0])))) \
-                * len(as_list(r.get("seeds", defaults.get("seeds", [0]))))
+            datasets = r.get("datasets", defaults.get("datasets", ["fashion_mnist"]))
+            seeds = r.get("seeds", defaults.get("seeds", [0]))
+            total += points * (len(datasets) if isinstance(datasets, list) else 1) * (
+                len(seeds) if isinstance(seeds, list) else 1)
             swept = f" x{points} points" if "sweep" in r else ""
             shown.append(f"{r.get('model')}/{r.get('variant', '')}{swept}")
         print(f"  {name:<9} {len(runs)} entries, {total} runs: {', '.join(shown)}")

@@ -237,12 +237,11 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
                          progress)
     if try_batches is not None:
-        from bench.trial import try_suite
+        from bench.trial import TRY_SAMPLE, seedless, try_suite
+
         if parallel > 1:
             say(f"--try runs the entries one after another; --parallel {parallel} only sets the "
                 "estimate's number of runs at once")
-        from bench.trial import TRY_SAMPLE, seedless
-
         sample = try_sample or TRY_SAMPLE
         entries = len({seedless(spec) for spec in pending})
         say(f"trying {entries} entr{'y' if entries == 1 else 'ies'} of suite {suite.name} "

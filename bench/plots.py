@@ -112,14 +112,15 @@ UNITS = {"recon_mse": "per pixel, images in [0, 1]",
          "l0": "active code units per image", "dead_fraction": "share of code units",
          "rate": "nats per image", "distortion": "nats per image", "elbo": "nats per image",
          "iw_nll": "nats per image", "psnr": "dB"}
-FRONTIER_GROUPS = {"entry": "one line per suite entry (a sweep's points: one mechanism)",
-                   "model": "one line per model family"}
+# one line per suite entry (a sweep's points: one mechanism), or per model family
+FRONTIER_GROUPS = ("entry", "model")
 
 
 def frontier_points(rows: pd.DataFrame, x: str, y: str, by: str = "entry") -> pd.DataFrame:
     """One point per model / variant / dataset: the mean and std over seeds of `x` and `y`,
-    with its line (`by`: the suite entry a sweep point belongs to, or the model) and its place
-    on that line (the sweep's order; a run without a sweep is a line of one point)."""
+    with its line (`by`: the suite entry a sweep point belongs to, or the model), its place on
+    that line (the sweep's order; a run without a sweep is a line of one point) and whether it
+    is on its dataset's Pareto front (`pareto_front`)."""
     from bench.results import latest_runs
 
     missing = [m for m in (x, y) if m not in rows.columns or rows[m].isna().all()]
@@ -141,6 +142,10 @@ def frontier_points(rows: pd.DataFrame, x: str, y: str, by: str = "entry") -> pd
         x_mean=(x, "mean"), x_std=(x, "std"), y_mean=(y, "mean"), y_std=(y, "std"),
         n=(x, "count"), order=("sweep_index", "first")).reset_index()
     points[["x_std", "y_std"]] = points[["x_std", "y_std"]].fillna(0.0)
+    points["pareto"] = False
+    for _, panel in points.groupby("dataset", sort=False):
+        points.loc[panel.index, "pareto"] = pareto_front(panel["x_mean"], panel["y_mean"],
+                                                         DIRECTIONS[x], DIRECTIONS[y])
     return points.sort_values(["line", "order", "x_mean"], kind="stable").reset_index(drop=True)
 
 
@@ -159,16 +164,15 @@ def axis_label(metric: str) -> str:
     return f"{metric}{unit}, {better_direction(metric)} is better"
 
 
-def frontier_chart(rows: pd.DataFrame, x: str, y: str, out: Path, by: str = "entry") -> Path:
-    """The trade-off between two figures: per dataset a panel, per line (`by`) its points in
-    sweep order with one std over seeds as error bars on both axes, and the Pareto front over
-    every point of the panel ringed and joined."""
+def frontier_chart(points: pd.DataFrame, x: str, y: str, out: Path) -> Path:
+    """The trade-off between two figures from `frontier_points`: per dataset a panel, per line
+    its points in sweep order with one std over seeds as error bars on both axes, and the
+    Pareto front over every point of the panel ringed and joined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = frontier_points(rows, x, y, by)
     datasets = list(dict.fromkeys(points["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.0 * len(datasets), 4.6), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -176,8 +180,7 @@ def frontier_chart(rows: pd.DataFrame, x: str, y: str, out: Path, by: str = "ent
         for line, group in panel.groupby("line", sort=False):
             ax.errorbar(group["x_mean"], group["y_mean"], xerr=group["x_std"],
                         yerr=group["y_std"], marker="o", capsize=2, label=line)
-        front = panel[pareto_front(panel["x_mean"], panel["y_mean"], DIRECTIONS[x],
-                                   DIRECTIONS[y])].sort_values("x_mean")
+        front = panel[panel["pareto"]].sort_values("x_mean")
         ax.plot(front["x_mean"], front["y_mean"], "k--", lw=1, zorder=1)
         ax.scatter(front["x_mean"], front["y_mean"], s=140, facecolors="none",
                    edgecolors="black", linewidths=1.5, zorder=3, label="Pareto front")

@@ -15,11 +15,9 @@ from filelock import FileLock
 # Direction of each metric: +1 higher is better, -1 lower is better.
 DIRECTIONS: dict[str, int] = {
     "recon_mse": -1, "psnr": +1, "ssim": +1, "elbo": +1, "rate": -1, "distortion": -1,
-    "iw_nll": -1, "fid": -1,
-    "kid_mean": -1, "isc_mean": +1, "precision": +1, "recall": +1, "density": +1,
-    "coverage": +1, "l0": -1,
-    "dead_fraction": -1, "hoyer": +1, "train_img_per_s": +1, "sample_img_per_s": +1,
-    "eval_s": -1, "wall_s": -1, "peak_mem_mb": -1,
+    "iw_nll": -1, "fid": -1, "kid_mean": -1, "isc_mean": +1, "precision": +1, "recall": +1,
+    "density": +1, "coverage": +1, "l0": -1, "dead_fraction": -1, "hoyer": +1,
+    "train_img_per_s": +1, "sample_img_per_s": +1, "eval_s": -1, "wall_s": -1, "peak_mem_mb": -1,
 }
 TIMING_METRICS = {"train_img_per_s", "sample_img_per_s", "eval_s", "wall_s", "peak_mem_mb"}
 HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "rate", "distortion",
@@ -29,8 +27,7 @@ KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
 # and a variant or commit of digits as an integer, and then no longer matches.
 TEXT_COLUMNS = ["suite", "model", "variant", "entry", "dataset", "config_hash", "status",
-                "git_commit",
-                "features", "device", "eval_split"]
+                "git_commit", "features", "device", "eval_split"]
 
 
 def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:

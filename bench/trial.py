@@ -33,8 +33,9 @@ TRY_SAMPLE = 200
 # neighbourhood of 5) have no neighbourhood to draw.
 LEAST_TRY_SAMPLE = 8
 # IW-NLL's cost per importance sample falls as its batches fill (the decoder runs on images x
-# samples at once): at the default sample the trial takes at least this many samples in all,
-# so that its per-sample cost is the full evaluation's (a smaller --try-sample takes fewer).
+# samples at once): at the default sample the trial takes at least this many samples in all
+# (at least one image), so that its per-sample cost is the full evaluation's; a smaller
+# --try-sample takes proportionally fewer.
 TRY_IW_SAMPLES = 10_000
 
 
@@ -46,10 +47,9 @@ def trial_spec(spec: RunSpec, batches: int, sample: int = TRY_SAMPLE) -> RunSpec
     small = {"n_fake": min(settings.n_fake, sample),
              "n_real": min(settings.n_real or math.inf, sample),
              "kid_subset_size": min(settings.kid_subset_size, sample // 2)}
-    if settings.iw_k:
-        least_images = max(1, -(-TRY_IW_SAMPLES * sample // (TRY_SAMPLE * settings.iw_k)))
-        small["iw_images"] = min(settings.iw_images or math.inf, max(8, least_images)
-                                 if sample >= TRY_SAMPLE else least_images)
+    if settings.iw_k:  # enough images for TRY_IW_SAMPLES samples, scaled with the sample
+        least_images = -(-TRY_IW_SAMPLES * sample // (TRY_SAMPLE * settings.iw_k))
+        small["iw_images"] = min(settings.iw_images or math.inf, least_images)
     return dataclasses.replace(spec, budget={"steps": batches}, eval={**spec.eval, **small})
 
 

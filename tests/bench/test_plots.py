@@ -43,6 +43,8 @@ def test_points_are_seed_means_per_entry_in_sweep_order():
     assert (topk4["x_mean"], topk4["n"]) == (4.5, 2)  # the diverged run is left out
     assert topk4["y_mean"] == pytest.approx(0.0315)
     assert topk4["x_std"] == pytest.approx(pd.Series([4.0, 5.0]).std())
+    # top-k at 16.5 units beats both L1 points, L1 beats no top-k point
+    assert points["pareto"].tolist() == [False, False, True, True, True]
 
 
 def test_a_metric_the_table_lacks_is_named_with_the_choices():
@@ -56,5 +58,6 @@ def test_axis_labels_carry_the_unit_and_direction():
 
 
 def test_the_chart_is_written(tmp_path):
-    path = frontier_chart(sweep_rows(), "l0", "recon_mse", tmp_path / "f.png")
+    points = frontier_points(sweep_rows(), "l0", "recon_mse")
+    path = frontier_chart(points, "l0", "recon_mse", tmp_path / "f.png")
     assert path.stat().st_size > 5000

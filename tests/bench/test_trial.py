@@ -35,6 +35,15 @@ def test_every_entry_is_tried_and_nothing_is_recorded(suite, tmp_path):
     assert any("with --parallel 2" in line and "one after another" in line for line in lines)
 
 
+def test_one_seed_is_tried_for_all_of_an_entrys_pending_seeds(suite, tmp_path):
+    lines = []
+    three_seeds = load_suite(str(suite.path), seeds=[0, 1, 2])
+    table = run_suite(three_seeds, tmp_path / "out", try_batches=4, log=lines.append)
+    assert table["runs"].tolist() == [3, 3] and len(table) == 2
+    assert table["entry"].str.endswith("-s0").all()
+    assert any("the suite's 6 run(s)" in line for line in lines)
+
+
 def test_an_entry_that_fails_is_named_and_the_others_still_run(suite, tmp_path, monkeypatch):
     from modules import VAE
 
