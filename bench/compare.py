@@ -14,7 +14,8 @@ Three rules make a verdict trustworthy:
    speaks, and the report says so.
 4. **Many comparisons, one gate.** A compare makes dozens of comparisons and fails on any one,
    so their p-values are adjusted together by Holm's step-down method (`holm_adjusted`): the
-   chance that unchanged code fails the gate stays at alpha. Holm rather than
+   chance that unchanged code fails the gate stays at alpha (a figure the same at every shared
+   seed on both sides was untouched and is not counted). Holm rather than
    Benjamini-Hochberg because the gate's error is "any false alarm" (family-wise), which Holm
    controls under any dependence between metrics; BH controls the expected share of false
    alarms among the flagged ones, which lets a compare with many true nulls fail more often.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,6 +133,7 @@ class Verdict:
     p_value: float  # one-sided p-value for a worsening (NaN with one seed a side)
     rule: str  # "welch", "paired" or "tolerance (1 seed)"
     beyond_tolerance: bool = False  # worse than the tolerance, whatever the seed noise
+    identical: bool = False  # the same value at every shared seed: untouched by the change
 
 
 def regression_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance: float,
@@ -158,7 +161,10 @@ def regression_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance
         p_value = 0.0 if direction * delta < 0 else 1.0
     else:
         worse = "less" if direction > 0 else "greater"
-        p_value = float(stats.ttest_ind(cur, base, equal_var=False, alternative=worse).pvalue)
+        with warnings.catch_warnings():  # near-identical seeds (precision 1.0 at most) are fine
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_value = float(stats.ttest_ind(cur, base, equal_var=False,
+                                            alternative=worse).pvalue)
     return Verdict(beyond_tolerance and p_value < alpha, change, noise, p_value, "welch",
                    beyond_tolerance)
 
@@ -181,9 +187,11 @@ def paired_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance: fl
         p_value = 0.0 if direction * diff.mean() < 0 else 1.0
     else:
         worse = "less" if direction > 0 else "greater"
-        p_value = float(stats.ttest_rel(cur, base, alternative=worse).pvalue)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_value = float(stats.ttest_rel(cur, base, alternative=worse).pvalue)
     return Verdict(beyond_tolerance and p_value < alpha, change, noise, p_value, "paired",
-                   beyond_tolerance)
+                   beyond_tolerance, identical=bool(np.array_equal(base, cur)))
 
 
 def holm_adjusted(p_values) -> np.ndarray:
@@ -292,7 +300,20 @@ class Comparison:
 
 def judge_together(records: list[dict], alpha: float, correction: str = "holm") -> None:
     """Set each judged record's verdict from its tolerance and its p-value adjusted with the
-    others' (`holm_adjusted`; "none" leaves them raw): one adjustment per gate decision."""
+    others' (`holm_adjusted`; "none" leaves them raw): one adjustment per gate decision.
+
+    A figure with the same value at every shared seed on both sides (`identical`) is no
+    hypothesis under test: the change did not touch it (on a deterministic machine a family
+    whose code did not change reproduces bitwise), so it is ok and does not count in Holm's m.
+    Counted, a commit that changes one family would be judged as if every other family's
+    untouched figures could have raised a false alarm, and its own regressions would need a
+    p-value m times smaller; not counted, the changed family is judged as if compared alone.
+    """
+    for record in records:
+        if record.get("verdict") == "pending" and record.get("identical"):
+            note = "the same at every seed (not counted in Holm's m)"
+            record |= {"verdict": "ok", "p_adjusted": record["p_value"],
+                       "detail": "; ".join(filter(None, [record.get("detail"), note]))}
     tested = [r for r in records if r.get("verdict") == "pending"]
     raw = [r["p_value"] for r in tested]
     adjusted = holm_adjusted(raw) if correction == "holm" else np.asarray(raw, float)
@@ -325,8 +346,10 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
     check_columns(baseline, names[0])
     check_columns(current, names[1])
     chosen = list(metrics or DIRECTIONS)
-    baseline = check_numeric(latest_runs(baseline), chosen, names[0])
-    current = check_numeric(latest_runs(current), chosen, names[1])
+    # rows are picked by index label below: tables joined without ignore_index repeat labels,
+    # and .loc would then pick other runs' rows too
+    baseline = check_numeric(latest_runs(baseline).reset_index(drop=True), chosen, names[0])
+    current = check_numeric(latest_runs(current).reset_index(drop=True), chosen, names[1])
     runs = _match_runs(baseline, current, RUN_KEYS if paired else GROUP_KEYS)
 
     ok = lambda t: t[t["status"] == "ok"]  # noqa: E731
@@ -379,7 +402,7 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
                 record |= {"delta": record["current"] - record["baseline"], "change": v.change,
                            "noise": v.noise, "p_value": v.p_value, "tolerance": tol,
                            "rule": v.rule, "beyond_tolerance": v.beyond_tolerance,
-                           "verdict": "pending"}
+                           "identical": v.identical, "verdict": "pending"}
             if not record["judged"]:  # descriptive: shown with its change, never failing
                 record["verdict"] = "descriptive"
             record.setdefault("detail", "")
@@ -476,7 +499,7 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
             raise ValueError(f"the tables lack the column {column!r} that history orders by")
     check_columns(rows, "the tables")
     tolerances = tolerances or {}
-    rows = latest_runs(rows, per_commit=True)
+    rows = latest_runs(rows, per_commit=True).reset_index(drop=True)  # see compare
     rows = rows[rows["status"] == "ok"]
     chosen = [m for m in (metrics or HEADLINE) if m in rows.columns and rows[m].notna().any()]
     rows = check_numeric(rows, chosen, "the tables")
@@ -517,6 +540,7 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
                                                 DIRECTIONS[metric], tol, alpha)
                         record |= {"previous_mean": prev_values.mean(), "change": v.change,
                                    "p_value": v.p_value, "beyond_tolerance": v.beyond_tolerance,
+                                   "identical": v.identical,
                                    "verdict": "pending" if metric in judged else "descriptive"}
                 previous = (at_commit.loc[values.index], values.to_numpy(), seeds)
                 records.append(record)

@@ -325,8 +325,9 @@ def test_many_comparisons_are_adjusted_together_so_one_small_p_is_not_enough():
     metrics = ["fid", "kid_mean", "isc_mean", "precision", "recall", "density", "coverage"]
     base = [{**row(model="gan", variant=f"v{g}", seed=i, **GEN),
              **{m: 10.0 + i for m in metrics}} for g in range(3) for i in range(3)]
-    cur = [dict(r) for r in base]
-    for r, shift in zip(cur[:3], (0.9, 1.25, 1.6)):  # one metric of one group moves a little
+    # every figure moves by seed noise (an identical one would not count in Holm's m) ...
+    cur = [{**r, **{m: r[m] + (0.3, -0.3, 0.0)[r["seed"]] for m in metrics}} for r in base]
+    for r, shift in zip(cur[:3], (0.9, 1.25, 1.6)):  # ... and one of one group a little more
         r["fid"] += shift
     single = compare(table(*base[:3]), table(*cur[:3]), metrics=["fid"])
     assert metric_row(single, "fid", model="gan")["verdict"] == "REGRESSION"
@@ -335,6 +336,37 @@ def test_many_comparisons_are_adjusted_together_so_one_small_p_is_not_enough():
                          & (report.metrics["variant"] == "v0")].iloc[0]
     assert fid["p_value"] < 0.05 < fid["p_adjusted"] and fid["verdict"] == "ok"
     assert compare(table(*base), table(*cur), correction="none").exit_status() == 1
+
+
+def test_tables_concatenated_with_repeated_index_labels_compare_as_read_from_files():
+    """Seed sets run into two folders and joined with pd.concat (no ignore_index) repeat row
+    labels within a group; the verdict is still that of the rows: here paired, a regression
+    (as in the test above)."""
+    base, cur = seeds([10.0, 11.0, 12.0]), seeds([10.6, 11.4, 12.5])
+    def joined(rows):  # row labels 0, 1, 0
+        return pd.concat([table(*rows[:2]), table(rows[2])])
+
+    fid = metric_row(compare(joined(base), joined(cur)), "fid")
+    assert fid["rule"] == "paired" and fid["verdict"] == "REGRESSION"
+
+
+def test_a_figure_the_same_at_every_seed_is_not_counted_in_holms_m():
+    """A change to one family: the other nine groups reproduce bitwise, so the changed group is
+    judged as if compared alone (Holm over ten would need p < 0.005)."""
+    base = [row(model="gan", variant=f"v{g}", seed=i, fid=10.0 + i, **GEN)
+            for g in range(10) for i in range(3)]
+    cur = [dict(r) for r in base]
+    for r, shift in zip(cur[:3], (0.9, 1.25, 1.6)):
+        r["fid"] += shift
+    alone = metric_row(compare(table(*base[:3]), table(*cur[:3])), "fid", model="gan")
+    report = compare(table(*base), table(*cur))
+    fid = report.metrics[(report.metrics["metric"] == "fid")
+                         & (report.metrics["variant"] == "v0")].iloc[0]
+    assert 0.005 < fid["p_value"] < 0.05 and fid["p_adjusted"] == alone["p_adjusted"]
+    assert fid["verdict"] == "REGRESSION" and report.exit_status() == 1
+    untouched = report.metrics[report.metrics["variant"] != "v0"]
+    assert (untouched["verdict"] == "ok").all()
+    assert untouched["detail"].str.contains("not counted in Holm").all()
 
 
 @pytest.mark.parametrize("model, metric, judged", [
@@ -385,6 +417,21 @@ def test_history_keeps_every_commit_of_the_same_runs():
     course = history(rows, ["fid"])
     assert course["commit"].tolist() == ["c1", "c2", "c3"]
     assert course["regression"].tolist() == [False, False, True]  # paired: every seed +4
+
+
+def test_history_judges_a_commit_that_changed_one_group_as_if_alone():
+    """Ten groups, one of them changed at c2 (every seed a little worse): the nine untouched
+    ones do not count in Holm's m for that step."""
+    def at(commit, hour, shifts):
+        return [{**row(model="gan", variant=f"v{g}", seed=i, fid=10.0 + i + shifts[g][i],
+                       **GEN), "git_commit": commit, "config_hash": f"v{g}-{i}",
+                 "timestamp": f"2026-11-2{hour}T00:00:00+00:00"}
+                for g in range(10) for i in range(3)]
+    unchanged = [(0.0, 0.0, 0.0)] * 10
+    course = history(table(*at("c1", 1, unchanged),
+                           *at("c2", 2, [(0.9, 1.25, 1.6)] + unchanged[1:])), ["fid"])
+    began = course[course["regression"]]
+    assert began[["commit", "variant"]].values.tolist() == [["c2", "v0"]]
 
 
 def null_tables(rng, groups=4, seeds_a_side=3):

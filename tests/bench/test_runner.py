@@ -284,15 +284,17 @@ def test_freed_memory_is_kept_for_the_next_step_instead_of_faulting_in_again(kep
         "def step():\n"
         "    model.losses(x)['loss'].backward(); optimizer.step(); optimizer.zero_grad()\n"
         "for _ in range(3): step()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(5): step()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)\n")
+        "faults = []\n"
+        "for _ in range(5):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    step(); faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(sorted(faults)[2])\n")  # the median: now and then a step grows the heap once
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, env=env).stdout.split()
     applied, faults_per_step = out[0] == "True", float(out[1])
     if kept:
-        assert applied and faults_per_step < 300, faults_per_step
+        assert applied and faults_per_step < 100, faults_per_step
     else:
         assert faults_per_step > 1000, faults_per_step
 
