@@ -256,6 +256,7 @@ class Comparison:
     runs: pd.DataFrame  # one row per run key: status "ok", "missing", "diverged", "new", ...
     metrics: pd.DataFrame  # one row per model/variant/dataset and metric
     seed_aware: bool  # whether any metric was judged over seeds
+    untouched: int = 0  # judged figures the same at every shared seed: not counted in Holm's m
 
     @property
     def failures(self) -> dict[str, int]:
@@ -291,6 +292,8 @@ class Comparison:
                 "one seed a side: tolerance only, no seed-noise estimate")
         shown = int((self.metrics.get("verdict") == "descriptive").sum()) \
             if len(self.metrics) else 0
+        if self.untouched:
+            rule += f"; {self.untouched} the same at every seed, not counted in Holm's m"
         if shown:
             rule += f"; {shown} descriptive figure(s) shown, not judged"
         body = ", ".join(parts) if parts else "no regression"
@@ -415,7 +418,8 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
     columns = GROUP_KEYS + ["metric", "baseline", "current", "delta", "change", "noise",
                             "p_value", "p_adjusted", "n_base", "n_cur", "tolerance", "rule",
                             "verdict", "detail"]
-    return Comparison(runs, pd.DataFrame(records).reindex(columns=columns), seed_aware)
+    untouched = sum(1 for r in records if r.get("identical") and r["judged"])
+    return Comparison(runs, pd.DataFrame(records).reindex(columns=columns), seed_aware, untouched)
 
 
 def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame,

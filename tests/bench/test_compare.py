@@ -367,6 +367,7 @@ def test_a_figure_the_same_at_every_seed_is_not_counted_in_holms_m():
     untouched = report.metrics[report.metrics["variant"] != "v0"]
     assert (untouched["verdict"] == "ok").all()
     assert untouched["detail"].str.contains("not counted in Holm").all()
+    assert "9 the same at every seed, not counted in Holm's m" in report.summary_line()
 
 
 @pytest.mark.parametrize("model, metric, judged", [
