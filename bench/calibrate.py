@@ -145,6 +145,10 @@ def run_calibration(suite_name: str = "smoke", seeds: int = 3, null_sets: int = 
     the fixed pairs, `draws` drawn null pairs and `draws` drawn seed sets per plant."""
     from tqdm import tqdm
 
+    if seeds < 2 or null_sets < 2 or draws < 1:  # before anything trains
+        raise ValueError(f"--seeds {seeds} --null-sets {null_sets} --draws {draws}: a compare "
+                         "over seed noise needs 2 or more seeds a side, the null pairs 2 or "
+                         "more seed sets, the estimate 1 or more draws")
     rng = np.random.default_rng(draw_seed)
     pool_seeds = list(range(null_sets * seeds))
     log(f"null runs: the {suite_name} suite at seeds 0-{pool_seeds[-1]}")

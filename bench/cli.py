@@ -241,8 +241,11 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench.calibrate import format_calibration, run_calibration
 
-    calibration = run_calibration(args.suite, args.seeds, args.null_sets, args.draws,
-                                  Path(args.out))
+    try:
+        calibration = run_calibration(args.suite, args.seeds, args.null_sets, args.draws,
+                                      Path(args.out))
+    except ValueError as err:
+        raise UserError(str(err)) from err
     print("\n" + format_calibration(calibration, args.seeds))
     return 0 if calibration.target_met() else 1
 

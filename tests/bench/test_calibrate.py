@@ -10,9 +10,9 @@ from bench.calibrate import (PLANTS, Calibration, disjoint_seed_sets, moved_obje
 
 
 def test_an_objective_moved_by_more_than_two_seed_spreads_counts_and_a_descriptive_one_not():
-    base = pd.DataFrame({"elbo": [-100.0, -101.0, -102.0], "recon_mse": [0.1, 0.11, 0.12],
+    base = pd.DataFrame({"elbo": [-100.0, -102.0, -104.0], "recon_mse": [0.1, 0.11, 0.12],
                          "hoyer": [0.2, 0.2, 0.2]})
-    cur = pd.DataFrame({"elbo": [-104.0, -105.0, -106.0],  # 4 below, spread 1: moved
+    cur = pd.DataFrame({"elbo": [-108.0, -110.0, -112.0],  # 8 below, spread 2: moved by -4
                         "recon_mse": [0.11, 0.12, 0.13],  # 0.01, spread 0.01: within 2
                         "hoyer": [0.9, 0.9, 0.9]})  # not one of the VAE's objectives
     assert moved_objectives(base, cur, "vae") == {"elbo": pytest.approx(-4.0)}
@@ -76,3 +76,14 @@ def test_the_report_gives_the_false_alarm_share_with_its_interval_and_the_verdic
     assert "1 of 2 fail now; 2 by the rule before" in text and "vae/elbo" in text
     assert "failed through: sae/l0 2" in text and text.endswith("target met")
     assert format_calibration(calibration(3, True), seeds=3).endswith("TARGET NOT MET")
+
+
+@pytest.mark.parametrize("seeds, null_sets, draws", [(1, 10, 400), (3, 1, 400), (3, 10, 0)])
+def test_settings_that_cannot_measure_say_so_before_anything_runs(tmp_path, seeds, null_sets,
+                                                                   draws):
+    from bench.calibrate import run_calibration
+
+    with pytest.raises(ValueError, match="2 or more seeds a side, the null pairs 2 or more"):
+        run_calibration(seeds=seeds, null_sets=null_sets, draws=draws, out=tmp_path / "c",
+                        log=lambda m: None)
+    assert not (tmp_path / "c").exists()
