@@ -23,7 +23,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from datamodules import ImageDataModule
 
     dm = ImageDataModule(args.name, data_dir=args.data_dir, root=args.root, download=args.download,
-                         val_size=args.val_size)
+                         val_size=args.val_size, own_files=args.own_files)
     dm.prepare_data()
     dm.setup()
     for key, value in dm.describe().items():
@@ -109,11 +109,13 @@ def _read_table(path: str):
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from bench.results import format_table
+    from bench.results import format_table, latest_runs, made_on
 
     try:
         rows = _read_table(args.runs)
         print(format_table(rows, args.format))
+        if args.format == "md":
+            print(f"\n{made_on(latest_runs(rows))}")
         if args.references:
             from bench.references import load_references, reference_table
 
@@ -174,7 +176,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         report = compare(_read_table(args.baseline), _read_table(args.current),
                          _tolerances(args.tol), metrics, alpha=args.alpha,
                          names=(args.baseline, args.current), paired=not args.unpaired,
-                         timings=args.timings)
+                         timings=args.timings, across_hardware=args.across_hardware)
     except ValueError as err:
         raise UserError(str(err)) from err
     print(format_report(report, args.allow_incomparable, show_all=args.all))
@@ -213,7 +215,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     metrics = args.metrics.split(",") if args.metrics else None
     try:
         course = history(rows, metrics, _tolerances(args.tol), alpha=args.alpha,
-                         timings=args.timings)
+                         timings=args.timings, across_hardware=args.across_hardware)
     except ValueError as err:
         raise UserError(str(err)) from err
     if course.empty:
@@ -230,6 +232,11 @@ def cmd_history(args: argparse.Namespace) -> int:
         p_value = "" if pd.isna(r.p_value) else f", p={r.p_value:.3g}"
         print(f"regression began at {r.commit}: {r.model}/{r.variant} on {r.dataset} {r.metric} "
               f"{r.previous_mean:.5g} -> {r.mean:.5g} ({-r.change * 100:.1f}% worse{p_value})")
+    crossed = course[course["note"].str.startswith("other")][["model", "variant", "commit"]]
+    if len(crossed.drop_duplicates()):
+        print(f"{len(crossed.drop_duplicates())} step(s) to other hardware or library versions "
+              "(marked): judged by seed noise only, not at all at one seed "
+              "(--across-hardware judges those by the tolerance too)")
     print(f"{len(began)} regression(s) over {course['commit'].nunique()} commit(s); "
           "'!' marks where one began")
     if args.out:
@@ -254,8 +261,10 @@ def _history_cell(r) -> str:
     text = f"{r.mean:.5g}" + (f" ± {r.std:.2g}" if r.n > 1 else "") + f" (n={r.n})"
     if r.regression:
         text += " !"
-    elif r.note:
+    elif r.note.startswith("measured differently"):
         text += " (new provenance)"
+    elif r.note:  # "other hardware: not judged at one seed"
+        text += f" ({r.note})"
     return text
 
 
@@ -297,7 +306,7 @@ def cmd_extractor(args: argparse.Namespace) -> int:
     def data(name):
         from datamodules import ImageDataModule
 
-        dm = ImageDataModule(name, data_dir=args.data_dir, val_size=0)
+        dm = ImageDataModule(name, data_dir=args.data_dir, val_size=0, own_files=args.own_files)
         dm.setup()
         return dm
 
@@ -376,6 +385,14 @@ MODEL_SUMMARY = [
 ]
 
 
+OWN_FILES_HELP = ("use files that are not the published dataset's (a subset, another "
+                  "binarisation; without it they are refused), as a suite's data: {own_files: "
+                  "true} does")
+ACROSS_HARDWARE_HELP = ("judge one-seed figures from other hardware or library versions by "
+                        "the tolerance too (they are not judged otherwise: another CPU's "
+                        "kernels move a one-seed figure as another seed would)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench", description="genbench: train and benchmark image autoencoders and "
@@ -390,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "it came from, split sizes, image shape, dtype and pixel range.")
     data.add_argument("name", help="mnist, fashion_mnist or cifar10")
     data.add_argument("--data-dir", help="directory with the dataset's files (searched first)")
+    data.add_argument("--own-files", action="store_true", help=OWN_FILES_HELP)
     data.add_argument("--root", help="data root for torchvision's layout and downloads "
                       "(default ~/.cache/genbench/data)")
     data.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
@@ -496,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
         "declares); other figures are shown, not judged. With 2+ seeds on both sides a "
         "worsening must exceed the tolerance AND be significant: a paired t-test over shared "
         "seeds, Welch's otherwise (one-sided), the p-values of all comparisons Holm-adjusted "
-        "to --alpha together; with one seed the tolerance alone decides (default 2%%).")
+        "to --alpha together; with one seed the tolerance alone decides (default 2%%). Sides "
+        "made on other hardware (CPU, instruction set, threads, GPU) or library versions are "
+        "named in the verdict and judged by seed noise only: at one seed a side, not judged.")
     comp.add_argument("baseline")
     comp.add_argument("current")
     comp.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL",
@@ -515,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "seed by seed")
     comp.add_argument("--timings", action="store_true",
                       help="judge throughput, wall time and memory too (descriptive otherwise)")
+    comp.add_argument("--across-hardware", action="store_true", help=ACROSS_HARDWARE_HELP)
     comp.set_defaults(func=cmd_compare)
 
     hist = commands.add_parser(
@@ -529,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--timings", action="store_true",
                       help="judge throughput, wall time and memory too (descriptive otherwise)")
     hist.add_argument("--alpha", type=float, default=0.05)
+    hist.add_argument("--across-hardware", action="store_true", help=ACROSS_HARDWARE_HELP)
     hist.add_argument("--out", help="folder for metric-over-commits PNGs")
     hist.set_defaults(func=cmd_history)
 
@@ -584,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     extractor.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     extractor.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     extractor.add_argument("--data-dir", help="directory with the dataset's files")
+    extractor.add_argument("--own-files", action="store_true", help=OWN_FILES_HELP)
     extractor.set_defaults(func=cmd_extractor)
 
     listing = commands.add_parser("list", help="models, variants, datasets and suites")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bench.machine import ENVIRONMENT_COLUMNS, HARDWARE_COLUMNS
 from bench.results import DIRECTIONS, HEADLINE, TIMING_METRICS, latest_runs
 
 # Relative tolerances before a change counts as a regression. Timings are noisy on shared CPUs.
@@ -52,8 +53,9 @@ RUN_KEYS = ["model", "variant", "dataset", "seed"]
 GROUP_KEYS = ["model", "variant", "dataset"]
 
 # What says how each metric was measured. Two figures with different values here are
-# incomparable. Every metric is measured on the test split's first `test_images` images.
-_SPLIT = ["eval_split", "test_images"]
+# incomparable. Every metric is measured on the test split's first `test_images` images of the
+# data files whose contents hash to `data_md5`.
+_SPLIT = ["eval_split", "test_images", "data_md5"]
 _GENERATION = _SPLIT + ["features", "n_real", "n_fake"]
 PROVENANCE: dict[str, list[str]] = {
     **{m: _SPLIT for m in ("recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer", "elbo",
@@ -63,7 +65,7 @@ PROVENANCE: dict[str, list[str]] = {
     "kid_mean": _GENERATION + ["kid_subset_size"],
     "precision": _GENERATION + ["prc_neighborhood"], "recall": _GENERATION + ["prc_neighborhood"],
     "density": _GENERATION + ["dc_neighborhood"], "coverage": _GENERATION + ["dc_neighborhood"],
-    **{m: ["device", "devices"] for m in TIMING_METRICS},
+    **{m: ["device", "devices"] + HARDWARE_COLUMNS for m in TIMING_METRICS},
 }
 # Columns a table needs before it can be compared at all.
 REQUIRED_COLUMNS = RUN_KEYS + ["status"]
@@ -82,21 +84,41 @@ def same_value(a, b) -> bool:
         return str(a) == str(b)
 
 
-def provenance_differences(metric: str, base: pd.DataFrame, cur: pd.DataFrame) -> list[str]:
-    """The provenance columns of `metric` whose values differ between two sets of rows, as
-    'column: base -> current'. A column absent from both tables is unknown on both sides, which
-    is no difference; a column that one side lacks is one."""
+def column_differences(columns: list[str], base: pd.DataFrame, cur: pd.DataFrame) -> list[str]:
+    """The columns whose values differ between two sets of rows, as 'column: base -> current'.
+    A column absent from both tables is unknown on both sides, which is no difference; a column
+    that one side lacks is one ("not recorded")."""
     differences = []
-    for column in PROVENANCE.get(metric, []):
+    for column in columns:
         if column not in base.columns and column not in cur.columns:
             continue
         base_values = base[column].drop_duplicates().tolist() if column in base else [None]
         cur_values = cur[column].drop_duplicates().tolist() if column in cur else [None]
         if len(base_values) != 1 or len(cur_values) != 1 or not same_value(base_values[0],
                                                                       cur_values[0]):
-            show = lambda values: "/".join(map(str, values))  # noqa: E731
+            show = lambda values: "/".join(  # noqa: E731
+                "not recorded" if v is None or v != v else str(v) for v in values)
             differences.append(f"{column}: {show(base_values)} -> {show(cur_values)}")
     return differences
+
+
+def provenance_differences(metric: str, base: pd.DataFrame, cur: pd.DataFrame) -> list[str]:
+    """The provenance columns of `metric` (`PROVENANCE`) that differ between two sets of rows."""
+    return column_differences(PROVENANCE.get(metric, []), base, cur)
+
+
+def environment_differences(base: pd.DataFrame, cur: pd.DataFrame) -> tuple[str, list[str]]:
+    """('other hardware' or 'other library versions' or '', the columns that differ): figures
+    made in another environment drift as another seed would, so they are judged by seed noise
+    only (`ONE_SEED_ACROSS_ENVIRONMENTS`)."""
+    hardware = column_differences(HARDWARE_COLUMNS, base, cur)
+    software = column_differences([c for c in ENVIRONMENT_COLUMNS if c not in HARDWARE_COLUMNS],
+                                  base, cur)
+    kind = "other hardware" if hardware else "other library versions" if software else ""
+    return kind, hardware + software
+
+
+ONE_SEED_ACROSS_ENVIRONMENTS = "not judged at one seed"
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -257,6 +279,8 @@ class Comparison:
     metrics: pd.DataFrame  # one row per model/variant/dataset and metric
     seed_aware: bool  # whether any metric was judged over seeds
     untouched: int = 0  # judged figures the same at every shared seed: not counted in Holm's m
+    environment: str = ""  # "other hardware", "other library versions" or "" (the same)
+    environment_differences: tuple[str, ...] = ()  # 'column: base -> current'
 
     @property
     def failures(self) -> dict[str, int]:
@@ -265,8 +289,9 @@ class Comparison:
         for status in ("missing", "diverged"):
             counts[status] = int((self.runs.get("status") == status).sum()) if len(self.runs) \
                 else 0
-        counts["incomparable"] = int((self.metrics.get("verdict") == "incomparable").sum()) \
-            if len(self.metrics) else 0
+        for verdict in ("incomparable", "not judged"):
+            counts[verdict] = int((self.metrics.get("verdict") == verdict).sum()) \
+                if len(self.metrics) else 0
         return counts
 
     def exit_status(self, allow_incomparable: bool = False) -> int:
@@ -285,7 +310,8 @@ class Comparison:
             ("regression(s)", counts["regression"]), ("missing run(s)", counts["missing"]),
             ("run(s) that did not finish", counts["diverged"]),
             ("incomparable metric(s)" + (" (allowed)" if allow_incomparable else ""),
-             counts["incomparable"])) if n]
+             counts["incomparable"]),
+            (f"not judged ({self.environment}, one seed)", counts["not judged"])) if n]
         head = "FAIL" if self.exit_status(allow_incomparable) else "PASS"
         rule = ("seed-aware (paired over shared seeds, else Welch; Holm-adjusted)"
                 if self.seed_aware else
@@ -299,6 +325,15 @@ class Comparison:
         body = ", ".join(parts) if parts else "no regression"
         extra = f"; {new} new run(s)" if new else ""
         return f"{head}: {body} in {compared} comparisons{extra} [{rule}]"
+
+    def environment_line(self) -> str:
+        """What differs between the machines or libraries of the two sides, and what follows."""
+        if not self.environment:
+            return ""
+        return (f"{self.environment.capitalize()}: {'; '.join(self.environment_differences)}. "
+                "Figures from another environment drift as another seed would: they are "
+                f"judged by seed noise only, and at one seed a side {ONE_SEED_ACROSS_ENVIRONMENTS}"
+                " (--across-hardware judges those by the tolerance too).")
 
 
 def judge_together(records: list[dict], alpha: float, correction: str = "holm") -> None:
@@ -331,15 +366,17 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
             alpha: float = DEFAULT_ALPHA,
             names: tuple[str, str] = ("the baseline table", "the current table"),
             paired: bool = True, correction: str = "holm", judge: str = "objectives",
-            timings: bool = False) -> Comparison:
+            timings: bool = False, across_hardware: bool = False) -> Comparison:
     """Runs matched on model / variant / dataset / seed (with `paired=False`, on model / variant
     / dataset: the seed sets may differ), then each metric per model / variant / dataset
     judged over the seeds that finished on each side: `paired_rule` where both sides ran the
     same seeds (unless `paired=False`), else `regression_rule`; p-values adjusted together
     (`correction`: holm or none). Only the family's objectives can fail (`judge`: objectives,
     or all; named `metrics` are all judged), timings too with `timings`; the rest is
-    descriptive. Reruns count once (the latest
-    row of a config hash). `names` (file paths) go into error messages."""
+    descriptive. Figures made on other hardware or library versions (`environment_differences`)
+    are judged by seed noise only: at one seed a side they are "not judged", unless
+    `across_hardware` asks for the tolerance's verdict. Reruns count once (the latest row of a
+    config hash). `names` (file paths) go into error messages."""
     tolerances = tolerances or {}
     for option, given in (("--tol", tolerances), ("--metrics", metrics or [])):
         unknown = set(given) - set(DIRECTIONS)
@@ -365,6 +402,7 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
         b, c = select(base_ok), select(cur_ok)
         if b.empty or c.empty:
             continue  # the run table already says missing or new
+        environment = environment_differences(b, c)[0]
         # metrics named by the caller are judged: they asked for exactly those
         judged = set(DIRECTIONS) if judge == "all" or metrics else judged_metrics(key.model,
                                                                                   timings)
@@ -406,6 +444,9 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
                            "noise": v.noise, "p_value": v.p_value, "tolerance": tol,
                            "rule": v.rule, "beyond_tolerance": v.beyond_tolerance,
                            "identical": v.identical, "verdict": "pending"}
+                if environment and v.rule == "tolerance (1 seed)" and not across_hardware:
+                    record |= {"verdict": "not judged",
+                               "detail": f"{environment}: {ONE_SEED_ACROSS_ENVIRONMENTS}"}
             if not record["judged"]:  # descriptive: shown with its change, never failing
                 record["verdict"] = "descriptive"
             record.setdefault("detail", "")
@@ -419,7 +460,9 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
                             "p_value", "p_adjusted", "n_base", "n_cur", "tolerance", "rule",
                             "verdict", "detail"]
     untouched = sum(1 for r in records if r.get("identical") and r["judged"])
-    return Comparison(runs, pd.DataFrame(records).reindex(columns=columns), seed_aware, untouched)
+    environment, differences = environment_differences(base_ok, cur_ok)
+    return Comparison(runs, pd.DataFrame(records).reindex(columns=columns), seed_aware, untouched,
+                      environment, tuple(differences))
 
 
 def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame,
@@ -465,8 +508,9 @@ def format_report(report: Comparison, allow_incomparable: bool = False,
     if show_all or m.empty:
         shown = m
     else:  # what is not plainly ok: failures, and descriptive figures that moved
-        moved = (m["verdict"] == "descriptive") & (m["change"].abs() > m["tolerance"])
-        shown = m[~m["verdict"].isin(["ok", "descriptive"]) | moved]
+        unjudged = m["verdict"].isin(["descriptive", "not judged"])
+        moved = unjudged & (m["change"].abs() > m["tolerance"])
+        shown = m[~m["verdict"].isin(["ok"]) & ~unjudged | moved]
     if len(shown):
         shown = shown.dropna(axis=1, how="all").copy()
         if "change" in shown:
@@ -478,6 +522,8 @@ def format_report(report: Comparison, allow_incomparable: bool = False,
         what = "Metrics" if show_all else "Metrics that are not plainly ok (--all shows every one)"
         lines += [f"{what}; mean over seeds, noise = standard error of the difference:",
                   shown.fillna("").to_markdown(index=False, floatfmt=".5g"), ""]
+    if report.environment:
+        lines.append(report.environment_line())
     lines.append(report.summary_line(allow_incomparable))
     return "\n".join(lines)
 
@@ -491,13 +537,15 @@ def commit_order(rows: pd.DataFrame) -> list[str]:
 
 def history(rows: pd.DataFrame, metrics: list[str] | None = None,
             tolerances: dict[str, float] | None = None, alpha: float = DEFAULT_ALPHA,
-            timings: bool = False) -> pd.DataFrame:
+            timings: bool = False, across_hardware: bool = False) -> pd.DataFrame:
     """Per model / variant / dataset, metric and commit: mean, std and seed count over the runs
     that finished, and whether a regression began there: each commit against the previous
     commit that measured the metric the same way (a change of provenance starts afresh), by
     the rules of `compare` (paired over shared seeds, else Welch; the family's objectives
-    only), the p-values of one commit's comparisons Holm-adjusted together. A rerun supersedes
-    an earlier row within its commit only: across commits the rows are the history."""
+    only), the p-values of one commit's comparisons Holm-adjusted together; a step between
+    environments (other hardware or library versions) is judged by seed noise only, as in
+    `compare`, and says so in its note. A rerun supersedes an earlier row within its commit
+    only: across commits the rows are the history."""
     for column in ("git_commit", "timestamp"):
         if column not in rows.columns:
             raise ValueError(f"the tables lack the column {column!r} that history orders by")
@@ -546,6 +594,14 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
                                    "p_value": v.p_value, "beyond_tolerance": v.beyond_tolerance,
                                    "identical": v.identical,
                                    "verdict": "pending" if metric in judged else "descriptive"}
+                        environment = environment_differences(prev_rows,
+                                                              at_commit.loc[values.index])[0]
+                        if environment:
+                            unjudged = v.rule == "tolerance (1 seed)" and not across_hardware
+                            record["note"] = f"{environment}" + (
+                                f": {ONE_SEED_ACROSS_ENVIRONMENTS}" if unjudged else "")
+                            if unjudged:
+                                record["verdict"] = "not judged"
                 previous = (at_commit.loc[values.index], values.to_numpy(), seeds)
                 records.append(record)
     for commit in order:  # one gate decision per commit step

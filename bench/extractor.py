@@ -201,7 +201,10 @@ def classifier_path(dm, epochs: int | None = None, weights: str | None = None,
     if epochs is None and shipped_path(dm.spec.name).is_file():
         return shipped_path(dm.spec.name)
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
-    path = cache_root() / "extractors" / f"classifier-{dm.spec.name}-e{epochs}-s{DEFAULT_SEED}.pt"
+    # a classifier trained on a copy of one's own is that copy's (the published files need no tag)
+    own = "" if dm.data_check.status == "verified" else f"-{dm.data_check.md5[:12]}"
+    path = (cache_root() / "extractors"
+            / f"classifier-{dm.spec.name}{own}-e{epochs}-s{DEFAULT_SEED}.pt")
     if not path.is_file():
         log(f"training the feature classifier for {dm.spec.title} ({epochs} epochs on the CPU, "
             f"cached in {path.parent})")
@@ -215,7 +218,8 @@ def train_classifier(dm, epochs: int = DEFAULT_EPOCHS, seed: int = DEFAULT_SEED)
     the accuracy on the whole test split. The caller's random state is left as it was."""
     from datamodules import ImageDataModule
 
-    full = ImageDataModule(dm.spec.name, data_dir=str(dm.source.directory), val_size=0)
+    full = ImageDataModule(dm.spec.name, data_dir=str(dm.source.directory), val_size=0,
+                           own_files=dm.hparams.own_files)
     full.setup()
     channels, size, _ = full.image_shape
     with torch.random.fork_rng(devices=[]):

@@ -49,11 +49,14 @@ class _NoTips(logging.Filter):
 def quiet_lightning() -> None:
     """Lightning's lines that say nothing about the run: its tips, the notice that tensorboardX
     is no longer a dependency (the logs are CSV, in lightning_logs/), and a torch deprecation
-    inside Lightning."""
+    inside Lightning; its srun hint outside a SLURM job (bench.runner.quiet_srun_hint)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+    from bench.runner import quiet_srun_hint
+
+    quiet_srun_hint()
 
 
 def run_fit(argv: list[str]) -> int:

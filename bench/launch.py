@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from bench.plots import metric_bar_charts
 from bench.preflight import preflight
 from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
-                           read_rows)
+                           made_on, read_rows)
 from bench.evaluate import EvalSettings
 from bench.runner import (CHECKPOINT_EVERY_STEPS, STOP, RunOptions, evaluate_checkpoint,
                           evaluated_row, git_commit, prepare_run_process, run_one)
@@ -281,7 +281,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     table = read_rows(csv_path)
     table = table[table["config_hash"].isin({s.config_hash for s in specs})] if len(table) \
         else table
-    summary = format_table(table)
+    summary = f"{format_table(table)}\n\n{made_on(latest_runs(table))}"
     (out_dir / "summary.md").write_text(f"# {suite.name}\n\n{summary}\n")
     metric_bar_charts(table, out_dir / "plots")
     log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
@@ -345,7 +345,7 @@ def evaluate_results(results_dir: Path, overrides: dict, only: str | None = None
         log(f"[{i}/{len(jobs)}] {spec.run_id} from {checkpoint}")
         metrics, _ = evaluate_checkpoint(spec, checkpoint, EvalSettings.from_dict(spec.eval),
                                          accelerator, log)
-        row = evaluated_row(trained, spec, metrics, commit) | {
+        row = evaluated_row(trained, spec, metrics, commit, accelerator) | {
             "evaluated_from": trained["config_hash"]}
         append_row(csv_path, row)
         log(one_line(row))

@@ -12,6 +12,9 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
+from bench.machine import ENVIRONMENT_COLUMNS
+from bench.machine import describe as describe_environment
+
 # Direction of each metric: +1 higher is better, -1 lower is better.
 DIRECTIONS: dict[str, int] = {
     "recon_mse": -1, "psnr": +1, "ssim": +1, "elbo": +1, "rate": -1, "distortion": -1,
@@ -27,7 +30,8 @@ KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
 # and a variant or commit of digits as an integer, and then no longer matches.
 TEXT_COLUMNS = ["suite", "model", "variant", "entry", "dataset", "config_hash", "status",
-                "git_commit", "features", "device", "eval_split"]
+                "git_commit", "features", "device", "eval_split", "data_source", "data_files",
+                "data_md5", *(c for c in ENVIRONMENT_COLUMNS if c != "torch_threads")]
 
 
 def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
@@ -194,6 +198,21 @@ def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None 
     raise ValueError(f"unknown format {fmt!r}; choose one of: md, latex, csv")
 
 
+def made_on(rows: pd.DataFrame) -> str:
+    """The caption line of a table: the hardware and library versions its rows were made with
+    (one line each, when they differ: those figures are not comparable one to one) and whether
+    the data files were checked."""
+    environments = describe_environment(rows).splitlines()
+    text = ("Made on: " + environments[0] if len(environments) == 1 else
+            "Made on different machines or versions (figures drift between them as between "
+            "seeds):\n" + "\n".join(f"- {line}" for line in environments))
+    if "data_files" in rows and rows["data_files"].notna().any():
+        checks = ", ".join(f"{d}: {status}" for (d, status), _ in
+                           rows.groupby(["dataset", "data_files"], sort=False))
+        text += f"\nData files: {checks}"
+    return text
+
+
 # -- LaTeX -----------------------------------------------------------------------------------------
 # Column headers for a paper: a readable name with its unit; the direction mark comes from
 # DIRECTIONS.
@@ -242,6 +261,8 @@ def _provenance_caption(rows: pd.DataFrame) -> str:
     if shown("iw_k"):
         sentences.append(f"NLL: importance-weighted bound with K = {shown('iw_k')} on "
                          f"{shown('iw_images')} test images")
+    if any(c in rows for c in ENVIRONMENT_COLUMNS):
+        sentences.append("Made on " + "; or ".join(describe_environment(rows).splitlines()))
     return latex_escape(". ".join(sentences) + ".").replace(r"\textbackslash{}pm", r"$\pm$")
 
 

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from bench.compare import PROVENANCE
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
+from bench.machine import hardware, versions
 from bench.loop import (WARMUP_BATCHES, Diverged, LoopSettings, ManualStepDDP, Run,
                         apply_net_options, configured_optimizers, fit, rank_seed,
                         save_atomically, throughput)
@@ -76,15 +77,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if commit and dirty.strip() else (commit or "unknown")
-
-
-def versions() -> dict[str, str]:
-    import lightning
-    import torch_fidelity
-    import torchmetrics
-
-    return {"torch": torch.__version__, "lightning": lightning.__version__,
-            "torchmetrics": torchmetrics.__version__, "torch_fidelity": torch_fidelity.__version__}
 
 
 def reset_peak_memory(device: torch.device) -> str:
@@ -193,14 +185,16 @@ EVALUATION_COLUMNS = ({"status", "error", "features_acc", "isc_std", "kid_std"}
     - TRAINING_FIGURES
 
 
-def evaluated_row(trained: dict, spec: RunSpec, metrics: dict, commit: str) -> dict:
+def evaluated_row(trained: dict, spec: RunSpec, metrics: dict, commit: str,
+                  accelerator: str = "auto") -> dict:
     """A row for a trained run evaluated again: the training's columns from its earlier row, the
-    new evaluation's figures, and the commit of each."""
+    new evaluation's figures, and the commit of each; the hardware is the evaluation's, which
+    made the new figures."""
     row = {k: v for k, v in trained.items() if k not in EVALUATION_COLUMNS}
     return row | metrics | {
         "config_hash": spec.config_hash, "config": json.dumps(spec.config(), sort_keys=True),
         "trained_commit": trained.get("trained_commit", trained.get("git_commit")),
-        "git_commit": commit, **versions(),
+        "git_commit": commit, **hardware(evaluation_device(accelerator)), **versions(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -327,7 +321,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
         metrics, grids = evaluate_checkpoint(spec, final, settings, options.accelerator, log)
         if rank_zero_only.rank == 0:
             save_run_grids(grids, out_dir / "plots", spec.run_id)
-        return evaluated_row(trained, spec, metrics, commit) | {"rank": rank_zero_only.rank}
+        return evaluated_row(trained, spec, metrics, commit, options.accelerator) | {
+            "rank": rank_zero_only.rank}
     start = time.perf_counter()
     loop_settings = LoopSettings.from_suite(spec.trainer,
                                             checkpoint_every=options.checkpoint_every,
@@ -346,6 +341,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
     if spec.sweep_index is not None:  # a sweep's point: its entry, and its place on the curve
         row |= {"entry": spec.entry, "sweep_index": spec.sweep_index}
     run, dm, resumed = build_run(spec, fabric, loop_settings, ckpt_dir, options.force, log)
+    row |= dm.provenance()
     if resumed is not None:
         row["resumed_step"] = resumed
     model = run.module.module
@@ -378,7 +374,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
             "device": (torch.cuda.get_device_name(fabric.device)
                        if fabric.device.type == "cuda" else "cpu"),
             "devices": fabric.world_size, "num_nodes": options.num_nodes,
-            **versions(), "git_commit": commit,
+            **hardware(fabric.device), **versions(), "git_commit": commit,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": json.dumps(spec.config(), sort_keys=True), "checkpoint": str(final)}
     if fabric.is_global_zero:
@@ -426,6 +422,18 @@ def keep_freed_memory() -> bool:
                 and libc.mallopt(M_TRIM_THRESHOLD, 1024 * 2**20))
 
 
+SRUN_HINT = "The `srun` command is available on your system but is not used"
+
+
+def quiet_srun_hint() -> None:
+    """Lightning hints at `srun` in every process that finds the command on the PATH and is not a
+    SLURM job step: on a cluster's login node that is every run, and it says nothing there.
+    Inside a SLURM job that did not start its tasks with srun (an sbatch script that forgot it),
+    the hint is right, and it stays."""
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message=SRUN_HINT)
+
+
 def prepare_run_process() -> None:
     """Set up a process that trains runs: no per-run device banner, no warnings that say nothing
     about the run, no NVML probe on every optimiser step where NVML is missing, and malloc
@@ -434,6 +442,7 @@ def prepare_run_process() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     drop_failing_nvml_check()
+    quiet_srun_hint()
     # torch's deprecation notes inside Lightning's own calls (Fabric's all_gather, pytree)
     for noise in (".*LeafSpec.*is deprecated.*", ".*all_gather is deprecated.*"):
         warnings.filterwarnings("ignore", message=noise)

@@ -24,7 +24,7 @@ class CorruptDataError(ValueError):
 IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST-style files use
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
     """Whole file content, decompressed when the name ends in .gz."""
     try:
         if path.suffix == ".gz":
@@ -44,7 +44,7 @@ def read_idx(path: str | Path, expected_ndim: int) -> np.ndarray:
     for labels 0x00000801 (2049). The data must hold exactly prod(dims) bytes.
     """
     path = Path(path)
-    raw = _read_bytes(path)
+    raw = read_bytes(path)
     if len(raw) < 4:
         raise CorruptDataError(f"{path}: {len(raw)} bytes, too short for an IDX header")
     zero0, zero1, type_code, ndim = raw[0], raw[1], raw[2], raw[3]

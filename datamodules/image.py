@@ -11,7 +11,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from datamodules.specs import DatasetSpec, DataSource, get_spec, load_arrays, locate
+from datamodules.specs import (DataCheck, DatasetSpec, DataSource, check_files, get_spec,
+                               load_arrays, locate)
 
 
 @functools.lru_cache(maxsize=2)
@@ -146,13 +147,15 @@ class ImageDataModule(L.LightningDataModule):
     The whole split is decoded once into uint8 tensors and moved to the training device in
     `setup`; batches are slices of a random permutation and become float on the device.
     `val_size` images are held out of the training split with the fixed `split_seed`.
+    The files are checked against the dataset's known contents (`check_files`) before use;
+    `own_files` allows a copy changed on purpose (a subset, another binarisation).
     """
 
     def __init__(self, dataset: str = "fashion_mnist", data_dir: str | None = None,
                  root: str | None = None, download: bool = False, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  binarize: bool = False, train_subset: int | None = None,
-                 test_subset: int | None = None,
+                 test_subset: int | None = None, own_files: bool = False,
                  seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
@@ -160,6 +163,7 @@ class ImageDataModule(L.LightningDataModule):
         self.placement: tuple[torch.device | None, int, int] = (None, 0, 1)
         self.spec: DatasetSpec = get_spec(dataset)
         self.source: DataSource | None = None
+        self.data_check: DataCheck | None = None
         self.load_seconds: float | None = None
         self._loaded = False
         self._binarized: dict[str, torch.Tensor] = {}
@@ -195,6 +199,7 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hparams
         start = time.perf_counter()
         self.source = locate(self.spec, hp.data_dir, hp.root, download=False)
+        self.data_check = check_files(self.spec, self.source, hp.own_files)
         arrays = _decoded(self.spec.name, str(self.source.directory))
         n_train_total = len(arrays["train_images"])
         if not 0 <= hp.val_size < n_train_total:
@@ -246,6 +251,13 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> TensorBatches:
         return self._batches("test", train=False)
 
+    def provenance(self) -> dict[str, str]:
+        """A row's data columns: where the files came from, whether they are the named
+        dataset's, and a hash of their contents."""
+        assert self.source is not None and self.data_check is not None, "call setup() first"
+        return {"data_source": f"{self.source.directory} ({self.source.origin})",
+                "data_files": self.data_check.status, "data_md5": self.data_check.md5[:12]}
+
     def describe(self) -> dict[str, object]:
         """What `bench data` prints: where the data came from and what it looks like."""
         assert self.source is not None, "call setup() first"
@@ -253,6 +265,7 @@ class ImageDataModule(L.LightningDataModule):
         return {
             "dataset": f"{self.spec.title} ({self.spec.name})",
             "source": f"{self.source.directory} ({self.source.origin})",
+            "files": f"{self.data_check.status}, md5 {self.data_check.md5}",
             "splits": {"train": len(self.train_images), "val": len(self.val_images),
                        "test": len(self.test_images)},
             "image_shape": self.image_shape,

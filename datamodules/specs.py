@@ -10,13 +10,15 @@ Search order for a dataset's files (the first directory that holds all of them w
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.formats import CorruptDataError, read_cifar_batch, read_idx
+from datamodules.formats import CorruptDataError, read_bytes, read_cifar_batch, read_idx
 
 ENV_VAR = "GENBENCH_DATA"
 DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "genbench" / "data"
@@ -47,6 +49,9 @@ class DatasetSpec:
     full_sizes: tuple[int, int]  # (train, test) of the complete dataset
     system_dirs: tuple[str, ...] = field(default=())
     how_to_get: str = ""
+    # md5 of each file's contents, decompressed (the gzip header differs between copies: Debian's
+    # package recompresses the files, so the md5 of a .gz says nothing about the data in it)
+    content_md5: dict[str, str] = field(default_factory=dict)
 
     @property
     def all_files(self) -> tuple[str, ...]:
@@ -62,6 +67,11 @@ DATASETS: dict[str, DatasetSpec] = {
             train_files=("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
             test_files=("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
             torchvision_subdir="MNIST/raw", torchvision_class="MNIST", full_sizes=(60000, 10000),
+            # the files whose .gz match torchvision's md5s, decompressed
+            content_md5={"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+                         "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+                         "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+                         "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"},
             how_to_get="pass --download (torchvision fetches it into the data root), or put the "
                        "four IDX files (gzipped or not) in a directory given by --data-dir or "
                        f"${ENV_VAR}",
@@ -74,6 +84,11 @@ DATASETS: dict[str, DatasetSpec] = {
             torchvision_subdir="FashionMNIST/raw", torchvision_class="FashionMNIST",
             full_sizes=(60000, 10000),
             system_dirs=("/usr/share/datasets/fashion-mnist",),
+            # Debian's dataset-fashion-mnist 0.0~git20200523, decompressed
+            content_md5={"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                         "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                         "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                         "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
             how_to_get="install it offline with `sudo apt-get install dataset-fashion-mnist` "
                        "(Debian/Ubuntu), pass --download, or put the four IDX files in a "
                        f"directory given by --data-dir or ${ENV_VAR}",
@@ -85,6 +100,13 @@ DATASETS: dict[str, DatasetSpec] = {
             test_files=("test_batch",),
             torchvision_subdir="cifar-10-batches-py", torchvision_class="CIFAR10",
             full_sizes=(50000, 10000),
+            # torchvision's md5 of each batch (CIFAR10.train_list / test_list): not compressed
+            content_md5={"data_batch_1": "c99cafc152244af753f735de768cd75f",
+                         "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                         "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+                         "data_batch_4": "634d18415352ddfa80567beed471001a",
+                         "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+                         "test_batch": "40351d587109b95175f43aff81a1287e"},
             how_to_get="pass --download (torchvision fetches cifar-10-python.tar.gz into the data "
                        "root), or unpack that archive and give its cifar-10-batches-py directory "
                        f"with --data-dir or ${ENV_VAR}",
@@ -166,6 +188,73 @@ def _download(spec: DatasetSpec, root: Path) -> None:
     except Exception as err:  # torchvision raises URLError, RuntimeError, ... depending on cause
         raise DataNotFoundError(f"downloading {spec.title} into {root} failed: {err}. "
                                 f"Without network access: {spec.how_to_get}.") from err
+
+
+OWN_FILES_SETTING = "own_files"
+
+
+class WrongDataError(CorruptDataError):
+    """A dataset's file whose contents are not the named dataset's."""
+
+
+@functools.lru_cache(maxsize=64)
+def _content_md5(path: str, size: int, mtime_ns: int) -> str:
+    """md5 of a file's decompressed contents; cached by path, size and modification time, so a
+    suite that builds many datamodules on one dataset reads each file once."""
+    return hashlib.md5(read_bytes(Path(path))).hexdigest()
+
+
+def content_md5(path: Path) -> str:
+    stat = Path(path).stat()
+    return _content_md5(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What a dataset's files were found to be: `verified` (each file's contents are the named
+    dataset's) or `own files` (not checked: allowed with the own_files setting), and `md5`, a
+    hash over the files' content hashes that names exactly the data a run saw."""
+
+    status: str
+    md5: str
+
+
+def check_files(spec: DatasetSpec, source: DataSource, own_files: bool = False) -> DataCheck:
+    """Each file's decompressed contents against the named dataset's known md5. A file that is
+    another known dataset's (MNIST's digits under Fashion-MNIST's file names) is refused always;
+    one that is no known dataset's is refused unless `own_files` (a subset, another
+    binarisation, made on purpose), and the check then says so."""
+    digests = {name: content_md5(source.files[name]) for name in spec.all_files}
+    combined = hashlib.md5(" ".join(digests[n] for n in spec.all_files).encode()).hexdigest()
+    known = {md5: (other, name) for other in DATASETS.values()
+             for name, md5 in other.content_md5.items()}
+    unknown = []
+    for name, digest in digests.items():
+        if digest == spec.content_md5.get(name):
+            continue
+        path = source.files[name]
+        where = f"it was found in {source.directory} ({source.origin})"
+        if digest not in known:
+            unknown.append((name, path, digest, where))
+            continue
+        other, other_name = known[digest]
+        raise WrongDataError(
+            f"{path}: this is not {spec.title}'s {name} but {other.title}'s {other_name} "
+            f"(md5 of its contents {digest}); {where}. Give {spec.title}'s own files "
+            f"instead (keep each dataset in its own folder, or in "
+            f"torchvision's layout: <folder>/{spec.torchvision_subdir}); to get them: "
+            f"{spec.how_to_get}" + (f"; to train on {other.title}, name the dataset "
+                                    f"{other.name}" if other.name != spec.name else ""))
+    if unknown and not own_files:
+        name, path, digest, where = unknown[0]
+        raise WrongDataError(
+            f"{path}: its contents (md5 {digest}) are not {spec.title}'s {name} (md5 "
+            f"{spec.content_md5.get(name, '?')}) nor any dataset's genbench knows; {where}. "
+            f"A copy changed on purpose (a subset, another binarisation) is allowed with the "
+            f"data setting {OWN_FILES_SETTING}: true (in a suite's data:, --data."
+            f"{OWN_FILES_SETTING} true for bench fit), and its rows then say so; otherwise "
+            f"fetch the files again: {spec.how_to_get}")
+    return DataCheck("own files" if unknown else "verified", combined)
 
 
 def load_arrays(spec: DatasetSpec, source: DataSource) -> dict[str, np.ndarray]:

@@ -4,7 +4,8 @@ from tests.data_files import write_mnist_dir
 
 def test_bench_data_describes_the_dataset(tmp_path, capsys):
     write_mnist_dir(tmp_path, n_train=120, n_test=40)
-    assert main(["data", "mnist", "--data-dir", str(tmp_path), "--val-size", "20"]) == 0
+    assert main(["data", "mnist", "--data-dir", str(tmp_path), "--val-size", "20",
+                 "--own-files"]) == 0
     out = capsys.readouterr().out
     assert f"source: {tmp_path} (data_dir)" in out
     assert "'train': 100, 'val': 20, 'test': 40" in out

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.compare import (DEFAULT_ALPHA, DIRECTIONS, compare, config_differences, history,
+from bench.compare import (DEFAULT_ALPHA, DIRECTIONS, compare, config_differences, format_report,
+                           history,
                            provenance_differences, regression_rule, same_value)
 from tests.bench.test_results import row as results_row
 
@@ -207,7 +208,7 @@ def test_provenance_values_compare_by_value_and_missing_ones_alike():
 def test_a_provenance_column_in_one_table_only_differs_and_absent_ones_do_not_stop_the_search():
     assert provenance_differences("fid", table(row(fid=1.0, n_fake=1000)),
                                   table(row(fid=1.0, n_fake=1000, features="x"))) == [
-        "features: None -> x"]
+        "features: not recorded -> x"]
     # eval_split, test_images and features are absent from both: n_fake is still checked
     assert provenance_differences("fid", table(row(fid=1.0, n_fake=10)),
                                   table(row(fid=1.0, n_fake=20))) == ["n_fake: 10 -> 20"]
@@ -265,7 +266,8 @@ def test_every_kind_of_failure_fails_the_check_whatever_else_happened():
 def test_a_missing_group_does_not_stop_the_groups_after_it_from_being_judged():
     base = table(row(model="ae", fid=10.0, **GEN), row(model="gan", fid=30.0, **GEN))
     report = compare(base, table(row(model="gan", fid=40.0, **GEN)), metrics=["fid"])
-    assert report.failures == {"regression": 1, "missing": 1, "diverged": 0, "incomparable": 0}
+    assert report.failures == {"regression": 1, "missing": 1, "diverged": 0, "incomparable": 0,
+                               "not judged": 0}
     assert metric_row(report, "fid", "gan")["verdict"] == "REGRESSION"
     assert metric_row(report, "fid", "gan")["delta"] == pytest.approx(10.0)
 
@@ -473,3 +475,61 @@ def test_metrics_named_by_the_caller_are_judged_whatever_the_family():
     cur = table(row("ae", fid=20.0, **GEN))
     assert compare(base, cur).exit_status() == 0  # the AE's samples are descriptive
     assert compare(base, cur, metrics=["fid"]).exit_status() == 1
+
+
+# -- other hardware --------------------------------------------------------------------------------
+AMD = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "onednn_isa": "Intel AVX-512",
+       "torch_threads": 1, "torch": "2.14.1"}
+AVX2 = {**AMD, "cpu_capability": "AVX2", "onednn_isa": "Intel AVX2"}
+
+
+def test_a_one_seed_worsening_on_other_hardware_is_not_judged_and_the_verdict_says_why():
+    report = compare(table(*seeds([10.0], **AMD)), table(*seeds([10.5], **AVX2)))
+    fid = metric_row(report, "fid")
+    assert fid["verdict"] == "not judged"
+    assert fid["detail"] == "other hardware: not judged at one seed"
+    assert report.exit_status() == 0
+    text = format_report(report)
+    assert "Other hardware: cpu_capability: AVX512 -> AVX2; onednn_isa: Intel AVX-512 -> Intel " \
+           "AVX2." in text and "1 not judged (other hardware, one seed)" in text
+
+
+def test_a_one_seed_worsening_on_other_hardware_is_judged_when_asked():
+    report = compare(table(*seeds([10.0], **AMD)), table(*seeds([10.5], **AVX2)),
+                     across_hardware=True)
+    assert metric_row(report, "fid")["verdict"] == "REGRESSION" and report.exit_status() == 1
+
+
+def test_other_library_versions_are_named_as_such():
+    report = compare(table(*seeds([10.0], **AMD)),
+                     table(*seeds([10.5], **{**AMD, "torch": "2.15.0"})))
+    assert metric_row(report, "fid")["detail"] == "other library versions: not judged at one seed"
+    assert report.environment_differences == ("torch: 2.14.1 -> 2.15.0",)
+
+
+def test_a_baseline_without_hardware_columns_is_other_hardware():
+    report = compare(table(*seeds([10.0])), table(*seeds([10.5], **AMD)))
+    assert metric_row(report, "fid")["verdict"] == "not judged"
+    assert "cpu: not recorded -> AMD EPYC" in report.environment_differences
+
+
+def test_over_seeds_other_hardware_is_judged_by_the_seed_noise():
+    base = table(*seeds([10.0, 11.0, 12.0], **AMD))
+    assert metric_row(compare(base, table(*seeds([13.0, 14.0, 15.0], **AVX2))),
+                      "fid")["verdict"] == "REGRESSION"
+    assert metric_row(compare(base, table(*seeds([10.1, 10.9, 12.2], **AVX2))),
+                      "fid")["verdict"] == "ok"
+
+
+def test_timings_from_other_hardware_are_incomparable():
+    base = table(*seeds([10.0], train_img_per_s=1000.0, **AMD))
+    report = compare(base, table(*seeds([10.0], train_img_per_s=100.0, **AVX2)), timings=True)
+    assert metric_row(report, "train_img_per_s")["verdict"] == "incomparable"
+
+
+def test_history_does_not_judge_a_one_seed_step_to_other_hardware():
+    rows = table(*commit_rows("c1", 1, [10.0], **AMD), *commit_rows("c2", 2, [15.0], **AVX2))
+    course = history(rows, ["fid"])
+    assert not course["regression"].any()
+    assert course["note"].iloc[1] == "other hardware: not judged at one seed"
+    assert history(rows, ["fid"], across_hardware=True)["regression"].tolist() == [False, True]

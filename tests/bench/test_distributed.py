@@ -49,7 +49,7 @@ CODES = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer"]
 GENERATION = ["fid", "kid_mean", "isc_mean", "precision", "recall"]
 METRICS = {"ae": CODES + GENERATION, "sae": CODES + GENERATION,
            "vae": CODES + ["elbo", "iw_nll"] + GENERATION, "gan": GENERATION}
-DATA = {"val_size": 40, "batch_size": 20, "eval_batch_size": 25}
+DATA = {"val_size": 40, "batch_size": 20, "eval_batch_size": 25, "own_files": True}
 
 
 @pytest.fixture(scope="module")

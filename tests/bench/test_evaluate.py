@@ -212,7 +212,7 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
 
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
     write_mnist_dir(tmp_path / "data", n_train=120, n_test=70)
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=0,
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), own_files=True, val_size=0,
                          eval_batch_size=32, test_subset=60)
     dm.setup()
     model = tiny_model(family).eval()
@@ -321,7 +321,7 @@ def _small_mnist(tmp_path):
     from tests.data_files import write_mnist_dir
 
     write_mnist_dir(tmp_path / "data", n_train=60, n_test=40)
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=0,
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), own_files=True, val_size=0,
                          eval_batch_size=16)
     dm.setup()
     return dm

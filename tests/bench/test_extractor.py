@@ -21,7 +21,7 @@ REAL_DATA = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
 def small_mnist(tmp_path, monkeypatch):
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
     write_mnist_dir(tmp_path / "data", n_train=300, n_test=100)
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=0)
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), own_files=True, val_size=0)
     dm.setup()
     return dm
 
@@ -33,7 +33,9 @@ def test_classifier_is_trained_once_cached_and_registered(small_mnist, tmp_path)
     assert len(messages) == 1 and "training the feature classifier" in messages[0]
     assert first.name == second.name and first.name.startswith("genbench-cnn-mnist-")
     assert first.name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
-    assert list((tmp_path / "cache" / "extractors").glob("classifier-mnist-e1-*.pt"))
+    # trained on files of one's own: named by their hash, never taken for the real data's
+    tag = small_mnist.data_check.md5[:12]
+    assert list((tmp_path / "cache" / "extractors").glob(f"classifier-mnist-{tag}-e1-*.pt"))
 
 
 def test_recorded_accuracy_is_the_arg_max_agreement_on_the_test_split(small_mnist):
@@ -66,8 +68,8 @@ def test_building_the_classifier_leaves_the_random_stream_untouched(small_mnist)
 
 def test_the_classifier_trains_on_the_whole_training_split_whatever_the_run_uses(tmp_path):
     write_mnist_dir(tmp_path / "data", n_train=300, n_test=100)
-    subset = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), train_subset=50,
-                             test_subset=20, val_size=10)
+    subset = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), own_files=True,
+                             train_subset=50, test_subset=20, val_size=10)
     subset.setup()
     saved = train_classifier(subset, epochs=1)
     assert (saved["train_images"], saved["test_images"]) == (300, 100)

@@ -21,8 +21,8 @@ def test_unknown_model_lists_the_choices(capsys):
 def test_bench_fit_trains_and_prints_final_losses(tmp_path, capsys, model):
     write_mnist_dir(tmp_path / "data", n_train=200, n_test=50)
     code = main(["fit", "--model", model, "--data", "mnist",
-                 "--data.data_dir", str(tmp_path / "data"), "--data.val_size", "40",
-                 "--data.batch_size", "32", "--model.width", "4",
+                 "--data.data_dir", str(tmp_path / "data"), "--data.own_files", "true",
+                 "--data.val_size", "40", "--data.batch_size", "32", "--model.width", "4",
                  "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
                  "--trainer.default_root_dir", str(tmp_path / "runs")])
     assert code == 0
@@ -38,7 +38,8 @@ def test_bench_fit_says_only_what_concerns_the_run(tmp_path, capsys, caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["fit", "--model", "ae", "--data", "mnist", "--data.data_dir",
-                     str(tmp_path / "data"), "--data.val_size", "40", "--trainer.max_steps", "2",
+                     str(tmp_path / "data"), "--data.own_files", "true", "--data.val_size", "40",
+                     "--trainer.max_steps", "2",
                      "--trainer.enable_progress_bar", "false",
                      "--trainer.default_root_dir", str(tmp_path / "runs")]) == 0
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]

@@ -85,7 +85,8 @@ def test_bench_eval_adds_rows_equal_to_a_fresh_evaluation_of_the_checkpoints(two
 
     model = MODELS["ae"].load_from_checkpoint(
         out / "checkpoints" / original["config_hash"] / "final.ckpt").eval()
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), val_size=50, batch_size=10)
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), own_files=True, val_size=50,
+                         batch_size=10)
     dm.setup()
     settings = EvalSettings(**{**EVAL, "n_fake": 150, "kid_subset_size": 40})
     fresh, _ = evaluate(model, dm, settings, get_extractor("classifier", dm), seed=0)

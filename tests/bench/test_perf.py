@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.perf import plain_step_fn, run_perf
-from tests.data_files import write_mnist_dir
+from tests.data_files import standing_in_for, write_mnist_dir
 from tests.modules.conftest import prototype_batches, tiny_model
 
 pytestmark = pytest.mark.integration  # trains through Fabric and the Trainer
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.integration  # trains through Fabric and the Trainer
 def test_perf_times_every_family_and_backbone_four_ways(tmp_path, monkeypatch):
     write_mnist_dir(tmp_path / "mnist", n_train=300, n_test=20)
     monkeypatch.setenv("GENBENCH_DATA", str(tmp_path / "mnist"))
+    standing_in_for(monkeypatch, "mnist", tmp_path / "mnist")
     lines = []
     table = run_perf(["ae", "gan"], ["mlp", "conv"], dataset="mnist", batch_size=32, steps=3,
                      warmup=1, repeats=1, accelerator="cpu", progress_bar=False,

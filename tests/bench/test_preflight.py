@@ -3,12 +3,13 @@
 import pytest
 
 import bench.launch
+from bench.cli import main
 from bench.extractor import save_classifier, train_classifier
 from bench.launch import run_suite
 from bench.preflight import PreflightError, check_specs
 from bench.suite import load_suite
 from datamodules import ImageDataModule
-from tests.data_files import write_mnist_dir, write_mnist_suite
+from tests.data_files import SHARED_MNIST, write_mnist_dir, write_mnist_suite
 
 TINY = {"hidden": 16, "latent_dim": 4}
 
@@ -52,7 +53,8 @@ def test_a_file_that_is_not_inception_weights_is_named(tmp_path, offline):
 
 def test_every_problem_is_listed_at_once(tmp_path, offline):
     write_mnist_dir(tmp_path / "other", n_train=100, n_test=20)
-    other = ImageDataModule("mnist", data_dir=str(tmp_path / "other"), val_size=0)
+    other = ImageDataModule("mnist", data_dir=str(tmp_path / "other"), own_files=True,
+                            val_size=0)
     other.setup()
     mnist_classifier = save_classifier(train_classifier(other, epochs=1), tmp_path / "mnist.pt")
     suite = load_suite(str(write_mnist_suite(tmp_path, [
@@ -74,3 +76,19 @@ def test_every_problem_is_listed_at_once(tmp_path, offline):
 def test_a_suite_without_problems_passes_in_seconds(tmp_path, offline):
     suite = load_suite(str(write_mnist_suite(tmp_path, [{"model": "ae", "params": TINY}])))
     assert check_specs(suite.specs, tmp_path / "out") == []
+
+
+def test_fashion_mnist_given_mnists_files_is_refused_before_any_training(tmp_path, monkeypatch,
+                                                                        capsys):
+    """GENBENCH_DATA at a folder of MNIST's IDX files, which have Fashion-MNIST's file names."""
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST not found in {SHARED_MNIST}")
+    monkeypatch.setenv("GENBENCH_DATA", str(SHARED_MNIST))
+    monkeypatch.setattr(bench.launch, "run_one", never_train)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: mixed\ndefaults: {datasets: [fashion_mnist]}\n"
+                     "runs: [{model: ae, variant: mlp}]\n")
+    assert main(["run", "--suite", str(suite), "--out", str(tmp_path / "out")]) == 2
+    said = capsys.readouterr().err
+    assert "this is not Fashion-MNIST's train-images-idx3-ubyte but MNIST's" in said
+    assert f"found in {SHARED_MNIST} (GENBENCH_DATA)" in said and "nothing was trained" in said

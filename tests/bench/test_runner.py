@@ -1,4 +1,8 @@
+import dataclasses
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -6,6 +10,7 @@ import pytest
 
 import bench.launch
 from bench.cli import main
+from bench.compare import environment_differences
 from bench.results import read_rows
 from bench.launch import run_suite
 from bench.suite import load_suite
@@ -18,6 +23,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 # Everything in a row that a fixed seed fixes on CPU: all metrics but the timings.
 DETERMINISTIC = ("recon_mse,psnr,ssim,l0,dead_fraction,hoyer,elbo,rate,distortion,iw_nll,fid,"
                  "kid_mean,isc_mean,precision,recall,density,coverage")
+SAME_FIGURE_RTOL = 1e-6
 
 
 @pytest.fixture
@@ -75,6 +81,30 @@ def test_an_interrupted_suite_keeps_finished_rows_and_resumes(tiny_suite, tmp_pa
     pd.testing.assert_frame_equal(rows.iloc[:1], first, check_dtype=False)
 
 
+def matches_the_baseline(out: Path) -> str:
+    """The smoke check: the runs in `out` against the committed baseline, run by run. On the
+    baseline's machine (same CPU, instruction sets, threads and library versions) every
+    deterministic figure must agree; on another machine only the runs without convolutions,
+    whose training is bitwise the same on every x86-64 CPU seen (conv layers take oneDNN's
+    kernels for the CPU's instruction set, and a chaotic run then drifts as another seed would;
+    docs/reproducing.md). "Agree" is to SAME_FIGURE_RTOL: FID, KID and IS pass through the
+    feature classifier's conv layers and scipy's BLAS, and move at 1e-7 between hosts of one
+    kind; anything the code changes moves a figure by far more. Returns the environment
+    difference ('' on the baseline's machine)."""
+    rows = read_rows(out / "runs.csv").set_index(["model", "variant"])
+    baseline = read_rows(BASELINE).set_index(["model", "variant"])
+    environment = environment_differences(baseline.reset_index(), rows.reset_index())[0]
+    checked = rows.index
+    if environment:
+        checked = [key for key in rows.index
+                   if json.loads(rows.loc[key, "config"])["params"].get("backbone") == "mlp"]
+    assert len(checked), "no run to check"
+    metrics = [m for m in DETERMINISTIC.split(",") if baseline.loc[checked, m].notna().any()]
+    pd.testing.assert_frame_equal(rows.loc[checked, metrics], baseline.loc[checked, metrics],
+                                  rtol=SAME_FIGURE_RTOL, atol=0, check_dtype=False)
+    return environment
+
+
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="Debian dataset-fashion-mnist missing")
 @pytest.mark.integration
 def test_smoke_suite_matches_the_committed_baseline(tmp_path, monkeypatch, capsys):
@@ -87,13 +117,17 @@ def test_smoke_suite_matches_the_committed_baseline(tmp_path, monkeypatch, capsy
     assert rows["model"].tolist() == ["ae", "sae", "vae", "gan"]
     assert (rows["status"] == "ok").all() and rows["git_commit"].notna().all()
     assert rows.loc[rows["model"] != "ae", "fid"].gt(0).all() and (rows["n_fake"] == 1000).all()
+    assert (rows["data_files"] == "verified").all() and rows["data_md5"].nunique() == 1
+    assert rows["cpu"].notna().all() and (rows["torch_threads"] == 1).all()
     assert (out / "runs.parquet").is_file() and (out / "summary.md").read_text().count("|") > 20
     assert {p.name for p in (out / "plots").glob("*.png")} >= {
         "ae-mlp-fashion_mnist-s0-samples.png", "ae-mlp-fashion_mnist-s0-reconstructions.png",
         "metric-fid.png", "metric-recon_mse.png"}
     assert len(list((out / "wandb").glob("offline-run-*"))) == 5  # 4 runs and the summary
     assert "| model / variant" in printed  # the summary table at the end
+    assert "Made on: " in printed and "Data files: fashion_mnist: verified" in printed
 
+    matches_the_baseline(out)
     assert main(["compare", str(BASELINE), str(out / "runs.csv"),
                  "--metrics", DETERMINISTIC]) == 0, capsys.readouterr().out
 
@@ -102,6 +136,44 @@ def test_smoke_suite_matches_the_committed_baseline(tmp_path, monkeypatch, capsy
                  "--no-progress"]) == 0
     assert capsys.readouterr().out.count("skipped") == 4
     assert len(read_rows(out / "runs.csv")) == 4
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="Debian dataset-fashion-mnist missing")
+@pytest.mark.integration
+def test_a_planted_numeric_change_fails_the_smoke_check(tmp_path, monkeypatch):
+    """The AE's learning rate x1.01: on the baseline's machine and on any other (an MLP run)."""
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    suite = load_suite("smoke")
+    suite.specs = [dataclasses.replace(s, params={**s.params, "lr": 1e-3 * 1.01})
+                   for s in suite.specs if s.model == "ae"]
+    run_quietly(suite, tmp_path / "planted")
+    with pytest.raises(AssertionError, match="recon_mse"):
+        matches_the_baseline(tmp_path / "planted")
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="Debian dataset-fashion-mnist missing")
+@pytest.mark.slow
+def test_the_smoke_check_passes_on_another_instruction_set(tmp_path):
+    """The smoke suite in a process limited to AVX2 (oneDNN and ATen), as on an older CPU:
+    its rows say so, its conv runs differ from the baseline's, and the check passes."""
+    out = tmp_path / "smoke-avx2"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+           "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache"),
+           "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--suite", "smoke", "--out",
+                           str(out), "--no-progress"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = read_rows(out / "runs.csv")
+    assert (rows["cpu_capability"] == "AVX2").all() and (rows["onednn_isa"] == "Intel AVX2").all()
+    assert matches_the_baseline(out) == "other hardware"
+    assert rows.set_index("variant").loc["topk-conv", "recon_mse"] != read_rows(
+        BASELINE).set_index("variant").loc["topk-conv", "recon_mse"]  # the check had a reason
+    compared = subprocess.run([sys.executable, "-m", "bench.cli", "compare", str(BASELINE),
+                               str(out / "runs.csv"), "--metrics", DETERMINISTIC],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert compared.returncode == 0, compared.stdout
+    assert "Other hardware: cpu_capability: AVX512 -> AVX2" in compared.stdout
 
 
 @pytest.mark.integration

@@ -120,9 +120,13 @@ def test_every_entry_of_a_shipped_suite_trains_and_evaluates(name, synthetic_dat
     whole path, a few batches and a small sample each."""
     from bench.cli import main
     from bench.suite import load_suite
+    from tests.data_files import standing_in_for
 
     root, torch_home = synthetic_data_and_inception
     monkeypatch.setenv("GENBENCH_DATA", str(root))
+    for dataset, folder in (("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw"),
+                            ("cifar10", "cifar-10-batches-py")):
+        standing_in_for(monkeypatch, dataset, root / folder)
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
     status = main(["run", "--suite", name, "--out", str(tmp_path / "out"), "--try",

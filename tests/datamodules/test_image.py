@@ -21,7 +21,7 @@ def cifar_files(tmp_path):
 
 
 def make_dm(directory, dataset="mnist", **kwargs):
-    dm = ImageDataModule(dataset, data_dir=str(directory), **kwargs)
+    dm = ImageDataModule(dataset, data_dir=str(directory), **{"own_files": True, **kwargs})
     dm.prepare_data()
     dm.setup()
     return dm

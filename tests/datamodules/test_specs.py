@@ -1,12 +1,13 @@
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from datamodules import DataNotFoundError, UnknownDatasetError, get_spec, locate
 from datamodules.formats import CorruptDataError
-from datamodules.specs import load_arrays
-from tests.data_files import write_idx, write_mnist_dir
+from datamodules.specs import WrongDataError, check_files, load_arrays
+from tests.data_files import SHARED_MNIST, standing_in_for, write_idx, write_mnist_dir
 
 
 def test_unknown_dataset_lists_the_known_ones():
@@ -99,3 +100,52 @@ def test_images_of_the_wrong_size_are_rejected(tmp_path):
     spec = get_spec("fashion_mnist")
     with pytest.raises(CorruptDataError, match=r"t10k-images.*\(1, 32, 32\), expected \(1, 28, 28\)"):
         load_arrays(spec, locate(spec, data_dir=tmp_path))
+
+
+# -- the files are what their name says ------------------------------------------------------------
+def test_another_datasets_files_under_this_name_are_refused_naming_them(tmp_path, monkeypatch):
+    write_mnist_dir(tmp_path)
+    standing_in_for(monkeypatch, "mnist", tmp_path)
+    spec = get_spec("fashion_mnist")
+    with pytest.raises(WrongDataError, match="this is not Fashion-MNIST's train-images-idx3-ubyte "
+                       "but MNIST's train-images-idx3-ubyte .*name the dataset mnist"):
+        check_files(spec, locate(spec, data_dir=tmp_path), own_files=True)
+    mnist = get_spec("mnist")
+    assert check_files(mnist, locate(mnist, data_dir=tmp_path)).status == "verified"
+
+
+def test_unknown_files_are_refused_unless_they_are_declared_ones_own(tmp_path):
+    write_mnist_dir(tmp_path)
+    spec = get_spec("mnist")
+    source = locate(spec, data_dir=tmp_path)
+    with pytest.raises(WrongDataError, match="nor any dataset's genbench knows.*own_files: true"):
+        check_files(spec, source)
+    check = check_files(spec, source, own_files=True)
+    assert check.status == "own files" and len(check.md5) == 32
+
+
+def test_the_files_hash_names_their_contents_not_their_compression(tmp_path):
+    write_mnist_dir(tmp_path / "gz", gz=True)
+    write_mnist_dir(tmp_path / "raw", gz=False)
+    write_mnist_dir(tmp_path / "other", seed=1)
+    spec = get_spec("mnist")
+    md5 = {name: check_files(spec, locate(spec, data_dir=tmp_path / name), own_files=True).md5
+           for name in ("gz", "raw", "other")}
+    assert md5["gz"] == md5["raw"] != md5["other"]
+
+
+@pytest.mark.parametrize("name, directory", [
+    ("fashion_mnist", "/usr/share/datasets/fashion-mnist"), ("mnist", str(SHARED_MNIST))])
+def test_the_real_files_are_verified(name, directory):
+    spec = get_spec(name)
+    if not (Path(directory) / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real {spec.title} not found in {directory}")
+    assert check_files(spec, locate(spec, data_dir=directory)).status == "verified"
+
+
+def test_fashion_mnist_pointed_at_the_real_mnist_is_refused():
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST not found in {SHARED_MNIST}")
+    spec = get_spec("fashion_mnist")
+    with pytest.raises(WrongDataError, match="not Fashion-MNIST's .* but MNIST's"):
+        check_files(spec, locate(spec, data_dir=SHARED_MNIST), own_files=True)

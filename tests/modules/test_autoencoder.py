@@ -64,7 +64,7 @@ def test_training_ends_by_fitting_the_mixture_on_the_training_split_in_order(fam
     from tests.modules.conftest import quiet_trainer
 
     write_mnist_dir(tmp_path, n_train=96, n_test=10)
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=16, val_size=0,
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path), own_files=True, batch_size=16, val_size=0,
                          eval_batch_size=32)
     model = tiny_model(family, gmm_components=2, gmm_max_samples=40)
     quiet_trainer(max_steps=3, limit_val_batches=0).fit(model, datamodule=dm)
