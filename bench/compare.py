@@ -332,8 +332,8 @@ class Comparison:
             return ""
         return (f"{self.environment.capitalize()}: {'; '.join(self.environment_differences)}. "
                 "Figures from another environment drift as another seed would: they are "
-                f"judged by seed noise only, and at one seed a side {ONE_SEED_ACROSS_ENVIRONMENTS}"
-                " (--across-hardware judges those by the tolerance too).")
+                "judged by seed noise only, so at one seed a side they are not judged "
+                "(--across-hardware judges those by the tolerance too).")
 
 
 def judge_together(records: list[dict], alpha: float, correction: str = "holm") -> None:
