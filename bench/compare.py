@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from bench.machine import ENVIRONMENT_COLUMNS, HARDWARE_COLUMNS
-from bench.results import DIRECTIONS, HEADLINE, TIMING_METRICS, latest_runs
+from bench.metrics import DIRECTIONS, HEADLINE, PROVENANCE, TIMING_METRICS
+from bench.results import latest_runs
 
 # Relative tolerances before a change counts as a regression. Timings are noisy on shared CPUs.
 DEFAULT_TOLERANCE = 0.02
@@ -52,21 +53,6 @@ DEFAULT_ALPHA = 0.05
 RUN_KEYS = ["model", "variant", "dataset", "seed"]
 GROUP_KEYS = ["model", "variant", "dataset"]
 
-# What says how each metric was measured. Two figures with different values here are
-# incomparable. Every metric is measured on the test split's first `test_images` images of the
-# data files whose contents hash to `data_md5`.
-_SPLIT = ["eval_split", "test_images", "data_md5"]
-_GENERATION = _SPLIT + ["features", "n_real", "n_fake"]
-PROVENANCE: dict[str, list[str]] = {
-    **{m: _SPLIT for m in ("recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer", "elbo",
-                           "rate", "distortion")},
-    "iw_nll": _SPLIT + ["iw_k", "iw_images"],
-    "fid": _GENERATION, "isc_mean": _GENERATION,
-    "kid_mean": _GENERATION + ["kid_subset_size"],
-    "precision": _GENERATION + ["prc_neighborhood"], "recall": _GENERATION + ["prc_neighborhood"],
-    "density": _GENERATION + ["dc_neighborhood"], "coverage": _GENERATION + ["dc_neighborhood"],
-    **{m: ["device", "devices"] + HARDWARE_COLUMNS for m in TIMING_METRICS},
-}
 # Columns a table needs before it can be compared at all.
 REQUIRED_COLUMNS = RUN_KEYS + ["status"]
 UNFINISHED = "did not finish"

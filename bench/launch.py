@@ -23,6 +23,7 @@ import pandas as pd
 import submitit.helpers
 from lightning.pytorch.utilities import rank_zero_only
 
+from bench.metrics import PER_RUN
 from bench.plots import metric_bar_charts
 from bench.preflight import preflight
 from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
@@ -178,10 +179,8 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOpti
 
 
 def one_line(row: dict) -> str:
-    """The per-run line printed after each run: the metrics that apply, in a fixed order."""
-    shown = ["recon_mse", "l0", "dead_fraction", "elbo", "iw_nll", "fid", "isc_mean",
-             "precision", "recall", "density", "coverage", "train_img_per_s"]
-    parts = [f"{k}={row[k]:.4g}" for k in shown if isinstance(row.get(k), (int, float))
+    """The per-run line printed after each run: the metrics declared for it that apply."""
+    parts = [f"{k}={row[k]:.4g}" for k in PER_RUN if isinstance(row.get(k), (int, float))
              and not pd.isna(row.get(k))]
     status = {"ok": "", "eval_failed": f" [eval_failed: {row.get('error')}]"}.get(
         row["status"], f" [{row['status']} at step {row.get('diverged_step')}]")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.results import DIRECTIONS, HEADLINE, seed_table
+from bench.metrics import DIRECTIONS, HEADLINE, METRICS
+from bench.results import seed_table
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
@@ -107,11 +108,6 @@ def history_charts(course: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-# What each axis of a trade-off plot is measured in.
-UNITS = {"recon_mse": "per pixel, images in [0, 1]",
-         "l0": "active code units per image", "dead_fraction": "share of code units",
-         "rate": "nats per image", "distortion": "nats per image", "elbo": "nats per image",
-         "iw_nll": "nats per image", "psnr": "dB"}
 # one line per suite entry (a sweep's points: one mechanism), or per model family
 FRONTIER_GROUPS = ("entry", "model")
 
@@ -160,7 +156,7 @@ def pareto_front(x: pd.Series, y: pd.Series, x_direction: int, y_direction: int)
 
 
 def axis_label(metric: str) -> str:
-    unit = f" ({UNITS[metric]})" if metric in UNITS else ""
+    unit = f" ({METRICS[metric].unit})" if metric in METRICS and METRICS[metric].unit else ""
     return f"{metric}{unit}, {better_direction(metric)} is better"
 
 

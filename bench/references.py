@@ -16,7 +16,8 @@ import pandas as pd
 import yaml
 
 from bench.compare import same_value
-from bench.results import DIRECTIONS, latest_runs
+from bench.metrics import DIRECTIONS
+from bench.results import latest_runs
 
 REFERENCES_FILE = Path(__file__).parent / "references.yaml"
 KEYS = {"model", "variant", "dataset", "metric", "value", "source", "setting", "shortened"}

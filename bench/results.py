@@ -13,19 +13,9 @@ import pandas as pd
 from filelock import FileLock
 
 from bench.machine import ENVIRONMENT_COLUMNS
+from bench.metrics import DIRECTIONS, HEADLINE, METRICS
 from bench.machine import describe as describe_environment
 
-# Direction of each metric: +1 higher is better, -1 lower is better.
-DIRECTIONS: dict[str, int] = {
-    "recon_mse": -1, "psnr": +1, "ssim": +1, "elbo": +1, "rate": -1, "distortion": -1,
-    "iw_nll": -1, "fid": -1, "kid_mean": -1, "isc_mean": +1, "precision": +1, "recall": +1,
-    "density": +1, "coverage": +1, "l0": -1, "dead_fraction": -1, "hoyer": +1,
-    "train_img_per_s": +1, "sample_img_per_s": +1, "eval_s": -1, "wall_s": -1, "peak_mem_mb": -1,
-}
-TIMING_METRICS = {"train_img_per_s", "sample_img_per_s", "eval_s", "wall_s", "peak_mem_mb"}
-HEADLINE = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "elbo", "rate", "distortion",
-            "iw_nll", "fid", "kid_mean", "isc_mean", "precision", "recall", "density",
-            "coverage", "train_img_per_s"]
 KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
 # and a variant or commit of digits as an integer, and then no longer matches.
@@ -214,16 +204,6 @@ def made_on(rows: pd.DataFrame) -> str:
 
 
 # -- LaTeX -----------------------------------------------------------------------------------------
-# Column headers for a paper: a readable name with its unit; the direction mark comes from
-# DIRECTIONS.
-LATEX_HEADERS = {
-    "recon_mse": "MSE", "psnr": "PSNR (dB)", "ssim": "SSIM", "l0": "$L_0$",
-    "dead_fraction": "Dead", "hoyer": "Hoyer", "elbo": "ELBO (nats)", "rate": "Rate (nats)",
-    "distortion": "Distortion (nats)", "iw_nll": "NLL (nats)",
-    "fid": "FID", "kid_mean": "KID", "isc_mean": "IS", "precision": "Prec.", "recall": "Rec.",
-    "density": "Dens.", "coverage": "Cov.", "train_img_per_s": "img/s",
-    "sample_img_per_s": "samples/s", "eval_s": "eval (s)", "wall_s": "wall (s)",
-    "peak_mem_mb": "memory (MiB)"}
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                   "^": r"\textasciicircum{}"}
@@ -286,7 +266,7 @@ def latex_table(rows: pd.DataFrame, metrics: list[str] | None = None,
              if any(m in stats[d].columns.get_level_values(0) for d in datasets)]
     arrow = {+1: r" $\uparrow$", -1: r" $\downarrow$"}
     header = " & ".join(["Model", "Variant"] + [
-        latex_escape(LATEX_HEADERS.get(m, m)).replace(r"\$L\_0\$", "$L_0$") + arrow[DIRECTIONS[m]]
+        latex_escape(METRICS[m].latex).replace(r"\$L\_0\$", "$L_0$") + arrow[DIRECTIONS[m]]
         for m in shown])
     lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_provenance_caption(rows)}}}",
              f"\\label{{{label}}}", r"\begin{tabular}{ll" + "r" * len(shown) + "}",

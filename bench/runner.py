@@ -27,7 +27,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from bench.compare import PROVENANCE
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
 from bench.machine import hardware, versions
@@ -35,7 +34,7 @@ from bench.loop import (WARMUP_BATCHES, Diverged, LoopSettings, ManualStepDDP, R
                         apply_net_options, configured_optimizers, fit, rank_seed,
                         save_atomically, throughput)
 from bench.plots import save_run_grids
-from bench.results import DIRECTIONS
+from bench.metrics import DETAILS, DIRECTIONS, PROVENANCE_COLUMNS
 from bench.suite import RunSpec, Suite
 from bench.tracking import finish_run_logging, make_logger
 from datamodules import ImageDataModule
@@ -180,9 +179,8 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
 # Columns of a row that come from evaluation (every metric but the training's figures, and
 # every provenance column but the device's); the rest describe the training.
 TRAINING_FIGURES = {"train_img_per_s", "wall_s", "peak_mem_mb", "device", "devices"}
-EVALUATION_COLUMNS = ({"status", "error", "features_acc", "isc_std", "kid_std"}
-                      | set(DIRECTIONS) | {c for cs in PROVENANCE.values() for c in cs}) \
-    - TRAINING_FIGURES
+EVALUATION_COLUMNS = ({"status", "error"} | set(DETAILS) | set(DIRECTIONS)
+                      | PROVENANCE_COLUMNS) - TRAINING_FIGURES
 
 
 def evaluated_row(trained: dict, spec: RunSpec, metrics: dict, commit: str,

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.compare import (DEFAULT_ALPHA, DIRECTIONS, compare, config_differences, format_report,
-                           history,
+from bench.compare import (DEFAULT_ALPHA, compare, config_differences, format_report, history,
                            provenance_differences, regression_rule, same_value)
+from bench.metrics import DIRECTIONS
 from tests.bench.test_results import row as results_row
 
 GEN = {"features": "genbench-cnn-mnist-aaaa", "n_real": 1000, "n_fake": 1000,

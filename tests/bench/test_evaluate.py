@@ -11,6 +11,7 @@ from bench.evaluate import (DeadFraction, EvalSettings, density_coverage, fideli
                             hoyer_sparsity, l0_count, likelihood_metrics, reconstruction_metrics,
                             to_uint8_rgb)
 from bench.extractor import ClassifierNet, Extractor, make_fidelity_extractor_class
+from bench.metrics import DETAILS, METRICS, PROVENANCE_COLUMNS
 from tests.modules.conftest import prototype_images, tiny_model
 
 _names = itertools.count()
@@ -244,6 +245,8 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
         assert metrics[key] == pytest.approx(by_hand[key], rel=1e-6), key
     assert grids["samples"].shape == (64, 3, 28, 28) and torch.equal(grids["samples"], fake[:64])
     assert grids["reconstructions"].shape == (64, 1, 28, 28)
+    # every column evaluation writes is declared: a metric, a provenance column or a detail
+    assert set(metrics) <= set(METRICS) | PROVENANCE_COLUMNS | set(DETAILS)
 
 
 @pytest.mark.parametrize("name, least", [("n_fake", 2), ("batch_size", 1),

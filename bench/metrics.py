@@ -1,0 +1,86 @@
+"""Every figure a results row can hold, declared once: its direction, unit, LaTeX header, the
+provenance columns that say how it was measured, and its role (a column of the summary table,
+a figure of the per-run line, a timing). Rows, tables, LaTeX, the per-run line, compare and
+history, the plots' axis labels and docs/metrics.md all read it (a test checks that every key
+`bench.evaluate.evaluate` emits is declared here and that docs/metrics.md lists each metric).
+Pure data at the ground floor: nothing of the stack is imported.
+
+Adding a metric is one `Metric(...)` below (and its row in docs/metrics.md); which families it
+judges is theirs to declare (`judged_metrics` on the family's class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.machine import HARDWARE_COLUMNS
+
+# Every figure is measured on the test split's first `test_images` images of the data files
+# whose contents hash to `data_md5`; sample figures also on the features of `n_real` test and
+# `n_fake` generated images; timings on one machine and device count.
+SPLIT = ("eval_split", "test_images", "data_md5")
+GENERATION = SPLIT + ("features", "n_real", "n_fake")
+MACHINE = ("device", "devices", *HARDWARE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of a row, as torchmetrics' metric carries `higher_is_better`."""
+
+    name: str
+    higher_is_better: bool
+    latex: str  # the column header of a paper's table, with its unit
+    provenance: tuple[str, ...]  # columns that must agree for two figures to compare
+    unit: str = ""  # what an axis label says it is measured in
+    headline: bool = True  # a column of the summary table and `bench history` by default
+    per_run: bool = False  # printed in the line after each run
+    timing: bool = False  # speed or memory: descriptive unless asked for, a wider tolerance
+
+    @property
+    def direction(self) -> int:
+        """+1 where higher is better, -1 where lower is."""
+        return 1 if self.higher_is_better else -1
+
+
+NATS = "nats per image"
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("recon_mse", False, "MSE", SPLIT, "per pixel, images in [0, 1]", per_run=True),
+    Metric("psnr", True, "PSNR (dB)", SPLIT, "dB"),
+    Metric("ssim", True, "SSIM", SPLIT),
+    Metric("l0", False, "$L_0$", SPLIT, "active code units per image", per_run=True),
+    Metric("dead_fraction", False, "Dead", SPLIT, "share of code units", per_run=True),
+    Metric("hoyer", True, "Hoyer", SPLIT, headline=False),
+    Metric("elbo", True, "ELBO (nats)", SPLIT, NATS, per_run=True),
+    Metric("rate", False, "Rate (nats)", SPLIT, NATS),
+    Metric("distortion", False, "Distortion (nats)", SPLIT, NATS),
+    Metric("iw_nll", False, "NLL (nats)", SPLIT + ("iw_k", "iw_images"), NATS, per_run=True),
+    Metric("fid", False, "FID", GENERATION, per_run=True),
+    Metric("kid_mean", False, "KID", GENERATION + ("kid_subset_size",)),
+    Metric("isc_mean", True, "IS", GENERATION, per_run=True),
+    Metric("precision", True, "Prec.", GENERATION + ("prc_neighborhood",), per_run=True),
+    Metric("recall", True, "Rec.", GENERATION + ("prc_neighborhood",), per_run=True),
+    Metric("density", True, "Dens.", GENERATION + ("dc_neighborhood",), per_run=True),
+    Metric("coverage", True, "Cov.", GENERATION + ("dc_neighborhood",), per_run=True),
+    Metric("train_img_per_s", True, "img/s", MACHINE, "images per second", per_run=True,
+           timing=True),
+    Metric("sample_img_per_s", True, "samples/s", MACHINE, "images per second", headline=False,
+           timing=True),
+    Metric("eval_s", False, "eval (s)", MACHINE, "s", headline=False, timing=True),
+    Metric("wall_s", False, "wall (s)", MACHINE, "s", headline=False, timing=True),
+    Metric("peak_mem_mb", False, "memory (MiB)", MACHINE, "MiB", headline=False, timing=True),
+]}
+
+# Columns evaluation writes beside the metrics: spreads and times shown, never compared.
+DETAILS = {"isc_std": "std of the inception score over splits",
+           "kid_std": "std of KID over subsets",
+           "features_acc": "the feature classifier's test accuracy",
+           "generation_s": "seconds of sampling and the sample figures",
+           "iw_s": "seconds of the ELBO and IW-NLL"}
+
+# Views the rest of the code reads, derived here and nowhere else.
+DIRECTIONS: dict[str, int] = {name: m.direction for name, m in METRICS.items()}
+HEADLINE: list[str] = [name for name, m in METRICS.items() if m.headline]
+PER_RUN: list[str] = [name for name, m in METRICS.items() if m.per_run]
+TIMING_METRICS: set[str] = {name for name, m in METRICS.items() if m.timing}
+PROVENANCE: dict[str, list[str]] = {name: list(m.provenance) for name, m in METRICS.items()}
+PROVENANCE_COLUMNS: set[str] = {c for m in METRICS.values() for c in m.provenance}
