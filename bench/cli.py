@@ -232,9 +232,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         p_value = "" if pd.isna(r.p_value) else f", p={r.p_value:.3g}"
         print(f"regression began at {r.commit}: {r.model}/{r.variant} on {r.dataset} {r.metric} "
               f"{r.previous_mean:.5g} -> {r.mean:.5g} ({-r.change * 100:.1f}% worse{p_value})")
-    crossed = course[course["note"].str.startswith("other")][["model", "variant", "commit"]]
-    if len(crossed.drop_duplicates()):
-        print(f"{len(crossed.drop_duplicates())} step(s) to other hardware or library versions "
+    crossed = course.loc[course["note"].str.startswith("other"),
+                         ["model", "variant", "dataset", "commit"]].drop_duplicates()
+    if len(crossed):
+        print(f"{len(crossed)} step(s) to other hardware or library versions "
               "(marked): judged by seed noise only, not at all at one seed "
               "(--across-hardware judges those by the tolerance too)")
     print(f"{len(began)} regression(s) over {course['commit'].nunique()} commit(s); "

@@ -13,8 +13,8 @@ import pandas as pd
 from filelock import FileLock
 
 from bench.machine import ENVIRONMENT_COLUMNS
-from bench.metrics import DIRECTIONS, HEADLINE, METRICS
 from bench.machine import describe as describe_environment
+from bench.metrics import DIRECTIONS, HEADLINE, METRICS
 
 KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)

@@ -10,11 +10,10 @@ from bench.extractor import (INCEPTION, ExtractorError, classifier_accuracy, ext
                              get_extractor, load_classifier, save_classifier, shipped_path,
                              train_classifier)
 from datamodules import ImageDataModule
-from tests.data_files import write_mnist_dir
+from tests.data_files import SHARED_MNIST, write_mnist_dir
 
-REPO = Path(__file__).resolve().parents[2]
 REAL_DATA = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
-             "mnist": REPO.parent / "shared" / "data" / "mnist"}
+             "mnist": SHARED_MNIST}
 
 
 @pytest.fixture
