@@ -32,8 +32,10 @@ fashion-mnist:
 bench: setup
 	$(BIN)/bench run --suite default
 
+# One worker per core (pytest-xdist), each test file on one worker so that a file's shared
+# fixtures (the DDP suite, the toy family's runs) are built once.
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile
 
 # Mutation testing, not part of `make test` or CI: slow, it runs tests once per mutant (config in
 # pyproject.toml [tool.mutmut]; equivalent mutants in mutation-equivalents.md). A rerun only

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.errors import UserError
 from bench.compare import compare, judged_metrics
 from bench.launch import run_suite
 from bench.results import read_rows
@@ -83,7 +84,7 @@ def disjoint_seed_sets(pool: list[int], size: int, draws: int,
                        rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
     """`draws` pairs of disjoint seed sets of `size` seeds each, drawn at random from `pool`."""
     if 2 * size > len(pool):
-        raise ValueError(f"two disjoint sets of {size} seeds need {2 * size} seeds; the pool "
+        raise UserError(f"two disjoint sets of {size} seeds need {2 * size} seeds; the pool "
                          f"has {len(pool)} (raise --null-sets)")
     pairs = []
     for _ in range(draws):
@@ -146,7 +147,7 @@ def run_calibration(suite_name: str = "smoke", seeds: int = 3, null_sets: int = 
     from tqdm import tqdm
 
     if seeds < 2 or null_sets < 2 or draws < 1:  # before anything trains
-        raise ValueError(f"--seeds {seeds} --null-sets {null_sets} --draws {draws}: a compare "
+        raise UserError(f"--seeds {seeds} --null-sets {null_sets} --draws {draws}: a compare "
                          "over seed noise needs 2 or more seeds a side, the null pairs 2 or "
                          "more seed sets, the estimate 1 or more draws")
     rng = np.random.default_rng(draw_seed)

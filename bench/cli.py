@@ -1,5 +1,7 @@
 """The `bench` command. Heavy modules (torch, Lightning) are imported inside the commands that need
-them, so `bench --help` and `bench list` answer at once instead of after the stack's import."""
+them, so `bench --help` answers at once instead of after the stack's import. Bad input raises
+bench.errors.UserError where it is checked, and shows as one message with exit status 2; any
+other exception is a bug and shows its traceback."""
 
 from __future__ import annotations
 
@@ -7,16 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one clear message, exit status 2, no traceback."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from bench.suite import SuiteError
-    from datamodules import CorruptDataError, DataNotFoundError, UnknownDatasetError
-
-    return (UserError, SuiteError, CorruptDataError, DataNotFoundError, UnknownDatasetError)
+from bench.errors import UserError
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -67,8 +60,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as err:  # a checkpoint or a row could not be written: the message says which
         print(f"bench run: error: {err.strerror or err}", file=sys.stderr)
         return 1
-    except ValueError as err:  # bad --only, eval settings, W&B mode: all the user's to fix
-        raise UserError(str(err)) from err
     return 0
 
 
@@ -86,11 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (Path(args.results) / "runs.csv").is_file():
         raise UserError(f"{args.results}: no runs.csv here; give the folder bench run wrote "
                         "(its --out, default results/<suite>)")
-    try:
-        evaluate_results(Path(args.results), overrides, args.only,
-                         Path(args.out) if args.out else None, args.accelerator)
-    except ValueError as err:  # bad --set, --only, missing checkpoints, preflight
-        raise UserError(str(err)) from err
+    evaluate_results(Path(args.results), overrides, args.only,
+                     Path(args.out) if args.out else None, args.accelerator)
     return 0
 
 
@@ -99,10 +87,7 @@ def _read_table(path: str):
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such results table (bench run writes <out>/runs.csv)")
-    try:
-        rows = read_rows(Path(path))
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    rows = read_rows(Path(path))
     if rows.empty:
         raise UserError(f"{path}: the table has no rows")
     return rows
@@ -111,39 +96,33 @@ def _read_table(path: str):
 def cmd_table(args: argparse.Namespace) -> int:
     from bench.results import format_table, latest_runs, made_on
 
-    try:
-        rows = _read_table(args.runs)
-        print(format_table(rows, args.format))
-        if args.format == "md":
-            print(f"\n{made_on(latest_runs(rows))}")
-        if args.references:
-            from bench.references import load_references, reference_table
+    rows = _read_table(args.runs)
+    print(format_table(rows, args.format))
+    if args.format == "md":
+        print(f"\n{made_on(latest_runs(rows))}")
+    if args.references:
+        from bench.references import load_references, reference_table
 
-            table = reference_table(rows, load_references(args.references))
-            print("\nThe literature beside our figures (a cited figure shows only where the "
-                  "row was measured as it was):")
-            shown = table.astype(object).where(table.notna(), "")  # blank, not nan
-            print(shown.to_markdown(index=False, floatfmt=".4g") if len(table) else
-                  "(no finished run has a reference)")
-    except ValueError as err:
-        raise UserError(str(err)) from err
+        table = reference_table(rows, load_references(args.references))
+        print("\nThe literature beside our figures (a cited figure shows only where the "
+              "row was measured as it was):")
+        shown = table.astype(object).where(table.notna(), "")  # blank, not nan
+        print(shown.to_markdown(index=False, floatfmt=".4g") if len(table) else
+              "(no finished run has a reference)")
     return 0
 
 
 def cmd_plot_frontier(args: argparse.Namespace) -> int:
     from bench.plots import frontier_chart, frontier_points
 
-    try:
-        rows = _read_table(args.runs)
-        if args.models:
-            chosen = rows[rows["model"].isin(args.models.split(","))]
-            if chosen.empty:
-                raise ValueError(f"--models {args.models}: no rows of those models in the "
-                                 f"table; it has: {', '.join(rows['model'].unique())}")
-            rows = chosen
-        points = frontier_points(rows, args.x, args.y, args.by)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    rows = _read_table(args.runs)
+    if args.models:
+        chosen = rows[rows["model"].isin(args.models.split(","))]
+        if chosen.empty:
+            raise UserError(f"--models {args.models}: no rows of those models in the "
+                             f"table; it has: {', '.join(rows['model'].unique())}")
+        rows = chosen
+    points = frontier_points(rows, args.x, args.y, args.by)
     out = Path(args.out or Path(args.runs).parent / "plots" / f"frontier-{args.y}-{args.x}.png")
     frontier_chart(points, args.x, args.y, out)
     shown = points.drop(columns=["order"]).rename(columns={
@@ -172,13 +151,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from bench.compare import compare, format_report
 
     metrics = args.metrics.split(",") if args.metrics else None
-    try:
-        report = compare(_read_table(args.baseline), _read_table(args.current),
-                         _tolerances(args.tol), metrics, alpha=args.alpha,
-                         names=(args.baseline, args.current), paired=not args.unpaired,
-                         timings=args.timings, across_hardware=args.across_hardware)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    report = compare(_read_table(args.baseline), _read_table(args.current),
+                     _tolerances(args.tol), metrics, alpha=args.alpha,
+                     names=(args.baseline, args.current), paired=not args.unpaired,
+                     timings=args.timings, across_hardware=args.across_hardware)
     print(format_report(report, args.allow_incomparable, show_all=args.all))
     return report.exit_status(args.allow_incomparable)
 
@@ -213,11 +189,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     rows = _history_tables(args.tables)
     metrics = args.metrics.split(",") if args.metrics else None
-    try:
-        course = history(rows, metrics, _tolerances(args.tol), alpha=args.alpha,
-                         timings=args.timings, across_hardware=args.across_hardware)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    course = history(rows, metrics, _tolerances(args.tol), alpha=args.alpha,
+                     timings=args.timings, across_hardware=args.across_hardware)
     if course.empty:
         raise UserError("no finished run with a headline metric in these tables")
     for key, group in course.groupby(["model", "variant", "dataset"], sort=False):
@@ -249,11 +222,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench.calibrate import format_calibration, run_calibration
 
-    try:
-        calibration = run_calibration(args.suite, args.seeds, args.null_sets, args.draws,
-                                      Path(args.out))
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    calibration = run_calibration(args.suite, args.seeds, args.null_sets, args.draws,
+                                  Path(args.out))
     print("\n" + format_calibration(calibration, args.seeds))
     return 0 if calibration.target_met() else 1
 
@@ -271,8 +241,9 @@ def _history_cell(r) -> str:
 
 def cmd_perf(args: argparse.Namespace) -> int:
     from bench.perf import run_perf
+    from modules import MODELS
 
-    table = run_perf(args.families, args.backbones, dataset=args.dataset,
+    table = run_perf(args.families or list(MODELS), args.backbones, dataset=args.dataset,
                      batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                      repeats=args.repeats, accelerator=args.accelerator,
                      progress_bar=not args.no_progress)
@@ -347,43 +318,31 @@ def cmd_extractor(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    # Reads the suite files as plain YAML: no torch import, so this answers at once.
-    import yaml
-
-    from bench.suite import SUITES_DIR, SweepError, available_suites, sweep_points
+    from bench.suite import available_suites, load_suite
+    from datamodules import DATASETS
+    from modules import MODELS
 
     print("models (bench run suites use the short name; bench fit takes either):")
-    for short, cls, what in MODEL_SUMMARY:
-        print(f"  {short:<5} {cls:<18} {what}")
-    print("variants: set per run in a suite (backbone mlp|conv; sae sparsity l1|kl|topk|"
-          "input_mask, combinable; vae likelihood bernoulli|gaussian; gan loss ns|wgan-gp)")
-    print("datasets: mnist, fashion_mnist, cifar10")
+    for short, cls in MODELS.items():
+        print(f"  {short:<5} {cls.__name__:<18} {cls.family.summary}")
+    print("variants: set per run in a suite's params:")
+    for short, cls in MODELS.items():
+        print(f"  {short:<5} {cls.family.variants}")
+    print(f"datasets: {', '.join(DATASETS)}")
     print("suites:")
     for name in available_suites():
-        raw = yaml.safe_load((SUITES_DIR / f"{name}.yaml").read_text())
-        defaults, runs = raw.get("defaults") or {}, raw.get("runs", [])
-        total, shown = 0, []
-        for r in runs:
-            try:
-                points = len(sweep_points(r["sweep"])) if "sweep" in r else 1
-            except SweepError:
-                points = 0  # bench run names the problem
-            datasets = r.get("datasets", defaults.get("datasets", ["fashion_mnist"]))
-            seeds = r.get("seeds", defaults.get("seeds", [0]))
-            total += points * (len(datasets) if isinstance(datasets, list) else 1) * (
-                len(seeds) if isinstance(seeds, list) else 1)
-            swept = f" x{points} points" if "sweep" in r else ""
-            shown.append(f"{r.get('model')}/{r.get('variant', '')}{swept}")
-        print(f"  {name:<9} {len(runs)} entries, {total} runs: {', '.join(shown)}")
+        try:  # the suite as bench run expands it
+            suite = load_suite(name)
+        except UserError as err:
+            print(f"  {name:<9} cannot be run: {err}")
+            continue
+        entries = list(dict.fromkeys((s.model, s.entry) for s in suite.specs))
+        shown = []
+        for model, entry in entries:
+            points = len({s.variant for s in suite.specs if (s.model, s.entry) == (model, entry)})
+            shown.append(f"{model}/{entry}" + (f" x{points} points" if points > 1 else ""))
+        print(f"  {name:<9} {len(entries)} entries, {len(suite.specs)} runs: {', '.join(shown)}")
     return 0
-
-
-MODEL_SUMMARY = [
-    ("ae", "Autoencoder", "MSE or BCE reconstruction; samples via a latent Gaussian mixture"),
-    ("sae", "SparseAutoencoder", "AE + l1 / kl / topk (AuxK) / input_mask sparsity"),
-    ("vae", "VAE", "Gaussian posterior; ELBO and importance-weighted NLL"),
-    ("gan", "GAN", "DCGAN, non-saturating or WGAN-GP loss"),
-]
 
 
 OWN_FILES_HELP = ("use files that are not the published dataset's (a subset, another "
@@ -581,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "ways (plain, harness, trainer, loader; bench/perf.py says what "
                                "each is) and print images per second and the ratios to plain "
                                "(a benchmark, not a test).")
-    perf.add_argument("--families", nargs="+", default=["ae", "sae", "vae", "gan"],
-                      choices=["ae", "sae", "vae", "gan"])
+    perf.add_argument("--families", nargs="+", metavar="FAMILY",
+                      help="model families to time (default: every family; bench list names "
+                      "them)")
     perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     perf.add_argument("--dataset", default="fashion_mnist")
     perf.add_argument("--batch-size", type=int, default=128)
@@ -622,13 +582,13 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return run_fit(argv[1:])
-        except _user_errors() as err:
+        except UserError as err:
             print(f"bench fit: error: {err}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as err:
+    except UserError as err:
         print(f"bench {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,7 @@ Three rules make a verdict trustworthy:
    controls under any dependence between metrics; BH controls the expected share of false
    alarms among the flagged ones, which lets a compare with many true nulls fail more often.
 5. **Objectives judged, the rest shown.** Each family declares what it is trained for, one
-   figure per objective (`judged_metrics` on its class: recon_mse where it reconstructs, ELBO
+   figure per objective (`Family.judged_metrics` on its class: recon_mse where it reconstructs, ELBO
    and IW-NLL for the VAE, FID, precision and recall where it is trained to sample, L0 and
    dead fraction for the sparse AE); every other figure (PSNR and SSIM beside recon_mse, KID
    and IS beside FID, the AE's mixture samples, the sparsity of codes not meant to be sparse;
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bench.errors import UserError
 from bench.machine import ENVIRONMENT_COLUMNS, HARDWARE_COLUMNS
 from bench.metrics import DIRECTIONS, HEADLINE, PROVENANCE, TIMING_METRICS
 from bench.results import latest_runs
@@ -220,13 +221,14 @@ def holm_adjusted(p_values) -> np.ndarray:
 
 
 def judged_metrics(model: str, timings: bool = False) -> set[str]:
-    """The figures that can fail a regression check for this family (its class's
-    `judged_metrics`; every metric for a model genbench does not know), with the timings and
-    memory when asked."""
+    """The figures that can fail a regression check for this family (its
+    `Family.judged_metrics`; every metric for a model genbench does not know), with the timings
+    and memory when asked."""
     from modules import MODELS
 
     cls = MODELS.get(str(model))
-    judged = set(cls.judged_metrics) if cls is not None else set(DIRECTIONS) - TIMING_METRICS
+    judged = (set(cls.family.judged_metrics) if cls is not None
+              else set(DIRECTIONS) - TIMING_METRICS)
     return judged | (set(TIMING_METRICS) if timings else set())
 
 
@@ -238,7 +240,7 @@ def tolerance_for(metric: str, tolerances: dict[str, float]) -> float:
 def check_columns(table: pd.DataFrame, name: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"{name} lacks the column(s) {', '.join(missing)} that compare needs "
+        raise UserError(f"{name} lacks the column(s) {', '.join(missing)} that compare needs "
                          "(a runs.csv written by bench run has them)")
 
 
@@ -252,7 +254,7 @@ def check_numeric(table: pd.DataFrame, columns: list[str], name: str) -> pd.Data
         bad = values.isna() & table[column].notna()
         if bad.any():
             i = bad.idxmax()
-            raise ValueError(f"{name}, row {i + 2} ({table.loc[i, 'model']}/"
+            raise UserError(f"{name}, row {i + 2} ({table.loc[i, 'model']}/"
                              f"{table.loc[i, 'variant']} seed {table.loc[i, 'seed']}): "
                              f"{column}={table.loc[i, column]!r} is not a number")
         table[column] = values
@@ -367,7 +369,7 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame,
     for option, given in (("--tol", tolerances), ("--metrics", metrics or [])):
         unknown = set(given) - set(DIRECTIONS)
         if unknown:
-            raise ValueError(f"unknown metric(s) in {option}: {sorted(unknown)}; choose from: "
+            raise UserError(f"unknown metric(s) in {option}: {sorted(unknown)}; choose from: "
                              f"{', '.join(DIRECTIONS)}")
     check_columns(baseline, names[0])
     check_columns(current, names[1])
@@ -534,7 +536,7 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
     only: across commits the rows are the history."""
     for column in ("git_commit", "timestamp"):
         if column not in rows.columns:
-            raise ValueError(f"the tables lack the column {column!r} that history orders by")
+            raise UserError(f"the tables lack the column {column!r} that history orders by")
     check_columns(rows, "the tables")
     tolerances = tolerances or {}
     rows = latest_runs(rows, per_commit=True).reset_index(drop=True)  # see compare

@@ -1,7 +1,8 @@
 """Evaluation on the test split: reconstruction, code sparsity, likelihood bounds and generation
-metrics, each defined as in DESIGN.md and computed by the library that owns it (torchmetrics for
-running means, MSE, PSNR and SSIM; torch-fidelity for FID, IS, KID and precision-recall; prdc
-for density and coverage)."""
+metrics, each defined as docs/metrics.md states and computed by the library that owns it
+(torchmetrics for running means, MSE, PSNR and SSIM; torch-fidelity for FID, IS, KID and
+precision-recall; prdc for density and coverage). What is computed for a model is what its
+family declares (modules/family.py), through the methods the family provides."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError, Metric, SumMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from bench.errors import UserError
 from datamodules.image import stream_seed
 
 
@@ -47,7 +49,7 @@ class EvalSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown eval setting(s) {sorted(map(str, unknown))}; allowed: "
+            raise UserError(f"unknown eval setting(s) {sorted(map(str, unknown))}; allowed: "
                              f"{', '.join(sorted(known))}")
         return cls(**values)
 
@@ -57,23 +59,23 @@ class EvalSettings:
         for name, least in counts.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"eval setting {name}={value!r} must be an integer >= {least}")
+                raise UserError(f"eval setting {name}={value!r} must be an integer >= {least}")
         nulls = {"n_real": "all test images", "iw_images": "all test images",
                  "extractor_epochs": "the shipped classifier"}
         for name, null in nulls.items():
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
-                raise ValueError(f"eval setting {name}={value!r} must be a positive integer or "
+                raise UserError(f"eval setting {name}={value!r} must be a positive integer or "
                                  f"null ({null})")
         if self.features not in ("auto", "inception", "classifier"):
-            raise ValueError(f"eval setting features={self.features!r}; choose one of: auto, "
+            raise UserError(f"eval setting features={self.features!r}; choose one of: auto, "
                              "inception, classifier")
         if not isinstance(self.generation, bool):
-            raise ValueError(f"eval setting generation={self.generation!r} must be true or false")
+            raise UserError(f"eval setting generation={self.generation!r} must be true or false")
         for name in ("inception_weights", "extractor_weights"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"eval setting {name} must be a file path")
+                raise UserError(f"eval setting {name} must be a file path")
 
 
 # -- sparsity of codes ---------------------------------------------------------------------------
@@ -111,10 +113,10 @@ class DeadFraction(Metric):
 
 # -- the parts ---------------------------------------------------------------------------------
 @torch.inference_mode()
-def reconstruction_metrics(model, batches) -> dict[str, float]:
+def reconstruction_metrics(model, batches, count_codes: bool = True) -> dict[str, float]:
     """recon_mse (mean over images and pixels of (x - x_hat)^2), psnr (mean over images of the
-    per-image PSNR, data_range 1), ssim (data_range 1), and code sparsity: l0, dead_fraction,
-    hoyer."""
+    per-image PSNR, data_range 1), ssim (data_range 1), and, with `count_codes`, code sparsity:
+    l0, dead_fraction, hoyer."""
     device = model.device
     mse = MeanSquaredError().to(device)
     psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device)
@@ -127,14 +129,19 @@ def reconstruction_metrics(model, batches) -> dict[str, float]:
         mse.update(x_hat, x)
         psnr.update(x_hat, x)
         ssim.update(x_hat, x)
+        if not count_codes:
+            continue
         l0.update(l0_count(codes))
         hoyer.update(hoyer_sparsity(codes))
         if dead is None:
             dead = DeadFraction(codes.shape[-1]).to(device)
         dead.update(codes)
-    return {"recon_mse": mse.compute().item(), "psnr": psnr.compute().item(),
-            "ssim": ssim.compute().item(), "l0": l0.compute().item(),
-            "dead_fraction": dead.compute().item(), "hoyer": hoyer.compute().item()}
+    out = {"recon_mse": mse.compute().item(), "psnr": psnr.compute().item(),
+           "ssim": ssim.compute().item()}
+    if count_codes:
+        out |= {"l0": l0.compute().item(), "dead_fraction": dead.compute().item(),
+                "hoyer": hoyer.compute().item()}
+    return out
 
 
 class ImageNoise:
@@ -186,7 +193,7 @@ def likelihood_metrics(model, batches, iw_k: int, iw_images: int | None,
         index = (positions[seen: seen + len(x)] if positions is not None
                  else torch.arange(seen, seen + len(x)))
         seen += len(x)
-        noise = ImageNoise(index, seed, model.hparams.latent_dim, device)
+        noise = ImageNoise(index, seed, model.latent_dim, device)
         log_px, kl = model.elbo_terms(x, eps=noise())
         image_rate, image_distortion = rate_distortion(log_px, kl)
         rate.update(image_rate)
@@ -323,6 +330,7 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
     states are reduced across ranks, so the figures equal a single process's; generation
     metrics come from the rank given an `extractor` (rank zero): an Extractor, or a function
     that returns one when the generation metrics are reached."""
+    family = model.family
     model.eval()
     # provenance of every figure below: which split, and how many of its images
     metrics: dict[str, float | int | str] = {"eval_split": "test",
@@ -330,16 +338,18 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
     grids: dict[str, Tensor] = {}
     start = time.perf_counter()
     test = dm.test_dataloader()
-    if hasattr(model, "encode"):
-        metrics |= reconstruction_metrics(model, test)
+    if family.reconstructs:
+        metrics |= reconstruction_metrics(model, test, count_codes=family.codes)
         with torch.inference_mode():
             x = dm.test_images[:32].to(model.device).float() / 255
             grids["reconstructions"] = torch.cat([x, model.reconstruct(x)]).cpu()
-    if hasattr(model, "iw_nll"):
+    if family.likelihood:
         iw_start = time.perf_counter()
         metrics |= likelihood_metrics(model, test, settings.iw_k, settings.iw_images, seed)
         metrics["iw_s"] = time.perf_counter() - iw_start  # ELBO and IW-NLL, seconds
-    if hasattr(model, "sample") and settings.generation and extractor is not None:
+    if family.metrics:
+        metrics |= model.own_metrics(test)
+    if family.samples and settings.generation and extractor is not None:
         generation_start = time.perf_counter()
         if callable(extractor):  # fetched only now: a failure here comes after every collective
             extractor = extractor()

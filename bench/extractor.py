@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.errors import UserError
+
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 PUBLISHED_INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub names files by their sha256
@@ -176,7 +178,7 @@ def get_extractor(features: str, dm, epochs: int | None = None, weights: str | N
     (Inception when its weights are on disk, else the classifier: never a download that would
     hang an offline machine)."""
     if features not in ("auto", "inception", "classifier"):
-        raise ValueError(f"unknown features {features!r}; choose one of: auto, inception, "
+        raise UserError(f"unknown features {features!r}; choose one of: auto, inception, "
                          "classifier")
     if features == "inception" or (features == "auto"
                                    and inception_weights_available(inception_weights)):
@@ -306,7 +308,7 @@ def load_classifier(path: Path, dataset: str | None = None,
     return net.eval(), saved
 
 
-class ExtractorError(ValueError):
+class ExtractorError(UserError):
     """A feature-extractor file that cannot serve: the message says why and how to get one."""
 
 

@@ -49,12 +49,12 @@ class _NoTips(logging.Filter):
 def quiet_lightning() -> None:
     """Lightning's lines that say nothing about the run: its tips, the notice that tensorboardX
     is no longer a dependency (the logs are CSV, in lightning_logs/), and a torch deprecation
-    inside Lightning; its srun hint outside a SLURM job (bench.runner.quiet_srun_hint)."""
+    inside Lightning; its srun hint outside a SLURM job (bench.process.quiet_srun_hint)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
-    from bench.runner import quiet_srun_hint
+    from bench.process import quiet_srun_hint
 
     quiet_srun_hint()
 
@@ -63,8 +63,8 @@ def run_fit(argv: list[str]) -> int:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    import modules  # noqa: F401  (registers the four families as LightningModule subclasses)
-    from bench.runner import drop_failing_nvml_check
+    import modules  # registers every family (modules/family.py) as a LightningModule subclass
+    from bench.process import drop_failing_nvml_check
     from datamodules import ImageDataModule
 
     drop_failing_nvml_check()
@@ -77,14 +77,10 @@ def run_fit(argv: list[str]) -> int:
 
     if not argv or argv[0] not in ("-h", "--help") and "--model" not in argv and not any(
             a.startswith(("--model=", "--config")) for a in argv):
-        print("bench fit: error: give a model: --model ae|sae|vae|gan (see bench fit --help)",
-              file=sys.stderr)
+        print(f"bench fit: error: give a model: --model {'|'.join(modules.MODELS)} (see bench fit "
+              "--help)", file=sys.stderr)
         return 2
-    try:
-        args = expand_short_forms(argv)
-    except ValueError as err:
-        print(f"bench fit: error: {err}", file=sys.stderr)
-        return 2
+    args = expand_short_forms(argv)  # an unknown short name is a UserError, shown by bench.cli
     # Our expanded arguments stand for the command line: LightningCLI warns when it sees both.
     command_line, sys.argv = sys.argv, sys.argv[:1]
     try:

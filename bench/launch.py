@@ -8,7 +8,6 @@ loses only its own run and the parent only has to wait.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
@@ -16,21 +15,23 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import submitit.helpers
 from lightning.pytorch.utilities import rank_zero_only
 
+from bench.errors import UserError
 from bench.metrics import PER_RUN
 from bench.plots import metric_bar_charts
 from bench.preflight import preflight
+from bench.process import prepare_run_process
 from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
                            made_on, read_rows)
 from bench.evaluate import EvalSettings
 from bench.runner import (CHECKPOINT_EVERY_STEPS, STOP, RunOptions, evaluate_checkpoint,
-                          evaluated_row, git_commit, prepare_run_process, run_one)
+                          evaluated_row, git_commit, run_one)
 from bench.suite import RunSpec, Suite
 from bench.tracking import choose_wandb_mode, log_suite_summary
 
@@ -65,7 +66,7 @@ def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str,
             log(f"  {spec.run_id}: finished by another process meanwhile (in {csv_path.name})")
             return None
         row = run_one(spec, suite, out_dir, options, commit, trained=trained, log=log)
-        if row.pop("rank") == 0:
+        if rank_zero_only.rank == 0:  # under DDP every rank has the row; one writes it
             append_row(csv_path, row, unique=not options.force)
         return row
     finally:
@@ -212,7 +213,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     specs = [s.on(devices, num_nodes) for s in suite.specs
              if not only or re.search(only, s.run_id)]
     if not specs:
-        raise ValueError(f"--only {only!r} matches none of: "
+        raise UserError(f"--only {only!r} matches none of: "
                          f"{', '.join(s.run_id for s in suite.specs)}")
     done = set() if force else done_hashes(csv_path)
     trained = {} if force else eval_failed_rows(csv_path)  # evaluated again, not retrained
@@ -228,7 +229,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                                                               launcher != "local"))
                   if given]
         if cannot:
-            raise ValueError(f"--try cannot honour {' and '.join(cannot)}: it tries every entry "
+            raise UserError(f"--try cannot honour {' and '.join(cannot)}: it tries every entry "
                              "not yet in the table, here, into a scratch folder; drop "
                              f"{' and '.join(cannot)}")
     preflight(pending, out_dir)  # every problem at once, before anything trains
@@ -256,7 +257,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
         slurm.cluster = "local" if launcher == "submitit-local" else None
         rows = run_slurm(pending, suite, out_dir, options, slurm, commit, trained, say)
     elif launcher != "local":
-        raise ValueError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
+        raise UserError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
                          "submitit-local")
     elif parallel > 1:
         rows = run_parallel(pending, suite, out_dir, parallel, options, commit, trained, say)
@@ -309,29 +310,25 @@ def evaluate_results(results_dir: Path, overrides: dict, only: str | None = None
     source = results_dir / "runs.csv"
     rows = latest_runs(read_rows(source))
     if rows.empty:
-        raise ValueError(f"{source}: no results table here (bench run writes <out>/runs.csv)")
+        raise UserError(f"{source}: no results table here (bench run writes <out>/runs.csv)")
     rows = rows[rows["status"].isin(["ok", "eval_failed"])]
     if only:
-        rows = rows[[bool(re.search(only, f"{r.model}-{r.variant}-{r.dataset}-s{r.seed}"))
-                     for r in rows.itertuples()]]
+        rows = rows[[bool(re.search(only, RunSpec.from_row(r).run_id))
+                     for r in rows.to_dict("records")]]
     if rows.empty:
-        raise ValueError(f"{source}: no trained run{' matches --only ' + only if only else ''}")
+        raise UserError(f"{source}: no trained run{' matches --only ' + only if only else ''}")
     out_dir = Path(out_dir or results_dir / _slug(overrides))
     csv_path = out_dir / "runs.csv"
     jobs = []
     for _, row in rows.iterrows():
-        config = json.loads(row["config"])
-        spec = RunSpec(suite=row["suite"], model=config["model"], variant=config["variant"],
-                       dataset=config["dataset"], seed=int(config["seed"]),
-                       params=config["params"], budget=config["budget"], data=config["data"],
-                       trainer=config["trainer"], eval={**config["eval"], **overrides},
-                       launch=config.get("launch", {}))
+        trained = RunSpec.from_row(row.to_dict())
+        spec = replace(trained, eval={**trained.eval, **overrides})
         EvalSettings.from_dict(spec.eval)  # a bad --set fails before any evaluation
         checkpoint = results_dir / "checkpoints" / str(row["config_hash"]) / "final.ckpt"
         jobs.append((spec, row.to_dict(), checkpoint))
     missing = [str(c) for _, _, c in jobs if not c.is_file()]
     if missing:
-        raise ValueError(f"no final checkpoint for {len(missing)} run(s): {', '.join(missing)}; "
+        raise UserError(f"no final checkpoint for {len(missing)} run(s): {', '.join(missing)}; "
                          "those runs cannot be evaluated again (rerun them with bench run)")
     preflight([spec for spec, _, _ in jobs], out_dir)
     done, commit = done_hashes(csv_path), git_commit()

@@ -31,6 +31,7 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from torch import Tensor
 
+from bench.errors import UserError
 from datamodules.image import stream_seed
 
 PROGRESS_REFRESH_BATCHES = 20  # each refresh reads the loss: a host sync
@@ -84,14 +85,14 @@ class LoopSettings:
     def from_suite(cls, trainer: dict, **harness) -> LoopSettings:
         gone = [k for k in trainer if k in GONE_TRAINER_SETTINGS]
         if gone:
-            raise ValueError("; ".join(f"{k}: {GONE_TRAINER_SETTINGS[k]}" for k in gone))
+            raise UserError("; ".join(f"{k}: {GONE_TRAINER_SETTINGS[k]}" for k in gone))
         unknown = sorted(set(map(str, trainer)) - set(TRAINER_SETTINGS))
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown}; the harness's loop takes: "
+            raise UserError(f"unknown key(s) {unknown}; the harness's loop takes: "
                              f"{', '.join(sorted(TRAINER_SETTINGS))}")
         settings = cls(**trainer, **harness)
         if settings.gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(f"gradient_clip_algorithm={settings.gradient_clip_algorithm!r}: "
+            raise UserError(f"gradient_clip_algorithm={settings.gradient_clip_algorithm!r}: "
                              "choose norm or value")
         def whole(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -100,17 +101,17 @@ class LoopSettings:
                      "check_val_every_n_epoch"):
             value = getattr(settings, name)
             if not whole(value) and not (value is None and name == "check_val_every_n_epoch"):
-                raise ValueError(f"{name}={value!r}: give a whole number >= 1")
+                raise UserError(f"{name}={value!r}: give a whole number >= 1")
         clip = settings.gradient_clip_val
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not clip >= 0):
-            raise ValueError(f"gradient_clip_val={clip!r}: give a number >= 0, or null")
+            raise UserError(f"gradient_clip_val={clip!r}: give a number >= 0, or null")
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(settings, name), bool):
-                raise ValueError(f"{name}={getattr(settings, name)!r}: give true or false")
+                raise UserError(f"{name}={getattr(settings, name)!r}: give true or false")
         if settings.precision is not None and (isinstance(settings.precision, bool) or not
                                                isinstance(settings.precision, (str, int))):
-            raise ValueError(f"precision={settings.precision!r}: give one of Fabric's, e.g. "
+            raise UserError(f"precision={settings.precision!r}: give one of Fabric's, e.g. "
                              "32-true, bf16-mixed, 16-mixed")
         return settings
 
@@ -172,42 +173,6 @@ def apply_net_options(module, channels_last: bool = False, compile: bool = False
             net = getattr(module, name, None)
             if isinstance(net, torch.nn.Module):
                 net.compile()
-
-
-def training_step(fabric: L.Fabric, module, batch, index: int, optimizers, schedules,
-                  settings: LoopSettings) -> dict[str, Tensor]:
-    """One batch, with no host sync: the family's `training_step` and, for a family Lightning
-    would optimise automatically, backward and an optimiser step (every
-    `accumulate_grad_batches` batches of the run, gradients clipped first if asked). A family
-    with `automatic_optimization = False` (the GAN) steps its own optimisers. Returns the
-    step's terms; "loss" is the one the divergence look reads."""
-    if not module.automatic_optimization:
-        with fabric.autocast():
-            return module.training_step(batch, index)
-    optimizer = optimizers[0]
-    accumulate = settings.accumulate_grad_batches
-    if accumulate == 1:
-        with fabric.autocast():
-            terms = module.training_step(batch, index)
-        fabric.backward(terms["loss"])
-    else:
-        steps_now = (index + 1) % accumulate == 0
-        with fabric.no_backward_sync(module, enabled=not steps_now):
-            with fabric.autocast():
-                terms = module.training_step(batch, index)
-            fabric.backward(terms["loss"] / accumulate)
-        if not steps_now:
-            return terms
-    if settings.gradient_clip_val:
-        clip = {"max_norm" if settings.gradient_clip_algorithm == "norm" else "clip_val":
-                settings.gradient_clip_val}
-        fabric.clip_gradients(module, optimizer, **clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for schedule in schedules:
-        if schedule.interval == "step" and (index + 1) % (accumulate * schedule.frequency) == 0:
-            schedule.scheduler.step()
-    return terms
 
 
 @dataclass
@@ -363,112 +328,207 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(run: Run, progress_bar: bool = False,
-        stop_requested: Callable[[], bool] = lambda: False) -> Progress:
-    """Train `run` from where its progress stands to its budget. Raises Diverged at the first
-    non-finite loss (every rank together). `stop_requested` is asked after each batch (under
-    DDP, every divergence_every batches, all ranks together): when it says yes, the loop writes
-    a resumable checkpoint at that batch and returns early."""
-    fabric, settings, progress = run.fabric, run.settings, run.progress
-    module = run.module
-    module.train()
-    per_epoch = len(run.train_batches)
-    if per_epoch == 0:
-        raise ValueError(f"no full training batch on a rank: {len(run.train_batches.images)} "
-                         f"images, batch_size {run.train_batches.batch_size}, "
-                         f"{fabric.world_size} process(es); use a smaller batch_size")
-    watch = DivergenceWatch(fabric, settings.divergence_every)
+class Clock:
+    """Training throughput: the images and seconds of the batches after `warmup` of them (counted
+    from where this process started the run), into the run's progress. A host sync at each
+    start and stop only."""
 
-    def stopping(requested: Callable[[], bool], batches: int) -> bool:
+    def __init__(self, fabric: L.Fabric, progress: Progress, warmup: int,
+                 batch_size: int) -> None:
+        self.fabric, self.progress = fabric, progress
+        self.warmup, self.batch_size = warmup, batch_size
+        self.started_at = progress.batches
+        self.since: float | None = None  # perf_counter at the start, None while stopped
+        self.timed_from = 0
+
+    def start(self) -> None:
+        if self.since is None and self.progress.batches - self.started_at >= self.warmup:
+            _sync(self.fabric.device)
+            self.since, self.timed_from = time.perf_counter(), self.progress.batches
+
+    def stop(self) -> None:
+        if self.since is not None:
+            _sync(self.fabric.device)
+            self.progress.timed_seconds += time.perf_counter() - self.since
+            self.progress.timed_images += ((self.progress.batches - self.timed_from)
+                                           * self.batch_size)
+            self.since = None
+
+
+class Loop:
+    """One run's training on Fabric, as Lightning's build-your-own-trainer example has it: the
+    Trainer's semantics for every setting the loop takes (TRAINER_SETTINGS), each step a small
+    method. Where it differs from the Trainer, and why:
+
+    - the budget counts training batches (the Trainer's max_steps counts optimiser steps); with
+      gradient accumulation the run's last batch also steps, so no gradient is left unapplied;
+    - no sanity validation before training (the Trainer's num_sanity_val_steps), which would
+      draw from the random stream of a family whose validation samples (the VAE);
+    - the family's terms go to the loggers every log_every_n_steps batches as they are (under
+      a Trainer, through `self.log`), validation's as the image-weighted mean over every rank.
+    """
+
+    def __init__(self, run: Run, progress_bar: bool = False,
+                 stop_requested: Callable[[], bool] = lambda: False) -> None:
+        self.run, self.fabric, self.settings = run, run.fabric, run.settings
+        self.progress = run.progress
+        self.per_epoch = len(run.train_batches)
+        if self.per_epoch == 0:
+            raise UserError(f"no full training batch on a rank: {len(run.train_batches.images)} "
+                            f"images, batch_size {run.train_batches.batch_size}, "
+                            f"{self.fabric.world_size} process(es); use a smaller batch_size")
+        self.stop_requested = stop_requested
+        self.stopped = False
+        self.watch = DivergenceWatch(self.fabric, self.settings.divergence_every)
+        self.clock = Clock(self.fabric, self.progress, self.settings.warmup_batches,
+                           run.train_batches.batch_size)
+        self.bar = None
+        if progress_bar and self.fabric.is_global_zero:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.total_batches, initial=self.progress.batches,
+                            unit="batch", dynamic_ncols=True, leave=False)
+
+    def fit(self) -> Progress:
+        """Train from where the progress stands to the budget, or until a stop is asked for."""
+        self.run.module.train()
+        try:
+            while self.progress.batches < self.run.total_batches and self.train_epoch():
+                pass
+            if not self.stopped:
+                self.watch.look()
+        finally:
+            self.clock.stop()
+            if self.bar is not None:
+                self.bar.close()
+        return self.progress
+
+    def train_epoch(self) -> bool:
+        """The epoch under way, from its next batch; False when training ends inside it."""
+        progress = self.progress
+        for batch in self.run.train_batches.epoch_batches(progress.epoch,
+                                                          progress.batch_in_epoch):
+            self.train_batch(batch)
+            if self.stopped:
+                return False
+            if progress.batches >= self.run.total_batches:
+                break
+        if progress.batch_in_epoch < self.per_epoch:  # the budget ended inside the epoch
+            return False
+        self.end_epoch()
+        return True
+
+    def train_batch(self, batch) -> None:
+        """One batch and what follows it: the divergence look, logs, the progress bar, the
+        periodic checkpoint and a stop when one is asked for."""
+        progress, settings = self.progress, self.settings
+        self.clock.start()
+        index = progress.batches
+        terms = self.training_step(batch, index)
+        progress.batches += 1
+        progress.batch_in_epoch += 1
+        self.watch.add(index, terms["loss"])
+        if progress.batches % settings.divergence_every == 0:
+            self.watch.look()
+        if progress.batches % settings.log_every_n_steps == 0 and self.fabric.loggers:
+            self.fabric.log_dict({f"train/{k}": v.detach() for k, v in terms.items()},
+                                 step=index)
+        if self.bar is not None and progress.batches % PROGRESS_REFRESH_BATCHES == 0:
+            self.bar.set_postfix(loss=f"{float(terms['loss']):.4g}", epoch=progress.epoch,
+                                 refresh=False)
+            self.bar.update(progress.batches - self.bar.n)
+        if settings.checkpoint_every and progress.batches % settings.checkpoint_every == 0:
+            self.checkpoint()
+        if self.stopping():
+            self.watch.look()
+            self.checkpoint()
+            self.stopped = True
+
+    def training_step(self, batch, index: int) -> dict[str, Tensor]:
+        """The family's `training_step` with no host sync and, for a family Lightning would
+        optimise automatically, backward (divided by `accumulate_grad_batches`, as Lightning
+        divides it) and the optimiser step when it is due. A family with
+        `automatic_optimization = False` (the GAN) steps its own optimisers. Returns the step's
+        terms; "loss" is the one the divergence look reads."""
+        module = self.run.module
+        if not module.automatic_optimization:
+            with self.fabric.autocast():
+                return module.training_step(batch, index)
+        steps_now = self.optimizer_step_due()
+        with self.fabric.no_backward_sync(module, enabled=not steps_now):
+            with self.fabric.autocast():
+                terms = module.training_step(batch, index)
+            accumulate = self.settings.accumulate_grad_batches
+            self.fabric.backward(terms["loss"] / accumulate if accumulate > 1 else terms["loss"])
+        if steps_now:
+            self.optimizer_step()
+        return terms
+
+    def optimizer_step_due(self) -> bool:
+        """After the batch under way: every `accumulate_grad_batches` batches of the epoch and
+        at its last batch, as the Trainer steps, and at the run's last batch."""
+        batch = self.progress.batch_in_epoch + 1  # 1-based, in the epoch
+        return (batch % self.settings.accumulate_grad_batches == 0 or batch == self.per_epoch
+                or self.progress.batches + 1 == self.run.total_batches)
+
+    def optimizer_step(self) -> None:
+        """Clip (by norm or by value) when asked, step, zero the gradients, and step each
+        step-interval scheduler whose frequency divides the batch's 1-based index in the epoch
+        (the Trainer's count)."""
+        optimizer, settings = self.run.optimizers[0], self.settings
+        if settings.gradient_clip_val:
+            clip = {"max_norm" if settings.gradient_clip_algorithm == "norm" else "clip_val":
+                    settings.gradient_clip_val}
+            self.fabric.clip_gradients(self.run.module, optimizer, **clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for schedule in self.run.schedules:
+            if (schedule.interval == "step"
+                    and (self.progress.batch_in_epoch + 1) % schedule.frequency == 0):
+                schedule.scheduler.step()
+
+    def end_epoch(self) -> None:
+        """The divergence look, validation every `check_val_every_n_epoch` epochs, the
+        epoch-interval schedulers, and the next epoch."""
+        progress, every = self.progress, self.settings.check_val_every_n_epoch
+        self.watch.look()
+        if self.run.val_batches is not None and every and (progress.epoch + 1) % every == 0:
+            self.clock.stop()
+            metrics = validate(self.run)
+            if metrics and self.fabric.loggers:
+                self.fabric.log_dict(metrics | {"epoch": progress.epoch},
+                                     step=progress.batches - 1)
+        for schedule in self.run.schedules:
+            if schedule.interval == "epoch" and (progress.epoch + 1) % schedule.frequency == 0:
+                schedule.scheduler.step()
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+
+    def checkpoint(self) -> None:
+        """The resumable checkpoint at this batch, off the throughput clock."""
+        self.clock.stop()
+        save_atomically(self.fabric, self.run.checkpoint, self.run.state())
+        self.clock.start()
+
+    def stopping(self) -> bool:
         """One process: asked after every batch. Several: the ranks decide together at each
         divergence look (one all-reduce), since a rank that stopped alone would hang the
         others; a signal may reach only some of them."""
-        if fabric.world_size == 1:
-            return requested()
-        if batches % settings.divergence_every:
+        if self.fabric.world_size == 1:
+            return self.stop_requested()
+        if self.progress.batches % self.settings.divergence_every:
             return False
-        flag = torch.tensor(float(requested()), device=fabric.device)
-        return bool(fabric.all_reduce(flag, reduce_op="max"))
+        flag = torch.tensor(float(self.stop_requested()), device=self.fabric.device)
+        return bool(self.fabric.all_reduce(flag, reduce_op="max"))
 
-    bar = None
-    if progress_bar and fabric.is_global_zero:
-        from tqdm import tqdm
 
-        bar = tqdm(total=run.total_batches, initial=progress.batches, unit="batch",
-                   dynamic_ncols=True, leave=False)
-    started_at = progress.batches  # warm-up counts from this process's start
-    clock: float | None = None
-    timed_from = 0
-
-    def stop_clock() -> None:
-        nonlocal clock
-        if clock is not None:
-            _sync(fabric.device)
-            progress.timed_seconds += time.perf_counter() - clock
-            progress.timed_images += (progress.batches - timed_from) * run.train_batches.batch_size
-            clock = None
-
-    def start_clock() -> None:
-        nonlocal clock, timed_from
-        if progress.batches - started_at >= settings.warmup_batches:
-            _sync(fabric.device)
-            clock, timed_from = time.perf_counter(), progress.batches
-
-    def checkpoint() -> None:
-        stop_clock()
-        save_atomically(fabric, run.checkpoint, run.state())
-        start_clock()
-
-    try:
-        while progress.batches < run.total_batches:
-            batches = run.train_batches.epoch_batches(progress.epoch, progress.batch_in_epoch)
-            for batch in batches:
-                if clock is None:
-                    start_clock()
-                index = progress.batches
-                terms = training_step(fabric, module, batch, index, run.optimizers,
-                                      run.schedules, settings)
-                progress.batches += 1
-                progress.batch_in_epoch += 1
-                watch.add(index, terms["loss"])
-                if progress.batches % settings.divergence_every == 0:
-                    watch.look()
-                if progress.batches % settings.log_every_n_steps == 0 and fabric.loggers:
-                    fabric.log_dict({f"train/{k}": v.detach() for k, v in terms.items()},
-                                    step=index)
-                if bar is not None and progress.batches % PROGRESS_REFRESH_BATCHES == 0:
-                    bar.set_postfix(loss=f"{float(terms['loss']):.4g}", epoch=progress.epoch,
-                                    refresh=False)
-                    bar.update(progress.batches - bar.n)
-                if settings.checkpoint_every and progress.batches % settings.checkpoint_every == 0:
-                    checkpoint()
-                if stopping(stop_requested, progress.batches):
-                    watch.look()
-                    checkpoint()
-                    return progress
-                if progress.batches >= run.total_batches:
-                    break
-            if progress.batch_in_epoch < per_epoch:  # the budget ended inside the epoch
-                break
-            watch.look()
-            every = settings.check_val_every_n_epoch
-            if run.val_batches is not None and every and (progress.epoch + 1) % every == 0:
-                stop_clock()
-                metrics = validate(run)
-                if metrics and fabric.loggers:
-                    fabric.log_dict(metrics | {"epoch": progress.epoch},
-                                    step=progress.batches - 1)
-            for schedule in run.schedules:
-                if schedule.interval == "epoch" and (progress.epoch + 1) % schedule.frequency == 0:
-                    schedule.scheduler.step()
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-        watch.look()
-    finally:
-        stop_clock()
-        if bar is not None:
-            bar.close()
-    return progress
+def fit(run: Run, progress_bar: bool = False,
+        stop_requested: Callable[[], bool] = lambda: False) -> Progress:
+    """Train `run` from where its progress stands to its budget (`Loop`). Raises Diverged at the
+    first non-finite loss (every rank together). `stop_requested` is asked after each batch
+    (under DDP, every divergence_every batches, all ranks together): when it says yes, the loop
+    writes a resumable checkpoint at that batch and returns early."""
+    return Loop(run, progress_bar, stop_requested).fit()
 
 
 def throughput(fabric: L.Fabric, progress: Progress, peak_mb: float) -> dict[str, float]:

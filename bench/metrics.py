@@ -5,8 +5,9 @@ history, the plots' axis labels and docs/metrics.md all read it (a test checks t
 `bench.evaluate.evaluate` emits is declared here and that docs/metrics.md lists each metric).
 Pure data at the ground floor: nothing of the stack is imported.
 
-Adding a metric is one `Metric(...)` below (and its row in docs/metrics.md); which families it
-judges is theirs to declare (`judged_metrics` on the family's class).
+Adding a metric is one `Metric(...)` in BUILT_IN below (and its row in docs/metrics.md), or, for
+a figure only one family has, one in that family's `Family(metrics=...)`; which figures a family
+is judged on is its own to declare (`Family.judged_metrics`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Metric:
 
 
 NATS = "nats per image"
-METRICS: dict[str, Metric] = {m.name: m for m in [
+BUILT_IN: tuple[Metric, ...] = (
     Metric("recon_mse", False, "MSE", SPLIT, "per pixel, images in [0, 1]", per_run=True),
     Metric("psnr", True, "PSNR (dB)", SPLIT, "dB"),
     Metric("ssim", True, "SSIM", SPLIT),
@@ -68,7 +69,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("eval_s", False, "eval (s)", MACHINE, "s", headline=False, timing=True),
     Metric("wall_s", False, "wall (s)", MACHINE, "s", headline=False, timing=True),
     Metric("peak_mem_mb", False, "memory (MiB)", MACHINE, "MiB", headline=False, timing=True),
-]}
+)
+
+# The figures each capability a family declares (modules/family.py) gives its rows.
+CAPABILITY_FIGURES: dict[str, tuple[str, ...]] = {
+    "reconstructs": ("recon_mse", "psnr", "ssim"),
+    "codes": ("l0", "dead_fraction", "hoyer"),
+    "likelihood": ("elbo", "rate", "distortion", "iw_nll"),
+    "samples": ("fid", "kid_mean", "isc_mean", "precision", "recall", "density", "coverage"),
+}
 
 # Columns evaluation writes beside the metrics: spreads and times shown, never compared.
 DETAILS = {"isc_std": "std of the inception score over splits",
@@ -77,10 +86,46 @@ DETAILS = {"isc_std": "std of the inception score over splits",
            "generation_s": "seconds of sampling and the sample figures",
            "iw_s": "seconds of the ELBO and IW-NLL"}
 
-# Views the rest of the code reads, derived here and nowhere else.
-DIRECTIONS: dict[str, int] = {name: m.direction for name, m in METRICS.items()}
-HEADLINE: list[str] = [name for name, m in METRICS.items() if m.headline]
-PER_RUN: list[str] = [name for name, m in METRICS.items() if m.per_run]
-TIMING_METRICS: set[str] = {name for name, m in METRICS.items() if m.timing}
-PROVENANCE: dict[str, list[str]] = {name: list(m.provenance) for name, m in METRICS.items()}
-PROVENANCE_COLUMNS: set[str] = {c for m in METRICS.values() for c in m.provenance}
+# Every declared metric, and views the rest of the code reads, derived here and nowhere else.
+# Kept in step by `declare` and `withdraw` (a family's own metrics come and go with it).
+METRICS: dict[str, Metric] = {}
+DIRECTIONS: dict[str, int] = {}
+HEADLINE: list[str] = []
+PER_RUN: list[str] = []
+TIMING_METRICS: set[str] = set()
+PROVENANCE: dict[str, list[str]] = {}
+PROVENANCE_COLUMNS: set[str] = set()
+
+
+def declare(metric: Metric) -> None:
+    """Add a metric to METRICS and every view (declaring an equal one again changes nothing)."""
+    earlier = METRICS.get(metric.name)
+    if earlier is not None and earlier != metric:
+        raise ValueError(f"metric {metric.name!r} is declared twice, differently: {earlier} and "
+                         f"{metric}; give one of them another name")
+    if earlier is not None:
+        return
+    METRICS[metric.name] = metric
+    DIRECTIONS[metric.name] = metric.direction
+    for view, wanted in ((HEADLINE, metric.headline), (PER_RUN, metric.per_run)):
+        if wanted:
+            view.append(metric.name)
+    if metric.timing:
+        TIMING_METRICS.add(metric.name)
+    PROVENANCE[metric.name] = list(metric.provenance)
+    PROVENANCE_COLUMNS.update(metric.provenance)
+
+
+def withdraw(name: str) -> None:
+    """Remove a metric from METRICS and every view."""
+    del METRICS[name], DIRECTIONS[name], PROVENANCE[name]
+    for view in (HEADLINE, PER_RUN):
+        if name in view:
+            view.remove(name)
+    TIMING_METRICS.discard(name)
+    PROVENANCE_COLUMNS.clear()
+    PROVENANCE_COLUMNS.update(c for m in METRICS.values() for c in m.provenance)
+
+
+for _metric in BUILT_IN:
+    declare(_metric)

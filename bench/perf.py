@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.errors import UserError
 from bench.loop import LoopSettings, Run, configured_optimizers, fit
-from bench.runner import prepare_run_process
+from bench.process import prepare_run_process
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
 
-FAMILY_ARGS = {"ae": {}, "sae": {"sparsity": "topk", "k": 8}, "vae": {}, "gan": {}}
 FEEDS = ("plain", "harness", "trainer", "loader")
 
 
@@ -133,6 +133,10 @@ def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str
 def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_mnist",
              batch_size: int = 128, steps: int = 200, warmup: int = 20, repeats: int = 3,
              accelerator: str = "auto", progress_bar: bool = True, log=print) -> pd.DataFrame:
+    unknown = [f for f in families if f not in MODELS]
+    if unknown:
+        raise UserError(f"--families: unknown {', '.join(unknown)}; choose from: "
+                        f"{', '.join(MODELS)}")
     prepare_run_process()  # as in bench run
     dm = ImageDataModule(dataset, batch_size=batch_size, val_size=0)
     dm.setup()
@@ -147,7 +151,7 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
                 for feed in FEEDS:
                     L.seed_everything(repeat, verbose=False)
                     model = MODELS[family](backbone=backbone, image_shape=dm.image_shape,
-                                           **FAMILY_ARGS[family])
+                                           **MODELS[family].family.perf_params)
                     batches = TensorBatches(images, labels, batch_size, shuffle=True,
                                             drop_last=True, seed=repeat)
                     if feed == "plain":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from bench.errors import UserError
 from bench.metrics import DIRECTIONS, HEADLINE, METRICS
 from bench.results import seed_table
 
@@ -122,10 +123,10 @@ def frontier_points(rows: pd.DataFrame, x: str, y: str, by: str = "entry") -> pd
     missing = [m for m in (x, y) if m not in rows.columns or rows[m].isna().all()]
     if missing:
         present = [m for m in DIRECTIONS if m in rows and rows[m].notna().any()]
-        raise ValueError(f"no figure for {', '.join(missing)} in the table; choose from: "
+        raise UserError(f"no figure for {', '.join(missing)} in the table; choose from: "
                          f"{', '.join(present)}")
     if by not in FRONTIER_GROUPS:
-        raise ValueError(f"--by {by!r}: choose one of {', '.join(FRONTIER_GROUPS)}")
+        raise UserError(f"--by {by!r}: choose one of {', '.join(FRONTIER_GROUPS)}")
     rows = latest_runs(rows)
     rows = rows[rows["status"] == "ok"] if "status" in rows else rows
     rows = rows.dropna(subset=[x, y]).copy()

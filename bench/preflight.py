@@ -7,7 +7,6 @@ each with its fix, so that a suite never loses hours of training to something kn
 
 from __future__ import annotations
 
-import inspect
 import socket
 import tempfile
 from pathlib import Path
@@ -80,16 +79,13 @@ def _data_key(spec: RunSpec) -> str:
     return repr((spec.dataset, sorted(spec.data.items())))
 
 
-def _training_images_needed(spec: RunSpec) -> dict[str, int]:
-    """Training images a family needs at least, by the setting that asks for them."""
+def _training_images_needed(spec: RunSpec, dm) -> dict[str, int]:
+    """Training images a run needs at least, by the setting that asks for them: a batch, and
+    what its family asks for (built here: tiny next to training)."""
     from modules import MODELS
 
-    needs = {"batch_size": spec.data.get("batch_size", 128)}
-    defaults = inspect.signature(MODELS[spec.model].__init__).parameters
-    if "gmm_components" in defaults:  # AE / SAE: the latent mixture after training
-        needs["gmm_components"] = spec.params.get("gmm_components",
-                                                  defaults["gmm_components"].default)
-    return needs
+    model = MODELS[spec.model](**{**spec.params, "image_shape": dm.image_shape})
+    return {"batch_size": dm.hparams.batch_size} | model.training_images_needed()
 
 
 def check_specs(specs: list[RunSpec], out_dir: Path) -> list[str]:
@@ -120,7 +116,7 @@ def check_specs(specs: list[RunSpec], out_dir: Path) -> list[str]:
         if isinstance(dm, str):
             problems.append(f"{spec.run_id}: {dm}")
             continue
-        for setting, least in _training_images_needed(spec).items():
+        for setting, least in _training_images_needed(spec, dm).items():
             if len(dm.train_images) < least:
                 problems.append(f"{spec.run_id}: {setting}={least} needs at least {least} "
                                 f"training images, but the run has {len(dm.train_images)}; "

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bench.errors import UserError
 from bench.compare import same_value
 from bench.metrics import DIRECTIONS
 from bench.results import latest_runs
@@ -23,7 +24,7 @@ REFERENCES_FILE = Path(__file__).parent / "references.yaml"
 KEYS = {"model", "variant", "dataset", "metric", "value", "source", "setting", "shortened"}
 
 
-class ReferenceError(ValueError):
+class ReferenceError(UserError):
     """A references file that cannot be read: the message names the file and the entry."""
 
 

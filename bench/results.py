@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
+from bench.errors import UserError
 from bench.machine import ENVIRONMENT_COLUMNS
 from bench.machine import describe as describe_environment
 from bench.metrics import DIRECTIONS, HEADLINE, METRICS
@@ -83,7 +84,7 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
     except (pd.errors.ParserError, csv.Error) as err:
-        raise ValueError(f"{csv_path}: not a readable results table ({err})") from err
+        raise UserError(f"{csv_path}: not a readable results table ({err})") from err
 
 
 # A run is done when it trained to the end (ok) or diverged; one whose evaluation failed keeps
@@ -185,7 +186,7 @@ def format_table(rows: pd.DataFrame, fmt: str = "md", metrics: list[str] | None 
         return latex_table(rows, metrics)
     if fmt == "csv":
         return out.to_csv()
-    raise ValueError(f"unknown format {fmt!r}; choose one of: md, latex, csv")
+    raise UserError(f"unknown format {fmt!r}; choose one of: md, latex, csv")
 
 
 def made_on(rows: pd.DataFrame) -> str:
@@ -266,7 +267,7 @@ def latex_table(rows: pd.DataFrame, metrics: list[str] | None = None,
              if any(m in stats[d].columns.get_level_values(0) for d in datasets)]
     arrow = {+1: r" $\uparrow$", -1: r" $\downarrow$"}
     header = " & ".join(["Model", "Variant"] + [
-        latex_escape(METRICS[m].latex).replace(r"\$L\_0\$", "$L_0$") + arrow[DIRECTIONS[m]]
+        METRICS[m].latex + arrow[DIRECTIONS[m]]  # declared as LaTeX (bench/metrics.py)
         for m in shown])
     lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_provenance_caption(rows)}}}",
              f"\\label{{{label}}}", r"\begin{tabular}{ll" + "r" * len(shown) + "}",

@@ -6,10 +6,7 @@ calls `run_one`; nothing here imports it."""
 
 from __future__ import annotations
 
-import ctypes
-import inspect
 import json
-import logging
 import os
 import re
 import resource
@@ -18,7 +15,6 @@ import signal
 import subprocess
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -27,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from bench.errors import UserError
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
 from bench.machine import hardware, versions
@@ -104,11 +101,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def build_model(spec: RunSpec, image_shape):
-    cls = MODELS[spec.model]
-    kwargs = {**spec.params, "image_shape": image_shape}
-    if "seed" in inspect.signature(cls.__init__).parameters:
-        kwargs.setdefault("seed", spec.seed)
-    return cls(**kwargs)
+    """The run's model: its parameters on the data's image shape, with the run's seed unless
+    the parameters set one."""
+    return MODELS[spec.model](**{"seed": spec.seed, **spec.params, "image_shape": image_shape})
 
 
 def resumable_checkpoint(ckpt_dir: Path, log=print) -> dict | None:
@@ -145,7 +140,7 @@ def safe_evaluate(model, dm, settings: EvalSettings, seed: int, generate_here: b
     bug) gives status eval_failed and the error explained, never a lost run: the trained
     checkpoint is already on disk, and the next `bench run` evaluates it again."""
     extractor = None
-    if generate_here and hasattr(model, "sample") and settings.generation:
+    if generate_here and model.family.samples and settings.generation:
         def extractor():
             return get_extractor(settings.features, dm, settings.extractor_epochs,
                                  settings.extractor_weights, settings.inception_weights, log=log)
@@ -170,7 +165,7 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
                                                         weights_only=True)
     except Exception as err:  # a torn file, another program's, or one that would run code
         reason = str(err).strip().split("\n")[0][:160]
-        raise ValueError(f"{checkpoint}: not a {MODELS[spec.model].__name__} checkpoint that "
+        raise UserError(f"{checkpoint}: not a {MODELS[spec.model].__name__} checkpoint that "
                          f"loads as plain tensors ({type(err).__name__}: {reason}); refused. "
                          "Rerun the run with bench run --force to train it again") from err
     return safe_evaluate(model.eval(), dm, settings, spec.seed, generate_here=True, log=log)
@@ -255,8 +250,8 @@ def build_fabric(spec: RunSpec, options: RunOptions, settings: LoopSettings,
     strategy = options.strategy
     if strategy == "ddp" or (strategy == "auto" and options.multi_process):
         timeout = timedelta(seconds=int(os.environ.get("GENBENCH_DDP_TIMEOUT_S", "1800")))
-        strategy = ManualStepDDP(timeout=timeout, find_unused_parameters=getattr(
-            MODELS[spec.model], "ddp_find_unused_parameters", False))
+        strategy = ManualStepDDP(timeout=timeout, find_unused_parameters=MODELS[
+            spec.model].ddp_find_unused_parameters)
     return L.Fabric(accelerator=options.accelerator, devices=options.devices, strategy=strategy,
                     num_nodes=options.num_nodes, precision=settings.precision or "32-true",
                     loggers=[logger] if logger is not None else None)
@@ -319,8 +314,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
         metrics, grids = evaluate_checkpoint(spec, final, settings, options.accelerator, log)
         if rank_zero_only.rank == 0:
             save_run_grids(grids, out_dir / "plots", spec.run_id)
-        return evaluated_row(trained, spec, metrics, commit, options.accelerator) | {
-            "rank": rank_zero_only.rank}
+        return evaluated_row(trained, spec, metrics, commit, options.accelerator)
     start = time.perf_counter()
     loop_settings = LoopSettings.from_suite(spec.trainer,
                                             checkpoint_every=options.checkpoint_every,
@@ -377,70 +371,4 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
             "config": json.dumps(spec.config(), sort_keys=True), "checkpoint": str(final)}
     if fabric.is_global_zero:
         finish_run_logging(logger, row, images)
-    row["rank"] = fabric.global_rank
     return row
-
-
-def drop_failing_nvml_check() -> bool:
-    """Unset PYTORCH_NVML_BASED_CUDA_CHECK where NVML cannot be loaded; True if it was unset.
-
-    Lightning sets the variable on import so that torch.cuda.is_available() asks NVML instead of
-    initialising CUDA (which would break forked workers). torch.optim.Adam asks
-    torch.accelerator.current_accelerator(check_available=True) on every step, and on a host
-    without the NVIDIA driver each ask dlopens libnvidia-ml.so.1, fails, and falls back to the
-    CUDA runtime's count, uncached: a visible share of a small MLP's step, which a plain PyTorch
-    script (not importing Lightning) never pays. Without NVML the variable changes no answer,
-    so it goes; with NVML (GPU hosts) it stays."""
-    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
-        return False
-    try:
-        ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
-        return True
-    return False
-
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the
-    kernel; True where it applied. A training step on a CPU frees and allocates the same large
-    buffers (activations, gradients) every step, and past malloc's mmap threshold each one is a
-    fresh mapping whose pages fault in again: thousands of page faults per conv step, a large
-    share of it. The same as setting MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ before
-    the process starts; it changes where memory comes from, not any figure."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to set
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 256 * 2**20)
-                and libc.mallopt(M_TRIM_THRESHOLD, 1024 * 2**20))
-
-
-SRUN_HINT = "The `srun` command is available on your system but is not used"
-
-
-def quiet_srun_hint() -> None:
-    """Lightning hints at `srun` in every process that finds the command on the PATH and is not a
-    SLURM job step: on a cluster's login node that is every run, and it says nothing there.
-    Inside a SLURM job that did not start its tasks with srun (an sbatch script that forgot it),
-    the hint is right, and it stays."""
-    if "SLURM_JOB_ID" not in os.environ:
-        warnings.filterwarnings("ignore", message=SRUN_HINT)
-
-
-def prepare_run_process() -> None:
-    """Set up a process that trains runs: no per-run device banner, no warnings that say nothing
-    about the run, no NVML probe on every optimiser step where NVML is missing, and malloc
-    keeping freed memory for the next step."""
-    keep_freed_memory()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    drop_failing_nvml_check()
-    quiet_srun_hint()
-    # torch's deprecation notes inside Lightning's own calls (Fabric's all_gather, pytree)
-    for noise in (".*LeafSpec.*is deprecated.*", ".*all_gather is deprecated.*"):
-        warnings.filterwarnings("ignore", message=noise)

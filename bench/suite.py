@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from bench.errors import UserError
+
 SUITES_DIR = Path(__file__).parent / "suites"
 RUN_KEYS = {"model", "variant", "params", "datasets", "seeds", "budget", "data", "trainer", "eval",
             "sweep"}
@@ -42,7 +44,7 @@ TOP_KEYS = {"name", "description", "wandb", "defaults", "runs"}
 BUDGET_KEYS = {"epochs", "steps"}
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError):
     """A malformed suite file: the message names the file, line and key."""
 
 
@@ -79,6 +81,24 @@ class RunSpec:
                   "seed": self.seed, "params": self.params, "budget": self.budget,
                   "data": self.data, "trainer": self.trainer, "eval": self.eval}
         return config | ({"launch": self.launch} if self.launch else {})
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunSpec:
+        """The spec a results row was run from: its `config` (what `config()` wrote) and the
+        names beside it; the rebuilt spec has the row's config hash."""
+        def given(key: str):  # a table's empty cell reads as NaN, which is not equal to itself
+            value = row.get(key)
+            return None if value is None or value != value else value
+
+        config = json.loads(row["config"])
+        sweep_index = given("sweep_index")
+        return cls(suite=str(given("suite") or ""), model=config["model"],
+                   variant=config["variant"], dataset=config["dataset"],
+                   seed=int(config["seed"]), params=config["params"], budget=config["budget"],
+                   data=config["data"], trainer=config["trainer"], eval=config["eval"],
+                   launch=config.get("launch", {}),
+                   entry=str(given("entry") or config["variant"]),
+                   sweep_index=None if sweep_index is None else int(sweep_index))
 
     @property
     def config_hash(self) -> str:
@@ -152,7 +172,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A malformed `sweep:`; `key` is the dotted key (or list position) it is about."""
 
     def __init__(self, message: str, key: str | int | None = None) -> None:
@@ -281,7 +301,7 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             raise fail("missing 'model' (ae, sae, vae or gan)", "runs", i)
         try:
             model_cls = get_model_class(str(merged["model"]))
-        except ValueError as err:
+        except UserError as err:
             raise fail(str(err), "runs", i, "model") from err
         points: list[dict[str, Any]] = [{}]
         if "sweep" in run:
@@ -321,7 +341,7 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             for dataset in datasets:
                 try:
                     dataset_name = get_spec(str(dataset)).name
-                except KeyError as err:
+                except UserError as err:
                     raise fail(str(err), "runs", i, "datasets") from err
                 for seed in run_seeds:
                     specs.append(RunSpec(
@@ -383,11 +403,11 @@ def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
                              for k in elsewhere), "runs", i, "trainer")
     try:
         LoopSettings.from_suite(trainer)
-    except (TypeError, ValueError) as err:
+    except (TypeError, UserError) as err:
         raise fail(str(err), "runs", i, "trainer") from err
     try:
         EvalSettings.from_dict(merged.get("eval") or {})
-    except (TypeError, ValueError) as err:
+    except (TypeError, UserError) as err:
         raise fail(str(err), "runs", i, "eval") from err
 
 
@@ -413,7 +433,7 @@ def _check_models(specs: list[RunSpec], fail) -> None:
                            f"{', '.join(sorted(accepted))}", "runs")
         try:
             model = cls(**{**spec.params, "image_shape": get_spec(spec.dataset).image_shape})
-        except (TypeError, ValueError, RuntimeError, AttributeError) as err:
+        except (TypeError, UserError, RuntimeError, AttributeError) as err:
             args = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())
             raise fail(f"{cls.__name__}({args}) on {spec.dataset}: {err}", "runs") from err
         optimiser_settings = [k for k, unset in (("gradient_clip_val", (None, 0)),

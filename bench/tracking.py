@@ -7,6 +7,8 @@ import netrc
 import os
 from pathlib import Path
 
+from bench.errors import UserError
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -33,7 +35,7 @@ def choose_wandb_mode(requested: str | None = None) -> str:
     if mode == "dryrun":  # wandb's older spelling of offline
         return "offline"
     if mode not in WANDB_MODES:
-        raise ValueError(f"unknown W&B mode {mode!r}; choose one of: {', '.join(WANDB_MODES)}")
+        raise UserError(f"unknown W&B mode {mode!r}; choose one of: {', '.join(WANDB_MODES)}")
     return mode
 
 

@@ -150,7 +150,6 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
                 row = run_one(trial_spec(spec, batches, sample), suite,
                               Path(scratch) / spec.config_hash, options, commit,
                               log=lambda message: None)
-                row.pop("rank", None)
                 if row["status"] != "ok":
                     record["status"] = f"{row['status']}: {row.get('error') or ''}".strip(": ")
                 else:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.errors import UserError
 
-class CorruptDataError(ValueError):
+
+class CorruptDataError(UserError):
     """A data file exists but cannot be what it claims to be (truncated, wrong magic, bad shape)."""
 
 

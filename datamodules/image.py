@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from bench.errors import UserError
 from datamodules.specs import (DataCheck, DatasetSpec, DataSource, check_files, get_spec,
                                load_arrays, locate)
 
@@ -68,7 +69,7 @@ class TensorBatches:
                  rank: int = 0, world_size: int = 1,
                  epoch_fn: Callable[[], int] | None = None) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.binarize, self.seed, self.rank, self.world_size = binarize, seed, rank, world_size
@@ -203,7 +204,7 @@ class ImageDataModule(L.LightningDataModule):
         arrays = _decoded(self.spec.name, str(self.source.directory))
         n_train_total = len(arrays["train_images"])
         if not 0 <= hp.val_size < n_train_total:
-            raise ValueError(f"val_size={hp.val_size} must be in [0, {n_train_total}) for "
+            raise UserError(f"val_size={hp.val_size} must be in [0, {n_train_total}) for "
                              f"{self.spec.title}'s {n_train_total} training images")
         order = torch.randperm(n_train_total, generator=torch.Generator().manual_seed(hp.split_seed))
         val_index, train_index = order[: hp.val_size], order[hp.val_size:]

@@ -18,21 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.errors import UserError
 from datamodules.formats import CorruptDataError, read_bytes, read_cifar_batch, read_idx
 
 ENV_VAR = "GENBENCH_DATA"
 DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "genbench" / "data"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError):
     """No searched place holds a dataset's files."""
 
 
-class UnknownDatasetError(KeyError):
+class UnknownDatasetError(UserError):
     """A dataset name that genbench does not know."""
-
-    def __str__(self) -> str:  # KeyError would print the message with quotes around it
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, distributions
 
+from bench.errors import UserError
 from modules.nets import as_tuple_shape, make_decoder, make_encoder
+from modules.family import Family
 from modules.steps import RECONSTRUCTION_FIGURES, LossSteps, first_tensor
 
 RECON_LOSSES = ("mse", "bce")
@@ -19,7 +21,7 @@ def reconstruction_loss(logits: Tensor, x: Tensor, kind: str = "mse") -> Tensor:
         return F.mse_loss(torch.sigmoid(logits), x)
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, x)
-    raise ValueError(f"unknown reconstruction loss {kind!r}; choose one of: {', '.join(RECON_LOSSES)}")
+    raise UserError(f"unknown reconstruction loss {kind!r}; choose one of: {', '.join(RECON_LOSSES)}")
 
 
 class Autoencoder(LossSteps):
@@ -33,7 +35,10 @@ class Autoencoder(LossSteps):
 
     # It is trained to reconstruct; its samples (a mixture fitted to the codes) and the sparsity
     # of its codes are descriptive.
-    judged_metrics = RECONSTRUCTION_FIGURES
+    family = Family(
+        name="ae", summary="MSE or BCE reconstruction; samples via a latent Gaussian mixture",
+        variants="backbone mlp|conv; loss mse|bce", judged_metrics=RECONSTRUCTION_FIGURES,
+        reconstructs=True, codes=True, samples=True)
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32, loss: str = "mse",
@@ -42,7 +47,7 @@ class Autoencoder(LossSteps):
         super().__init__()
         self.save_hyperparameters()
         if loss not in RECON_LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(RECON_LOSSES)}")
+            raise UserError(f"unknown loss {loss!r}; choose one of: {', '.join(RECON_LOSSES)}")
         self.image_shape = as_tuple_shape(image_shape)
         self.encoder = make_encoder(backbone, self.image_shape, latent_dim, hidden, width)
         self.decoder = make_decoder(backbone, self.image_shape, latent_dim, hidden, width)
@@ -51,6 +56,11 @@ class Autoencoder(LossSteps):
         self.register_buffer("gmm_means", torch.zeros(k, d))
         self.register_buffer("gmm_scale_tril", torch.eye(d).repeat(k, 1, 1))
         self.register_buffer("gmm_fitted", torch.tensor(False))
+
+    def training_images_needed(self) -> dict[str, int]:
+        """Training images it needs at least, by the setting that asks for them: the latent
+        mixture fitted after training needs one per component."""
+        return {"gmm_components": self.hparams.gmm_components}
 
     # -- the common surface ------------------------------------------------------------------
     def code_activation(self, pre_codes: Tensor) -> Tensor:

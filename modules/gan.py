@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.errors import UserError
 from modules.nets import as_tuple_shape, init_dcgan_weights, make_decoder, make_encoder
+from modules.family import Family
 from modules.steps import SAMPLE_FIGURES, BenchModule, first_tensor
 
 GAN_LOSSES = ("ns", "wgan-gp")
@@ -67,7 +69,9 @@ class GAN(BenchModule):
     # backward, which costs time, so only the GAN asks for it.
     ddp_find_unused_parameters = True
 
-    judged_metrics = SAMPLE_FIGURES
+    family = Family(name="gan", summary="DCGAN, non-saturating or WGAN-GP loss",
+                    variants="backbone mlp|conv; loss ns|wgan-gp",
+                    judged_metrics=SAMPLE_FIGURES, samples=True)
 
     def __init__(self, backbone: str = "conv", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 64, hidden: int = 64, width: int = 32, loss: str = "ns",
@@ -77,7 +81,7 @@ class GAN(BenchModule):
         super().__init__()
         self.save_hyperparameters()
         if loss not in GAN_LOSSES:
-            raise ValueError(f"unknown GAN loss {loss!r}; choose one of: {', '.join(GAN_LOSSES)}")
+            raise UserError(f"unknown GAN loss {loss!r}; choose one of: {', '.join(GAN_LOSSES)}")
         self.automatic_optimization = False
         self.image_shape = as_tuple_shape(image_shape)
         self.n_critic = n_critic if n_critic is not None else (5 if loss == "wgan-gp" else 1)
@@ -105,7 +109,7 @@ class GAN(BenchModule):
         noise (the same images every call, for grids that show training progress)."""
         if fixed:
             if n > len(self.fixed_noise):
-                raise ValueError(f"only {len(self.fixed_noise)} fixed noise vectors (n_fixed)")
+                raise UserError(f"only {len(self.fixed_noise)} fixed noise vectors (n_fixed)")
             return self.decode(self.fixed_noise[:n])
         return self.decode(torch.randn(n, self.hparams.latent_dim, device=self.device))
 

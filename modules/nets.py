@@ -11,18 +11,20 @@ import math
 
 from torch import nn
 
+from bench.errors import UserError
+
 BACKBONES = ("mlp", "conv")
 
 
 def check_backbone(backbone: str, image_shape: tuple[int, int, int]) -> None:
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
+        raise UserError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
     channels, height, width = image_shape
     if backbone == "conv" and (height != width or height not in (28, 32)):
-        raise ValueError(f"the conv backbone takes 28x28 or 32x32 images, got {height}x{width}; "
+        raise UserError(f"the conv backbone takes 28x28 or 32x32 images, got {height}x{width}; "
                          "use backbone='mlp' for other sizes")
     if channels not in (1, 3):
-        raise ValueError(f"images need 1 or 3 channels, got {channels}")
+        raise UserError(f"images need 1 or 3 channels, got {channels}")
 
 
 def _conv_grid(image_shape: tuple[int, int, int]) -> int:
@@ -35,12 +37,12 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 def check_mlp_shape(backbone: str, depth: int, activation: str) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of: "
+        raise UserError(f"unknown activation {activation!r}; choose one of: "
                          f"{', '.join(ACTIVATIONS)}")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(f"depth={depth!r}: give the number of hidden layers, >= 1")
+        raise UserError(f"depth={depth!r}: give the number of hidden layers, >= 1")
     if backbone == "conv" and (depth, activation) != (1, "relu"):
-        raise ValueError("depth and activation shape the mlp backbone; the conv backbone is "
+        raise UserError("depth and activation shape the mlp backbone; the conv backbone is "
                          "the DCGAN one")
 
 
@@ -129,7 +131,7 @@ def as_tuple_shape(image_shape) -> tuple[int, int, int]:
     """Hyper-parameters come back from YAML and checkpoints as lists; nets want a tuple."""
     shape = tuple(int(v) for v in image_shape)
     if len(shape) != 3:
-        raise ValueError(f"image_shape must be (channels, height, width), got {image_shape}")
+        raise UserError(f"image_shape must be (channels, height, width), got {image_shape}")
     return shape  # type: ignore[return-value]
 
 

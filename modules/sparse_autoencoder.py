@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import Tensor
 
+from bench.errors import UserError
 from modules.autoencoder import Autoencoder, reconstruction_loss
+from modules.family import Family
 from modules.steps import RECONSTRUCTION_FIGURES
 
 SPARSITY_MECHANISMS = ("l1", "kl", "topk", "input_mask")
@@ -47,7 +51,12 @@ class SparseAutoencoder(Autoencoder):
     fraction `mask_fraction` of pixels zeroed). Codes are sigmoid with `kl`, else ReLU.
     """
 
-    judged_metrics = RECONSTRUCTION_FIGURES + ("l0", "dead_fraction")
+    family = Family(
+        name="sae", summary="AE + l1 / kl / topk (AuxK) / input_mask sparsity",
+        variants="backbone mlp|conv; sparsity l1|kl|topk|input_mask, combinable",
+        judged_metrics=RECONSTRUCTION_FIGURES + ("l0", "dead_fraction"),
+        reconstructs=True, codes=True, samples=True,
+        perf_params=MappingProxyType({"sparsity": "topk", "k": 8}))
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32, loss: str = "mse",
@@ -56,19 +65,21 @@ class SparseAutoencoder(Autoencoder):
                  aux_weight: float = 1 / 32, dead_after_images: int = 20000,
                  mask_fraction: float = 0.25, gmm_components: int = 10,
                  gmm_max_samples: int = 20000, seed: int = 0) -> None:  # pragma: no mutate block
-        super().__init__(backbone, image_shape, latent_dim, hidden, width, loss, lr,
-                         gmm_components, gmm_max_samples, seed)
+        super().__init__(backbone=backbone, image_shape=image_shape, latent_dim=latent_dim,
+                         hidden=hidden, width=width, loss=loss, lr=lr,
+                         gmm_components=gmm_components, gmm_max_samples=gmm_max_samples,
+                         seed=seed)
         self.save_hyperparameters()
         names = sparsity.replace("+", ",").split(",") if isinstance(sparsity, str) else sparsity
         self.mechanisms = tuple(name.strip() for name in names if name.strip())
         unknown = set(self.mechanisms) - set(SPARSITY_MECHANISMS)
         if unknown or not self.mechanisms:
-            raise ValueError(f"unknown sparsity {sorted(unknown) or sparsity!r}; choose one or more "
+            raise UserError(f"unknown sparsity {sorted(unknown) or sparsity!r}; choose one or more "
                              f"of: {', '.join(SPARSITY_MECHANISMS)} (e.g. 'topk,input_mask')")
         if "topk" in self.mechanisms and not 0 < k <= latent_dim:
-            raise ValueError(f"k={k} must be in [1, latent_dim={latent_dim}]")
+            raise UserError(f"k={k} must be in [1, latent_dim={latent_dim}]")
         if not 0 <= mask_fraction < 1:
-            raise ValueError(f"mask_fraction={mask_fraction} must be in [0, 1)")
+            raise UserError(f"mask_fraction={mask_fraction} must be in [0, 1)")
         # Images seen since each latent last fired; AuxK revives the ones past the threshold.
         self.register_buffer("images_since_active", torch.zeros(latent_dim, dtype=torch.long))
 

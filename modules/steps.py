@@ -9,13 +9,17 @@ the harness's loop the loop logs the returned terms at its own cadence, since un
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import lightning as L
 import torch
 from torch import Tensor
 
+from modules.family import Family, register
 
-# The figures a regression check judges, by what a family is trained for (its class's
-# `judged_metrics`); every other figure of its rows is descriptive: shown, never failing. One
+
+# The figures a regression check judges, by what a family is trained for (its
+# `Family.judged_metrics`); every other figure of its rows is descriptive: shown, never failing. One
 # figure per objective: a compare adjusts its p-values for the number it judges (Holm), so a
 # second figure of the same quantity (PSNR is a log of the same squared error, SSIM follows it;
 # KID and FID compare the same two feature sets) adds no evidence and takes power from the rest.
@@ -32,7 +36,27 @@ def first_tensor(batch) -> Tensor:
 
 
 class BenchModule(L.LightningModule):
-    """The LightningModule every family derives from."""
+    """The LightningModule every family derives from. A subclass that sets `family` is a family
+    and is registered under its name (modules/family.py says what each capability needs);
+    every constructor takes `seed`, the run's seed, for draws the module makes itself."""
+
+    family: ClassVar[Family]
+    # Under DDP, whether some parameters get no gradient at some backward (see modules/gan.py).
+    ddp_find_unused_parameters: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            register(cls)
+
+    def training_images_needed(self) -> dict[str, int]:
+        """Training images it needs at least, by the setting that asks for them (preflight
+        checks them before anything trains); none beyond a batch here."""
+        return {}
+
+    def own_metrics(self, batches) -> dict[str, float]:
+        """The family's own figures (`Family.metrics`) on the test split's batches; none here."""
+        return {}
 
     def log_terms(self, stage: str, terms: dict[str, Tensor], **kwargs) -> None:
         """`stage/NAME` for each term through Lightning's logging, under a Trainer only."""

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.errors import UserError
 from modules.nets import as_tuple_shape, make_decoder, make_encoder
+from modules.family import Family
 from modules.steps import RECONSTRUCTION_FIGURES, SAMPLE_FIGURES, LossSteps
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -59,22 +61,28 @@ class VAE(LossSteps):
     """Gaussian-posterior VAE, q(z|x) = N(mu(x), diag(sigma^2(x))), prior N(0, I), trained on the
     negative beta-ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z)), with one reparameterised
     sample z = mu + sigma * eps (Kingma & Welling 2014). Losses are logged in nats per image.
+    Its draws come from the global generator, which the run seeds; `seed` is taken, as every
+    family's constructor takes it, and recorded.
     """
 
-    judged_metrics = RECONSTRUCTION_FIGURES + ("elbo", "iw_nll") + SAMPLE_FIGURES
+    family = Family(
+        name="vae", summary="Gaussian posterior; ELBO and importance-weighted NLL",
+        variants="backbone mlp|conv; likelihood bernoulli|gaussian",
+        judged_metrics=RECONSTRUCTION_FIGURES + ("elbo", "iw_nll") + SAMPLE_FIGURES,
+        reconstructs=True, codes=True, likelihood=True, samples=True)
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32,
                  likelihood: str = "bernoulli", beta: float = 1.0, lr: float = 1e-3,
                  depth: int = 1, activation: str = "relu", lr_schedule: str | None = None,
-                 adam_eps: float = 1e-8) -> None:  # pragma: no mutate block
+                 adam_eps: float = 1e-8, seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
         if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; choose one of: "
+            raise UserError(f"unknown likelihood {likelihood!r}; choose one of: "
                              f"{', '.join(LIKELIHOODS)}")
         if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of: "
+            raise UserError(f"unknown lr_schedule {lr_schedule!r}; choose one of: "
                              f"{', '.join(map(str, LR_SCHEDULES))}")
         self.image_shape = as_tuple_shape(image_shape)
         self.encoder = make_encoder(backbone, self.image_shape, 2 * latent_dim, hidden, width,
@@ -82,6 +90,11 @@ class VAE(LossSteps):
         self.decoder = make_decoder(backbone, self.image_shape, latent_dim, hidden, width,
                                     depth=depth, activation=activation)
         self.log_scale = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
+
+    @property
+    def latent_dim(self) -> int:
+        """The width of z (and of the standard normal draws `elbo_terms` takes)."""
+        return self.hparams.latent_dim
 
     # -- the common surface ------------------------------------------------------------------
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:

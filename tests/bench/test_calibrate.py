@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench.errors import UserError
 from bench.calibrate import (PLANTS, Calibration, disjoint_seed_sets, moved_objectives,
                              share_interval)
 
@@ -34,7 +35,7 @@ def test_drawn_seed_sets_are_disjoint_of_the_size_asked_and_from_the_pool():
 
 
 def test_a_pool_too_small_for_two_disjoint_sets_says_so():
-    with pytest.raises(ValueError, match="need 6 seeds; the pool has 5"):
+    with pytest.raises(UserError, match="need 6 seeds; the pool has 5"):
         disjoint_seed_sets(list(range(5)), 3, 1, np.random.default_rng(0))
 
 
@@ -83,7 +84,7 @@ def test_settings_that_cannot_measure_say_so_before_anything_runs(tmp_path, seed
                                                                    draws):
     from bench.calibrate import run_calibration
 
-    with pytest.raises(ValueError, match="2 or more seeds a side, the null pairs 2 or more"):
+    with pytest.raises(UserError, match="2 or more seeds a side, the null pairs 2 or more"):
         run_calibration(seeds=seeds, null_sets=null_sets, draws=draws, out=tmp_path / "c",
                         log=lambda m: None)
     assert not (tmp_path / "c").exists()

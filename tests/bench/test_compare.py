@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from bench.errors import UserError
 from bench.compare import (DEFAULT_ALPHA, compare, config_differences, format_report, history,
                            provenance_differences, regression_rule, same_value)
 from bench.metrics import DIRECTIONS
@@ -155,21 +156,21 @@ def test_a_metric_that_disappears_is_a_regression():
 
 
 def test_a_table_without_the_needed_columns_names_them():
-    with pytest.raises(ValueError, match="current table lacks the column.*status"):
+    with pytest.raises(UserError, match="current table lacks the column.*status"):
         compare(table(row(fid=1.0)), pd.DataFrame([{"model": "ae", "variant": "mlp",
                                                     "dataset": "mnist", "seed": 0}]))
 
 
 def test_an_unparsable_metric_names_the_row():
     bad = table(row(fid=1.0), row(seed=1, fid="n/a"))
-    with pytest.raises(ValueError, match=r"row 3 \(vae/mlp seed 1\): fid='n/a' is not a number"):
+    with pytest.raises(UserError, match=r"row 3 \(vae/mlp seed 1\): fid='n/a' is not a number"):
         compare(table(row(fid=1.0)), bad)
 
 
 def test_unknown_metric_names_list_the_choices():
-    with pytest.raises(ValueError, match="unknown metric.*'fdi'.*choose from: recon_mse"):
+    with pytest.raises(UserError, match="unknown metric.*'fdi'.*choose from: recon_mse"):
         compare(table(row(fid=1.0)), table(row(fid=1.0)), metrics=["fdi"])
-    with pytest.raises(ValueError, match="--tol.*'fidd'"):
+    with pytest.raises(UserError, match="--tol.*'fidd'"):
         compare(table(row(fid=1.0)), table(row(fid=1.0)), {"fidd": 0.1})
 
 

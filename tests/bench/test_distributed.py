@@ -44,11 +44,6 @@ VARIANTS = [(f"{name}-{backbone}", model, {"backbone": backbone, **params})
                                      "latent_dim": 16}),
                 ("sae-mask", "sae", {"sparsity": "input_mask"}), ("vae", "vae", {}),
                 ("gan-ns", "gan", {}), ("gan-wgan-gp", "gan", {"loss": "wgan-gp"})]]
-# What each family's row holds, compared with a single process's evaluation of the checkpoint.
-CODES = ["recon_mse", "psnr", "ssim", "l0", "dead_fraction", "hoyer"]
-GENERATION = ["fid", "kid_mean", "isc_mean", "precision", "recall"]
-METRICS = {"ae": CODES + GENERATION, "sae": CODES + GENERATION,
-           "vae": CODES + ["elbo", "iw_nll"] + GENERATION, "gan": GENERATION}
 DATA = {"val_size": 40, "batch_size": 20, "eval_batch_size": 25, "own_files": True}
 
 
@@ -109,7 +104,7 @@ def test_ddp_figures_equal_a_single_process_evaluation_of_the_checkpoint(ddp_sui
     settings = EvalSettings(**EVAL)
     extractor = get_extractor(settings.features, dm)
     single, _ = evaluate(net, dm, settings, extractor, seed=int(row["seed"]))
-    for metric in METRICS[model]:
+    for metric in MODELS[model].family.figures():  # what the family's row holds
         assert row[metric] == pytest.approx(single[metric], rel=1e-4, abs=1e-6), metric
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch_fidelity
 
+from bench.errors import UserError
 from bench.evaluate import (DeadFraction, EvalSettings, density_coverage, fidelity_metrics,
                             hoyer_sparsity, l0_count, likelihood_metrics, reconstruction_metrics,
                             to_uint8_rgb)
 from bench.extractor import ClassifierNet, Extractor, make_fidelity_extractor_class
-from bench.metrics import DETAILS, METRICS, PROVENANCE_COLUMNS
+from bench.metrics import DETAILS, METRICS, PROVENANCE_COLUMNS, TIMING_METRICS
 from tests.modules.conftest import prototype_images, tiny_model
 
 _names = itertools.count()
@@ -173,7 +174,7 @@ def test_inception_score_is_one_for_a_constant_classifier(tmp_path, monkeypatch)
 
 
 def test_unknown_eval_setting_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"unknown eval setting\(s\) \['nfake'\]; allowed: .*n_fake"):
+    with pytest.raises(UserError, match=r"unknown eval setting\(s\) \['nfake'\]; allowed: .*n_fake"):
         EvalSettings.from_dict({"nfake": 10})
 
 
@@ -245,8 +246,10 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
         assert metrics[key] == pytest.approx(by_hand[key], rel=1e-6), key
     assert grids["samples"].shape == (64, 3, 28, 28) and torch.equal(grids["samples"], fake[:64])
     assert grids["reconstructions"].shape == (64, 1, 28, 28)
-    # every column evaluation writes is declared: a metric, a provenance column or a detail
+    # every column evaluation writes is declared: a metric, a provenance column or a detail;
+    # the metrics are those the family's declaration names
     assert set(metrics) <= set(METRICS) | PROVENANCE_COLUMNS | set(DETAILS)
+    assert set(metrics) & set(METRICS) - TIMING_METRICS == set(model.family.figures())
 
 
 @pytest.mark.parametrize("name, least", [("n_fake", 2), ("batch_size", 1),
@@ -255,7 +258,7 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
 def test_a_count_setting_takes_its_least_value_and_refuses_one_below(name, least):
     assert getattr(EvalSettings(**{name: least}), name) == least
     for bad in (least - 1, True, 2.5):
-        with pytest.raises(ValueError, match=rf"eval setting {name}={bad!r} must be an integer "
+        with pytest.raises(UserError, match=rf"eval setting {name}={bad!r} must be an integer "
                                              rf">= {least}"):
             EvalSettings(**{name: bad})
 
@@ -265,7 +268,7 @@ def test_an_optional_count_takes_null_or_a_positive_integer(name):
     assert getattr(EvalSettings(**{name: None}), name) is None
     assert getattr(EvalSettings(**{name: 1}), name) == 1
     for bad in (0, True, "5"):
-        with pytest.raises(ValueError, match=rf"eval setting {name}={bad!r} must be a positive "
+        with pytest.raises(UserError, match=rf"eval setting {name}={bad!r} must be a positive "
                                              r"integer or null \("):
             EvalSettings(**{name: bad})
 
@@ -276,7 +279,7 @@ def test_an_optional_count_takes_null_or_a_positive_integer(name):
     ({"extractor_weights": 3}, "extractor_weights must be a file path"),
     ({"inception_weights": 3}, "inception_weights must be a file path")])
 def test_a_bad_eval_setting_is_named(values, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         EvalSettings(**values)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch_fidelity
 
+from bench.errors import UserError
 from bench.extractor import (INCEPTION, ExtractorError, classifier_accuracy, extractor_name,
                              get_extractor, load_classifier, save_classifier, shipped_path,
                              train_classifier)
@@ -152,7 +153,7 @@ def test_auto_falls_back_to_the_classifier_without_weights(small_mnist, tmp_path
 
 
 def test_unknown_features_choice_lists_the_options(small_mnist):
-    with pytest.raises(ValueError, match="choose one of: auto, inception, classifier"):
+    with pytest.raises(UserError, match="choose one of: auto, inception, classifier"):
         get_extractor("clip", small_mnist)
 
 

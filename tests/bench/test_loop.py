@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from bench.errors import UserError
 from bench.loop import (Diverged, DivergenceWatch, LoopSettings, Progress, Run, apply_net_options,
                         configured_optimizers, fit, random_states, rank_seed,
                         restore_random_state)
@@ -61,6 +62,57 @@ def test_the_loop_and_lightnings_trainer_train_a_family_to_the_same_weights(tmp_
     steps = 10 if family != "gan" else 20  # the Trainer counts the GAN's two optimiser steps
     quiet_trainer(max_steps=steps, max_epochs=-1, deterministic=False).fit(
         reference, train_dataloaders=batches())
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+class StepScheduled(Autoencoder):
+    """The autoencoder with a step-interval scheduler: the rate times 0.7 at every
+    `FREQUENCY`-th batch that steps the optimiser."""
+
+    FREQUENCY = 2
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7),
+            "interval": "step", "frequency": self.FREQUENCY}}
+
+
+class StepScheduledEvery3(StepScheduled):
+    FREQUENCY = 3
+
+
+# Each trainer setting the loop takes, over epochs of 7 batches: (family or module class,
+# settings, epochs). Accumulation over 3 steps after batches 3, 6 and 7 of each epoch.
+TRAINER_CASES = {
+    "accumulate": ("ae", {"accumulate_grad_batches": 3}, 2),
+    "clip-norm": ("ae", {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "norm"}, 2),
+    "clip-value": ("ae", {"gradient_clip_val": 1e-5, "gradient_clip_algorithm": "value"}, 2),
+    "step-schedule": (StepScheduledEvery3, {}, 2),
+    "step-schedule-accumulate": (StepScheduled, {"accumulate_grad_batches": 3}, 2),
+    "validation-cadence": ("vae", {"check_val_every_n_epoch": 2}, 3),  # its validation samples
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINER_CASES))
+def test_each_trainer_setting_trains_to_the_weights_lightnings_trainer_gives(tmp_path, case):
+    """The same setting in a suite's `trainer:` and in lightning.Trainer, whole epochs both
+    ways (no sanity validation: see bench.loop.Loop), gives the same weights bitwise."""
+    family, settings, epochs = TRAINER_CASES[case]
+
+    def build():
+        torch.manual_seed(0)
+        return (tiny_model(family) if isinstance(family, str)
+                else family(backbone="mlp", hidden=32, latent_dim=8))
+
+    val = TensorBatches(prototype_images(32, seed=5), torch.zeros(32, dtype=torch.long), 16,
+                        shuffle=False, drop_last=False)
+    model = build()
+    fit(make_run(tmp_path, model, total=7 * epochs, val_batches=val, **settings))
+    reference = build()
+    quiet_trainer(max_epochs=epochs, deterministic=False, num_sanity_val_steps=0,
+                  **settings).fit(reference, train_dataloaders=batches(), val_dataloaders=val)
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
@@ -196,9 +248,12 @@ def test_gradients_are_clipped_as_torchs_clip_grad_value_clips_them(tmp_path):
                            reference.state_dict()["encoder.1.weight"])
 
 
-def test_accumulated_gradients_take_one_optimiser_step_every_n_batches(tmp_path):
+def test_accumulated_gradients_step_every_n_batches_of_an_epoch_at_its_end_and_the_runs(
+        tmp_path):
+    """Epochs of 7, accumulation over 4, 12 batches: steps after batches 4 and 7 of the first
+    epoch (the Trainer's rule), 4 of the second, and the run's last (its 5th)."""
     _, run = trained(tmp_path, "ae", total=12, accumulate_grad_batches=4)
-    assert run.optimizers[0].state_dict()["state"][0]["step"] == 3
+    assert run.optimizers[0].state_dict()["state"][0]["step"] == 4
 
 
 def test_epoch_schedulers_step_at_each_epochs_end(tmp_path):
@@ -267,9 +322,9 @@ def test_every_form_of_configure_optimizers_is_read(configured, optimizers, inte
 
 
 def test_settings_that_are_gone_or_unknown_are_refused_with_what_to_do():
-    with pytest.raises(ValueError, match="steps_per_call: it is gone.*remove the key"):
+    with pytest.raises(UserError, match="steps_per_call: it is gone.*remove the key"):
         LoopSettings.from_suite({"steps_per_call": 8})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_time'\]; the harness's loop "
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['max_time'\]; the harness's loop "
                                          "takes: accumulate_grad_batches"):
         LoopSettings.from_suite({"max_time": 5})
     assert LoopSettings.from_suite({"precision": "bf16-mixed"}).precision == "bf16-mixed"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.machine import ENVIRONMENT_COLUMNS, describe, hardware, onednn_isa
-from bench.runner import quiet_srun_hint
+from bench.process import quiet_srun_hint
 
 
 def test_a_cpu_row_names_the_cpu_its_instruction_sets_and_threads():

@@ -3,6 +3,7 @@
 import pandas as pd
 import pytest
 
+from bench.errors import UserError
 from bench.plots import axis_label, frontier_chart, frontier_points, pareto_front
 
 
@@ -48,7 +49,7 @@ def test_points_are_seed_means_per_entry_in_sweep_order():
 
 
 def test_a_metric_the_table_lacks_is_named_with_the_choices():
-    with pytest.raises(ValueError, match="no figure for rate in the table; choose from: "
+    with pytest.raises(UserError, match="no figure for rate in the table; choose from: "
                                          "recon_mse, l0"):
         frontier_points(sweep_rows(), "rate", "recon_mse")
 

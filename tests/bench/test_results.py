@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench.errors import UserError
 from bench.results import (append_row, eval_failed_rows, format_table, latest_runs, read_rows,
                            seed_table)
 
@@ -74,7 +75,7 @@ def test_table_formats_mean_plus_minus_std(tmp_path):
     assert "ae / mlp" in markdown and "12.00 ± 2.83" in markdown and "| 20.00" in markdown
     assert "\\begin{tabular}" in format_table(rows, "latex")
     assert format_table(rows, "csv").splitlines()[0] == "model / variant,fid"
-    with pytest.raises(ValueError, match="choose one of: md, latex, csv"):
+    with pytest.raises(UserError, match="choose one of: md, latex, csv"):
         format_table(rows, "html")
 
 

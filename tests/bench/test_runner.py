@@ -291,7 +291,7 @@ def test_the_nvml_check_is_dropped_only_where_nvml_cannot_be_loaded(monkeypatch,
     import ctypes
     import os
 
-    from bench.runner import drop_failing_nvml_check
+    from bench.process import drop_failing_nvml_check
 
     monkeypatch.setenv(NVML, setting)
     monkeypatch.setattr(ctypes, "CDLL", (lambda name, *a, **k: object()) if loads
@@ -347,7 +347,7 @@ def test_freed_memory_is_kept_for_the_next_step_instead_of_faulting_in_again(kep
 
     script = (
         "import resource, torch\n"
-        "from bench.runner import keep_freed_memory\n"
+        "from bench.process import keep_freed_memory\n"
         f"print(keep_freed_memory() if {kept} else False)\n"
         "from modules import Autoencoder\n"
         "torch.manual_seed(0); model = Autoencoder(backbone='conv')\n"

@@ -113,3 +113,23 @@ def test_malformed_suites_name_file_line_and_key(tmp_path, text, message):
 def test_unknown_suite_lists_the_shipped_ones():
     with pytest.raises(SuiteError, match="choose one of: default, paper, paper-1h, smoke"):
         load_suite("nightly")
+
+
+def test_a_spec_is_rebuilt_from_its_row_as_written(tmp_path):
+    """What run_one writes into a row (through pandas, where an empty cell reads as NaN) gives
+    back the same spec and config hash, for a sweep's point and for a plain run."""
+    import json
+
+    import pandas as pd
+
+    from bench.suite import RunSpec
+
+    path = write(tmp_path, SUITE.replace(
+        "runs:\n", "runs:\n  - {model: sae, variant: l1, sweep: {params.l1_weight: [0.1, 1]}}\n"))
+    specs = [s.on(devices=2) if i == 0 else s for i, s in enumerate(load_suite(path).specs)]
+    table = pd.DataFrame([{"suite": s.suite, "config": json.dumps(s.config(), sort_keys=True)}
+                          | ({"entry": s.entry, "sweep_index": s.sweep_index}
+                             if s.sweep_index is not None else {}) for s in specs])
+    rebuilt = [RunSpec.from_row(row) for row in table.to_dict("records")]
+    assert [s.config_hash for s in rebuilt] == [s.config_hash for s in specs]
+    assert rebuilt == specs

@@ -1,5 +1,6 @@
 import pytest
 
+from bench.errors import UserError
 from bench.tracking import choose_wandb_mode
 
 
@@ -33,5 +34,5 @@ def test_environment_mode_is_respected_and_the_option_wins(monkeypatch):
 
 
 def test_unknown_mode_lists_the_choices():
-    with pytest.raises(ValueError, match="choose one of: online, offline, disabled"):
+    with pytest.raises(UserError, match="choose one of: online, offline, disabled"):
         choose_wandb_mode("cloud")

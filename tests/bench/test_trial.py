@@ -4,6 +4,7 @@ recorded, failures named, and the suite's time estimated."""
 import pytest
 
 import bench.trial
+from bench.errors import UserError
 from bench.launch import run_suite
 from bench.suite import load_suite
 from bench.trial import makespan, trial_spec
@@ -57,7 +58,7 @@ def test_an_entry_that_fails_is_named_and_the_others_still_run(suite, tmp_path, 
 
 
 def test_try_refuses_what_it_cannot_honour(suite, tmp_path):
-    with pytest.raises(ValueError, match="--try cannot honour --force"):
+    with pytest.raises(UserError, match="--try cannot honour --force"):
         run_suite(suite, tmp_path / "out", try_batches=6, force=True, log=lambda m: None)
 
 

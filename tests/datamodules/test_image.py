@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.errors import UserError
 from datamodules import ImageDataModule, TensorBatches
 from tests.data_files import write_cifar_dir, write_mnist_dir
 
@@ -67,7 +68,7 @@ def test_validation_split_depends_only_on_split_seed(mnist_files):
 
 
 def test_val_size_beyond_training_split_is_an_error(mnist_files):
-    with pytest.raises(ValueError, match="val_size=300 must be in"):
+    with pytest.raises(UserError, match="val_size=300 must be in"):
         make_dm(mnist_files[0], val_size=300)
 
 

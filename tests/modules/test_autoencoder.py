@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from bench.errors import UserError
 from modules.autoencoder import reconstruction_loss
 from tests.modules.conftest import prototype_images, tiny_model
 
@@ -21,7 +22,7 @@ def test_bce_loss_is_binary_cross_entropy_of_the_sigmoid_output():
 
 
 def test_unknown_loss_lists_the_choices():
-    with pytest.raises(ValueError, match="choose one of: mse, bce"):
+    with pytest.raises(UserError, match="choose one of: mse, bce"):
         tiny_model("ae", loss="l1")
 
 

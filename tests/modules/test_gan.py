@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from bench.errors import UserError
 from modules.gan import (GAN, gradient_penalty, ns_discriminator_loss, ns_generator_loss,
                          wasserstein_critic_loss, wasserstein_generator_loss)
 from tests.modules.conftest import prototype_batches, quiet_trainer, tiny_model
@@ -66,12 +67,12 @@ def test_generator_updates_every_n_critic_batches(n_critic):
 def test_fixed_noise_gives_the_same_samples():
     model = tiny_model("gan", "conv").eval()
     assert torch.equal(model.sample(4, fixed=True), model.sample(4, fixed=True))
-    with pytest.raises(ValueError, match="fixed noise"):
+    with pytest.raises(UserError, match="fixed noise"):
         model.sample(100, fixed=True)
 
 
 def test_unknown_gan_loss_lists_choices():
-    with pytest.raises(ValueError, match="choose one of: ns, wgan-gp"):
+    with pytest.raises(UserError, match="choose one of: ns, wgan-gp"):
         tiny_model("gan", loss="hinge")
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from bench.errors import UserError
 from modules.nets import make_decoder, make_encoder
 
 
@@ -17,12 +18,12 @@ def test_conv_decoder_outputs_the_image_size(shape):
 
 
 def test_conv_backbone_rejects_other_sizes():
-    with pytest.raises(ValueError, match="28x28 or 32x32 images, got 30x30; use backbone='mlp'"):
+    with pytest.raises(UserError, match="28x28 or 32x32 images, got 30x30; use backbone='mlp'"):
         make_encoder("conv", (1, 30, 30), 8, 16, 4)
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet'; choose one of: mlp, conv"):
+    with pytest.raises(UserError, match="unknown backbone 'resnet'; choose one of: mlp, conv"):
         make_encoder("resnet", (1, 28, 28), 8, 16, 4)
 
 
@@ -76,5 +77,5 @@ def test_mlp_depth_and_activation_give_burdas_784_200_200_tanh_encoder():
     ({"backbone": "conv", "depth": 2}, "depth and activation shape the mlp backbone")])
 def test_bad_mlp_shapes_are_named(kwargs, message):
     args = {"backbone": "mlp"} | kwargs
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         make_encoder(args.pop("backbone"), (1, 28, 28), 8, 16, 4, **args)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import distributions
 
+from bench.errors import UserError
 from modules.sparse_autoencoder import (SparseAutoencoder, kl_sparsity_penalty, l1_penalty,
                                         mask_inputs, topk_activation)
 from tests.modules.conftest import TINY, tiny_model
@@ -61,7 +62,7 @@ def test_kl_sparsity_uses_sigmoid_codes(unit_images):
 def test_mechanisms_combine_and_unknown_ones_list_the_choices():
     model = tiny_model("sae", sparsity="topk,input_mask", k=4)
     assert model.mechanisms == ("topk", "input_mask")
-    with pytest.raises(ValueError, match="choose one or more of: l1, kl, topk, input_mask"):
+    with pytest.raises(UserError, match="choose one or more of: l1, kl, topk, input_mask"):
         SparseAutoencoder(sparsity="l2", **TINY)
 
 

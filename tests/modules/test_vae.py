@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import distributions
 
+from bench.errors import UserError
 from modules.vae import (bernoulli_log_likelihood, gaussian_kl, gaussian_log_density,
                          gaussian_log_likelihood)
 from tests.modules.conftest import prototype_batches, prototype_images, quiet_trainer, tiny_model
@@ -150,5 +151,5 @@ def test_burda_schedule_lowers_the_rate_after_the_first_pass():
 def test_an_unknown_lr_schedule_lists_the_choices():
     from modules.vae import VAE
 
-    with pytest.raises(ValueError, match="unknown lr_schedule 'cosine'; choose one of: None, burda"):
+    with pytest.raises(UserError, match="unknown lr_schedule 'cosine'; choose one of: None, burda"):
         VAE(lr_schedule="cosine")

@@ -1,0 +1,76 @@
+"""What a process that trains runs changes for the whole process, in one place apart from the
+code of one run: malloc's thresholds, an environment variable Lightning sets, log levels and
+warning filters. `prepare_run_process` applies them all (bench run's process, its workers and
+SLURM jobs, bench perf); `bench fit` takes the ones a Trainer needs."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import warnings
+
+
+def drop_failing_nvml_check() -> bool:
+    """Unset PYTORCH_NVML_BASED_CUDA_CHECK where NVML cannot be loaded; True if it was unset.
+
+    Lightning sets the variable on import so that torch.cuda.is_available() asks NVML instead of
+    initialising CUDA (which would break forked workers). torch.optim.Adam asks
+    torch.accelerator.current_accelerator(check_available=True) on every step, and on a host
+    without the NVIDIA driver each ask dlopens libnvidia-ml.so.1, fails, and falls back to the
+    CUDA runtime's count, uncached: a visible share of a small MLP's step, which a plain PyTorch
+    script (not importing Lightning) never pays. Without NVML the variable changes no answer,
+    so it goes; with NVML (GPU hosts) it stays."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return False
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        return True
+    return False
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the
+    kernel; True where it applied. A training step on a CPU frees and allocates the same large
+    buffers (activations, gradients) every step, and past malloc's mmap threshold each one is a
+    fresh mapping whose pages fault in again: thousands of page faults per conv step, a large
+    share of it. The same as setting MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ before
+    the process starts; it changes where memory comes from, not any figure."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to set
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 256 * 2**20)
+                and libc.mallopt(M_TRIM_THRESHOLD, 1024 * 2**20))
+
+
+SRUN_HINT = "The `srun` command is available on your system but is not used"
+
+
+def quiet_srun_hint() -> None:
+    """Lightning hints at `srun` in every process that finds the command on the PATH and is not a
+    SLURM job step: on a cluster's login node that is every run, and it says nothing there.
+    Inside a SLURM job that did not start its tasks with srun (an sbatch script that forgot it),
+    the hint is right, and it stays."""
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message=SRUN_HINT)
+
+
+def prepare_run_process() -> None:
+    """Set up a process that trains runs: no per-run device banner, no warnings that say nothing
+    about the run, no NVML probe on every optimiser step where NVML is missing, and malloc
+    keeping freed memory for the next step."""
+    keep_freed_memory()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    drop_failing_nvml_check()
+    quiet_srun_hint()
+    # torch's deprecation notes inside Lightning's own calls (Fabric's all_gather, pytree)
+    for noise in (".*LeafSpec.*is deprecated.*", ".*all_gather is deprecated.*"):
+        warnings.filterwarnings("ignore", message=noise)
