@@ -24,6 +24,27 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_try(args: argparse.Namespace, suite, devices) -> int:
+    from bench.trial import LEAST_TRY_SAMPLE, run_try
+
+    cannot = [flag for flag, given in (("--force", args.force),
+                                       (f"--launcher {args.launcher}", args.launcher != "local"))
+              if given]
+    if cannot:
+        raise UserError(f"--try cannot honour {' and '.join(cannot)}: it tries every entry not "
+                        f"yet in the table, here, into a scratch folder; drop "
+                        f"{' and '.join(cannot)}")
+    if args.try_batches < 2:
+        raise UserError(f"--try-batches {args.try_batches}: give 2 or more (the first ones warm "
+                        "up, the rest are timed)")
+    if args.try_sample is not None and args.try_sample < LEAST_TRY_SAMPLE:
+        raise UserError(f"--try-sample {args.try_sample}: give {LEAST_TRY_SAMPLE} or more (the "
+                        "k-NN figures need a neighbourhood)")
+    table = run_try(suite, args.out, args.only, args.try_batches, args.try_sample,
+                    args.parallel, args.accelerator, devices, args.strategy, args.num_nodes)
+    return 1 if (table["status"] != "ok").any() else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.launch import SlurmOptions, run_suite
     from bench.runner import Stopped
@@ -33,27 +54,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: give a number of runs at once, >= 1")
-    if args.try_ and args.try_batches < 2:
-        raise UserError(f"--try-batches {args.try_batches}: give 2 or more (the first ones warm "
-                        "up, the rest are timed)")
-    from bench.trial import LEAST_TRY_SAMPLE
-
-    if args.try_ and args.try_sample is not None and args.try_sample < LEAST_TRY_SAMPLE:
-        raise UserError(f"--try-sample {args.try_sample}: give {LEAST_TRY_SAMPLE} or more (the "
-                        "k-NN figures need a neighbourhood)")
+    if args.try_:
+        return cmd_try(args, suite, devices)
     slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
                          gpus_per_job=args.slurm_gpus, cpus_per_job=args.slurm_cpus)
     try:
-        table = run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
-                          accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
-                          progress=False if args.no_progress else None,
-                          checkpoint_every=args.checkpoint_every, strategy=args.strategy,
-                          num_nodes=args.num_nodes, parallel=args.parallel,
-                          launcher=args.launcher, slurm=slurm,
-                          try_batches=args.try_batches if args.try_ else None,
-                          try_sample=args.try_sample)
-        if args.try_:
-            return 1 if (table["status"] != "ok").any() else 0
+        run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
+                  accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
+                  progress=False if args.no_progress else None,
+                  checkpoint_every=args.checkpoint_every, strategy=args.strategy,
+                  num_nodes=args.num_nodes, parallel=args.parallel, launcher=args.launcher,
+                  slurm=slurm)
     except Stopped as err:  # a signal: the run under way checkpointed where it was
         print(f"bench run: {err}", file=sys.stderr)
         return 128 + err.signum  # the shell's status for a process ended by that signal

@@ -8,6 +8,7 @@ loses only its own run and the parent only has to wait.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import re
@@ -53,9 +54,11 @@ def claim(out_dir: Path, spec):
 
 
 def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str,
-                trained: dict | None, log) -> dict | None:
+                log) -> dict | None:
     """Train, evaluate and append one spec under its lock; its row, or None when another
-    process has the run under way or finished it meanwhile."""
+    process has the run under way or finished it meanwhile. A run whose evaluation failed
+    (its row in the table says so) is evaluated again from its final checkpoint, not
+    retrained, unless `options.force`."""
     lock = claim(out_dir, spec)
     if lock is None:
         log(f"  {spec.run_id}: under way in another process on {out_dir}; left to it")
@@ -65,6 +68,7 @@ def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str,
         if not options.force and spec.config_hash in done_hashes(csv_path):
             log(f"  {spec.run_id}: finished by another process meanwhile (in {csv_path.name})")
             return None
+        trained = None if options.force else eval_failed_rows(csv_path).get(spec.config_hash)
         row = run_one(spec, suite, out_dir, options, commit, trained=trained, log=log)
         if rank_zero_only.rank == 0:  # under DDP every rank has the row; one writes it
             append_row(csv_path, row, unique=not options.force)
@@ -73,8 +77,7 @@ def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str,
         lock.release()
 
 
-def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str,
-                 trained: dict | None = None) -> dict | None:
+def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict | None:
     """Train, evaluate and append one spec; returns its row (None: left to another process).
     Runs in a worker or a SLURM job."""
     import torch
@@ -83,8 +86,7 @@ def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str,
     STOP.install()
     if os.environ.get("GENBENCH_THREADS"):
         torch.set_num_threads(int(os.environ["GENBENCH_THREADS"]))
-    return run_claimed(spec, suite, Path(out_dir), RunOptions(**options), commit, trained,
-                       print)
+    return run_claimed(spec, suite, Path(out_dir), RunOptions(**options), commit, print)
 
 
 def _pin_worker(slots, gpu_ids: list[int], threads: int) -> None:
@@ -95,8 +97,8 @@ def _pin_worker(slots, gpu_ids: list[int], threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["GENBENCH_THREADS"] = str(threads)
 
 
-def run_parallel(specs, suite, out_dir: Path, workers: int, options: RunOptions, commit: str,
-                 trained: dict[str, dict] | None = None, log=print) -> list[dict]:
+def run_parallel(specs, suite, out_dir: Path, options: RunOptions, commit: str, log=print, *,
+                 workers: int) -> list[dict]:
     """K specs at once on this machine, each worker pinned to its own GPU when there are
     GPUs, else to an equal share of the CPU cores."""
     import torch
@@ -112,8 +114,8 @@ def run_parallel(specs, suite, out_dir: Path, workers: int, options: RunOptions,
     rows = []
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_worker,
                              initargs=(slots, gpu_ids, threads)) as pool:
-        futures = {pool.submit(run_spec_job, spec, suite, str(out_dir), asdict(options), commit,
-                               (trained or {}).get(spec.config_hash)): spec for spec in specs}
+        futures = {pool.submit(run_spec_job, spec, suite, str(out_dir), asdict(options),
+                               commit): spec for spec in specs}
         for future in as_completed(futures):
             spec = futures[future]
             try:
@@ -145,8 +147,8 @@ class SlurmOptions:
     cluster: str | None = None  # None: SLURM; "local": submitit's local executor (tests)
 
 
-def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOptions,
-              commit: str, trained: dict[str, dict] | None = None, log=print) -> list[dict]:
+def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, log=print, *,
+              slurm: SlurmOptions) -> list[dict]:
     """Submit the specs as one SLURM job array through submitit and wait for them. The jobs
     append their own rows to <out>/runs.csv, which must be on a shared filesystem."""
     import submitit
@@ -163,8 +165,7 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, slurm: SlurmOpti
     executor.update_parameters(**parameters)
     n = len(specs)
     jobs = executor.map_array(RequeueableSpecJob(), specs, [suite] * n, [str(out_dir)] * n,
-                              [asdict(options)] * n, [commit] * n,
-                              [(trained or {}).get(spec.config_hash) for spec in specs])
+                              [asdict(options)] * n, [commit] * n)
     log(f"submitted {n} jobs to {executor.cluster} (logs in {out_dir / 'slurm'}): "
         f"{', '.join(job.job_id for job in jobs[:5])}{' ...' if n > 5 else ''}")
     rows = []
@@ -189,109 +190,123 @@ def one_line(row: dict) -> str:
         " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
 
 
+def run_here(specs, suite, out_dir: Path, options: RunOptions, commit: str,
+             log=print) -> list[dict]:
+    """The specs one after another in this process (each may use several devices through DDP),
+    its line after each run; a run another process has under way is left to it."""
+    rows, left = [], []
+    STOP.install()
+    for i, spec in enumerate(specs, 1):
+        log(f"[{i}/{len(specs)}] {spec.run_id} (config {spec.config_hash})")
+        row = run_claimed(spec, suite, out_dir, options, commit, log)
+        if row is None:
+            left.append(spec.run_id)
+            continue
+        rows.append(row)
+        log(one_line(row))
+    if left:
+        log(f"\n{len(left)} run(s) left to the process that has them under way: "
+            f"{', '.join(left)}")
+    return rows
+
+
+def choose_launcher(launcher: str = "local", parallel: int = 1,
+                    slurm: SlurmOptions | None = None):
+    """The launcher: a function (specs, suite, out_dir, options, commit, log) -> rows that runs
+    and records each spec: here, `parallel` at a time in workers, or as a SLURM job array."""
+    if launcher in ("slurm", "submitit-local"):
+        slurm = replace(slurm or SlurmOptions(),
+                                    cluster="local" if launcher == "submitit-local" else None)
+        return functools.partial(run_slurm, slurm=slurm)
+    if launcher != "local":
+        raise UserError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
+                        "submitit-local")
+    return functools.partial(run_parallel, workers=parallel) if parallel > 1 else run_here
+
+
+@dataclass
+class Plan:
+    """What running a suite will do, decided before anything trains: the runs selected on this
+    launch, and those of them not yet in the table."""
+
+    suite: Suite
+    out_dir: Path
+    specs: list[RunSpec]
+    pending: list[RunSpec]
+
+    @property
+    def csv_path(self) -> Path:
+        return self.out_dir / "runs.csv"
+
+
+def plan_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
+               force: bool = False, devices: int | str = 1, num_nodes: int = 1,
+               log=print) -> Plan:
+    """The runs `--only` selects, on `devices` x `num_nodes`, and which are pending (all, with
+    `force`); says which are skipped."""
+    out_dir = Path(out_dir or Path("results") / suite.name)
+    specs = [s.on(devices, num_nodes) for s in suite.specs
+             if not only or re.search(only, s.run_id)]
+    if not specs:
+        raise UserError(f"--only {only!r} matches none of: "
+                        f"{', '.join(s.run_id for s in suite.specs)}")
+    done = set() if force else done_hashes(out_dir / "runs.csv")
+    for i, spec in enumerate(specs, 1):
+        if spec.config_hash in done:
+            log(f"[{i}/{len(specs)}] {spec.run_id}: already in runs.csv "
+                f"(config {spec.config_hash}), skipped; --force redoes it")
+    return Plan(suite, out_dir, specs, [s for s in specs if s.config_hash not in done])
+
+
+def report(plan: Plan, mode: str, seconds: float, log=print) -> pd.DataFrame:
+    """The suite's table (its runs' latest rows), summary.md, the bar charts and the W&B
+    summary; returns the table."""
+    suite, out_dir = plan.suite, plan.out_dir
+    table = read_rows(plan.csv_path)
+    table = table[table["config_hash"].isin({s.config_hash for s in plan.specs})] \
+        if len(table) else table
+    summary = f"{format_table(table)}\n\n{made_on(latest_runs(table))}"
+    (out_dir / "summary.md").write_text(f"# {suite.name}\n\n{summary}\n")
+    metric_bar_charts(table, out_dir / "plots")
+    log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
+                      suite.name, table, out_dir, mode)
+    log(f"\n{summary}\n\nsuite {suite.name} took {seconds:.0f} s; rows in {plan.csv_path}, "
+        f"table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
+    return table
+
+
 def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
               force: bool = False, accelerator: str = "auto", devices: int | str = 1,
               wandb_mode: str | None = None, progress: bool | None = None,
               checkpoint_every: int | None = None, strategy: str = "auto",
               num_nodes: int = 1, parallel: int = 1,
               launcher: str = "local", slurm: SlurmOptions | None = None,
-              try_batches: int | None = None, try_sample: int | None = None,
               log=print) -> pd.DataFrame:
-    """Run every spec not already in <out_dir>/runs.csv, one after another (each run may use
-    several devices through DDP), `parallel` at a time, or as a SLURM job array; then write the
-    summary table and plots. Returns this suite's rows."""
-    out_dir = Path(out_dir or Path("results") / suite.name)
-    csv_path = out_dir / "runs.csv"
-    checkpoint_every = checkpoint_every or CHECKPOINT_EVERY_STEPS
+    """Plan (what is pending), check it (preflight: every problem before anything trains),
+    execute it through the launcher, report. Returns this suite's rows (under DDP, a rank
+    other than zero returns its own rows and reports nothing)."""
     prepare_run_process()
     # Under DDP every rank runs this function; only rank zero speaks and writes.
     zero = rank_zero_only.rank == 0
     say = log if zero else (lambda message: None)
     mode = choose_wandb_mode(wandb_mode)
+    run = choose_launcher(launcher, parallel, slurm)
+    plan = plan_suite(suite, out_dir, only, force, devices, num_nodes, say)
+    preflight(plan.pending, plan.out_dir)
     if progress is None:  # a bar per run on a terminal; in a log file it is only noise
         progress = sys.stderr.isatty()
-    specs = [s.on(devices, num_nodes) for s in suite.specs
-             if not only or re.search(only, s.run_id)]
-    if not specs:
-        raise UserError(f"--only {only!r} matches none of: "
-                         f"{', '.join(s.run_id for s in suite.specs)}")
-    done = set() if force else done_hashes(csv_path)
-    trained = {} if force else eval_failed_rows(csv_path)  # evaluated again, not retrained
-    pending = []
-    for i, spec in enumerate(specs, 1):
-        if spec.config_hash in done:
-            say(f"[{i}/{len(specs)}] {spec.run_id}: already in {csv_path.name} "
-                f"(config {spec.config_hash}), skipped; --force redoes it")
-        else:
-            pending.append(spec)
-    if try_batches is not None:  # before preflight: these are the user's to fix at once
-        cannot = [flag for flag, given in (("--force", force), (f"--launcher {launcher}",
-                                                              launcher != "local"))
-                  if given]
-        if cannot:
-            raise UserError(f"--try cannot honour {' and '.join(cannot)}: it tries every entry "
-                             "not yet in the table, here, into a scratch folder; drop "
-                             f"{' and '.join(cannot)}")
-    preflight(pending, out_dir)  # every problem at once, before anything trains
-    commit = git_commit()
-    options = RunOptions(accelerator, devices, strategy, num_nodes, mode, checkpoint_every, force,
-                         progress)
-    if try_batches is not None:
-        from bench.trial import TRY_SAMPLE, seedless, try_suite
-
-        if parallel > 1:
-            say(f"--try runs the entries one after another; --parallel {parallel} only sets the "
-                "estimate's number of runs at once")
-        sample = try_sample or TRY_SAMPLE
-        entries = len({seedless(spec) for spec in pending})
-        say(f"trying {entries} entr{'y' if entries == 1 else 'ies'} of suite {suite.name} "
-            f"({len(pending)} pending run(s); one seed each) for {try_batches} batches, "
-            f"evaluated on {sample} generated and real images (nothing is recorded)")
-        return try_suite(suite, pending, options, commit, try_batches, parallel, sample, say)
-    suite_start = time.perf_counter()
-    left: list[str] = []  # runs another process has under way
-    say(f"suite {suite.name}: {len(pending)} of {len(specs)} runs to do -> {csv_path} "
-        f"(W&B {mode})")
-    if launcher in ("slurm", "submitit-local"):
-        slurm = slurm or SlurmOptions()
-        slurm.cluster = "local" if launcher == "submitit-local" else None
-        rows = run_slurm(pending, suite, out_dir, options, slurm, commit, trained, say)
-    elif launcher != "local":
-        raise UserError(f"unknown launcher {launcher!r}; choose one of: local, slurm, "
-                         "submitit-local")
-    elif parallel > 1:
-        rows = run_parallel(pending, suite, out_dir, parallel, options, commit, trained, say)
-    else:
-        rows = []
-        STOP.install()
-        for i, spec in enumerate(pending, 1):
-            say(f"[{i}/{len(pending)}] {spec.run_id} (config {spec.config_hash})")
-            row = run_claimed(spec, suite, out_dir, options, commit,
-                              trained.get(spec.config_hash), say)
-            if row is None:
-                left.append(spec.run_id)
-                continue
-            rows.append(row)
-            say(one_line(row))
+    options = RunOptions(accelerator, devices, strategy, num_nodes, mode,
+                         checkpoint_every or CHECKPOINT_EVERY_STEPS, force, progress)
+    started = time.perf_counter()
+    say(f"suite {suite.name}: {len(plan.pending)} of {len(plan.specs)} runs to do -> "
+        f"{plan.csv_path} (W&B {mode})")
+    rows = run(plan.pending, suite, plan.out_dir, options, git_commit(), say)
     if not zero:
         return pd.DataFrame(rows)
-    if parallel > 1 or launcher != "local":
+    if run is not run_here:  # the workers' and jobs' lines went to their own logs
         for row in rows:
             say(one_line(row))
-    table = read_rows(csv_path)
-    table = table[table["config_hash"].isin({s.config_hash for s in specs})] if len(table) \
-        else table
-    summary = f"{format_table(table)}\n\n{made_on(latest_runs(table))}"
-    (out_dir / "summary.md").write_text(f"# {suite.name}\n\n{summary}\n")
-    metric_bar_charts(table, out_dir / "plots")
-    log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
-                      suite.name, table, out_dir, mode)
-    if left:
-        say(f"\n{len(left)} run(s) left to the process that has them under way: "
-            f"{', '.join(left)}")
-    say(f"\n{summary}\n\nsuite {suite.name} took {time.perf_counter() - suite_start:.0f} s; "
-        f"rows in {csv_path}, table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
-    return table
+    return report(plan, mode, time.perf_counter() - started, say)
 
 
 def _slug(overrides: dict) -> str:

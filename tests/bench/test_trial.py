@@ -4,10 +4,8 @@ recorded, failures named, and the suite's time estimated."""
 import pytest
 
 import bench.trial
-from bench.errors import UserError
-from bench.launch import run_suite
 from bench.suite import load_suite
-from bench.trial import makespan, trial_spec
+from bench.trial import makespan, run_try, trial_spec
 from tests.data_files import write_mnist_suite
 
 pytestmark = pytest.mark.integration  # trains through the harness
@@ -27,7 +25,7 @@ def suite(tmp_path, monkeypatch):
 
 def test_every_entry_is_tried_and_nothing_is_recorded(suite, tmp_path):
     lines = []
-    table = run_suite(suite, tmp_path / "out", try_batches=6, parallel=2, log=lines.append)
+    table = run_try(suite, tmp_path / "out", batches=6, parallel=2, log=lines.append)
     assert table["status"].tolist() == ["ok", "ok"]
     assert not (tmp_path / "out" / "runs.csv").exists()
     assert (table["est_train_s"] > 0).all() and (table["est_total_s"] > table["est_train_s"]).all()
@@ -39,7 +37,7 @@ def test_every_entry_is_tried_and_nothing_is_recorded(suite, tmp_path):
 def test_one_seed_is_tried_for_all_of_an_entrys_pending_seeds(suite, tmp_path):
     lines = []
     three_seeds = load_suite(str(suite.path), seeds=[0, 1, 2])
-    table = run_suite(three_seeds, tmp_path / "out", try_batches=4, log=lines.append)
+    table = run_try(three_seeds, tmp_path / "out", batches=4, log=lines.append)
     assert table["runs"].tolist() == [3, 3] and len(table) == 2
     assert table["entry"].str.endswith("-s0").all()
     assert any("the suite's 6 run(s)" in line for line in lines)
@@ -52,14 +50,17 @@ def test_an_entry_that_fails_is_named_and_the_others_still_run(suite, tmp_path, 
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (20x3072 and 784x64)")
 
     monkeypatch.setattr(VAE, "losses", broken)
-    table = run_suite(suite, tmp_path / "out", try_batches=6, log=lambda m: None)
+    table = run_try(suite, tmp_path / "out", batches=6, log=lambda m: None)
     assert table["status"].tolist()[0].startswith("RuntimeError: mat1 and mat2 shapes")
     assert table["status"].tolist()[1] == "ok"
 
 
-def test_try_refuses_what_it_cannot_honour(suite, tmp_path):
-    with pytest.raises(UserError, match="--try cannot honour --force"):
-        run_suite(suite, tmp_path / "out", try_batches=6, force=True, log=lambda m: None)
+def test_try_refuses_what_it_cannot_honour(suite, tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["run", "--suite", str(suite.path), "--try", "--force", "--launcher", "slurm",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--try cannot honour --force and --launcher slurm" in capsys.readouterr().err
 
 
 def test_the_trial_keeps_the_entrys_k_and_shrinks_only_the_samples(suite):
