@@ -6,3 +6,13 @@ from anywhere else is a bug, and the CLI lets its traceback through."""
 
 class UserError(Exception):
     """Bad input: the message names the problem and how to fix it."""
+
+
+def unknown_key(key, allowed) -> str:
+    """'unknown key 'seed'; did you mean 'seeds'? allowed: ...': the nearest allowed key when one
+    is near (difflib's ratio, as Python's own "did you mean" does), then every allowed one."""
+    import difflib
+
+    near = difflib.get_close_matches(str(key), sorted(map(str, allowed)), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ";"
+    return f"unknown key {str(key)!r}{hint} allowed: {', '.join(sorted(map(str, allowed)))}"

@@ -20,7 +20,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError, Metric, SumMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from bench.errors import UserError
+from bench.errors import UserError, unknown_key
 from datamodules.image import stream_seed
 
 
@@ -47,10 +47,9 @@ class EvalSettings:
     @classmethod
     def from_dict(cls, values: dict) -> EvalSettings:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
+        unknown = sorted(map(str, set(values) - known))
         if unknown:
-            raise UserError(f"unknown eval setting(s) {sorted(map(str, unknown))}; allowed: "
-                             f"{', '.join(sorted(known))}")
+            raise UserError(unknown_key(unknown[0], known).replace("key", "eval setting", 1))
         return cls(**values)
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from torch import Tensor
 
-from bench.errors import UserError
+from bench.errors import UserError, unknown_key
 from datamodules.image import stream_seed
 
 PROGRESS_REFRESH_BATCHES = 20  # each refresh reads the loss: a host sync
@@ -88,8 +88,7 @@ class LoopSettings:
             raise UserError("; ".join(f"{k}: {GONE_TRAINER_SETTINGS[k]}" for k in gone))
         unknown = sorted(set(map(str, trainer)) - set(TRAINER_SETTINGS))
         if unknown:
-            raise UserError(f"unknown key(s) {unknown}; the harness's loop takes: "
-                             f"{', '.join(sorted(TRAINER_SETTINGS))}")
+            raise UserError(unknown_key(unknown[0], TRAINER_SETTINGS) + " (the harness's loop)")
         settings = cls(**trainer, **harness)
         if settings.gradient_clip_algorithm not in ("norm", "value"):
             raise UserError(f"gradient_clip_algorithm={settings.gradient_clip_algorithm!r}: "

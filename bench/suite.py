@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench.errors import UserError
+from bench.errors import UserError, unknown_key
 
 SUITES_DIR = Path(__file__).parent / "suites"
 RUN_KEYS = {"model", "variant", "params", "datasets", "seeds", "budget", "data", "trainer", "eval",
@@ -46,6 +48,35 @@ BUDGET_KEYS = {"epochs", "steps"}
 
 class SuiteError(UserError):
     """A malformed suite file: the message names the file, line and key."""
+
+
+@functools.cache
+def _argument_parser(cls, skip: frozenset[str]):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, skip=set(skip))
+    return parser
+
+
+def check_argument_types(cls, values: dict[str, Any], skip: set[str], section: str) -> None:
+    """`values` against the types of cls's constructor arguments, checked by jsonargparse (as
+    bench fit's LightningCLI checks them): `params: {k: "eight"}` is refused naming the key and
+    the type it takes, before anything is built."""
+    try:
+        parsed = _argument_parser(cls, frozenset(skip)).parse_object(values)
+    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError and its kin
+        text = " ".join(str(err).split())
+        found = re.search(r'key "([^"]+)": Expected a (?:<class \'(\w+)\'>|(.+?))\. Got value', text)
+        if found:
+            name = found[1]
+            raise UserError(f"{section}.{name}={values.get(name)!r}: give a value of type "
+                            f"{found[2] or found[3]}") from None
+        raise UserError(f"{section}: {text}") from None
+    for name, value in values.items():  # jsonargparse reads "64" as 64; the run would not
+        if isinstance(value, str) and not isinstance(parsed.get(name), str):
+            raise UserError(f"{section}.{name}={value!r}: give {parsed.get(name)!r} without "
+                            "quotes (a string here is not read as a number)")
 
 
 @dataclass(frozen=True)
@@ -280,10 +311,13 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
         raise fail("a suite is a mapping with 'name' and 'runs'")
     for key in raw:
         if key not in TOP_KEYS:
-            raise fail(f"unknown key; allowed: {', '.join(sorted(TOP_KEYS))}", key)
+            raise fail(unknown_key(key, TOP_KEYS), key)
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise fail("must be a mapping", "defaults")
+    for key in defaults:
+        if key not in RUN_KEYS - {"sweep"}:
+            raise fail(unknown_key(key, RUN_KEYS - {"sweep"}), "defaults", key)
     runs = raw.get("runs")
     if not isinstance(runs, list) or not runs:
         raise fail("must be a non-empty list of runs", "runs")
@@ -295,14 +329,20 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             raise fail("each run is a mapping with at least 'model'", "runs", i)
         for key in run:
             if key not in RUN_KEYS:
-                raise fail(f"unknown key; allowed: {', '.join(sorted(RUN_KEYS))}", "runs", i, key)
+                raise fail(unknown_key(key, RUN_KEYS), "runs", i, key)
         merged = _merge(defaults, run)
+
+        def at(key: str, run=run, i=i) -> tuple:
+            """Where a merged setting was written: the run, or `defaults:` when it came from
+            there, so that an error points at the line of the mistake."""
+            return ("runs", i, key) if key in run or key not in defaults else ("defaults", key)
+
         if "model" not in merged:
             raise fail("missing 'model' (ae, sae, vae or gan)", "runs", i)
         try:
             model_cls = get_model_class(str(merged["model"]))
         except UserError as err:
-            raise fail(str(err), "runs", i, "model") from err
+            raise fail(str(err), *at("model")) from err
         points: list[dict[str, Any]] = [{}]
         if "sweep" in run:
             try:
@@ -315,34 +355,34 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             point_run = apply_point(merged, point)
             params = point_run.get("params") or {}
             if not isinstance(params, dict):
-                raise fail("must be a mapping of model arguments", "runs", i, "params")
+                raise fail("must be a mapping of model arguments", *at("params"))
             budget = point_run.get("budget") or {"epochs": 1}
             if (not isinstance(budget, dict) or len(budget) != 1
                     or not set(budget) <= BUDGET_KEYS
                     or not _is_positive_int(next(iter(budget.values())))):
-                raise fail("must be {epochs: N} or {steps: N} with N >= 1", "runs", i, "budget")
+                raise fail("must be {epochs: N} or {steps: N} with N >= 1", *at("budget"))
             datasets = point_run.get("datasets") or ["fashion_mnist"]
             datasets = [datasets] if isinstance(datasets, str) else datasets
             if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
-                raise fail("must be a dataset name or a list of them", "runs", i, "datasets")
+                raise fail("must be a dataset name or a list of them", *at("datasets"))
             run_seeds = seeds if seeds is not None else point_run.get("seeds", [0])
             run_seeds = [run_seeds] if isinstance(run_seeds, int) else run_seeds
             if (not isinstance(run_seeds, list) or not run_seeds or not all(
                     isinstance(v, int) and not isinstance(v, bool) for v in run_seeds)):
-                raise fail("must be a list of integers", "runs", i, "seeds")
+                raise fail("must be a list of integers", *at("seeds"))
             variant = point_run.get("variant") or params.get("backbone") or "default"
             if not isinstance(variant, (str, int)):
                 raise fail("must be a name", "runs", i, "variant")
             entry, variant = str(variant), point_variant(str(variant), point)
             for section in ("data", "trainer", "eval"):
                 if not isinstance(point_run.get(section) or {}, dict):
-                    raise fail("must be a mapping", "runs", i, section)
-            _check_section_keys(point_run, i, fail)
+                    raise fail("must be a mapping", *at(section))
+            _check_section_keys(point_run, at, fail)
             for dataset in datasets:
                 try:
                     dataset_name = get_spec(str(dataset)).name
                 except UserError as err:
-                    raise fail(str(err), "runs", i, "datasets") from err
+                    raise fail(str(err), *at("datasets")) from err
                 for seed in run_seeds:
                     specs.append(RunSpec(
                         suite=name, model=_short_name(model_cls),
@@ -382,7 +422,7 @@ TRAINER_KEYS_SET_ELSEWHERE = {
     "enable_checkpointing": "set the checkpoint cadence with bench run --checkpoint-every"}
 
 
-def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
+def _check_section_keys(merged: dict[str, Any], at, fail) -> None:
     """Unknown keys in data / trainer / eval fail now, with the allowed ones listed."""
     import inspect
 
@@ -392,23 +432,27 @@ def _check_section_keys(merged: dict[str, Any], i: int, fail) -> None:
 
     allowed = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self", "dataset",
                                                                               "seed"}
-    unknown = set(merged.get("data") or {}) - allowed
+    unknown = sorted(map(str, set(merged.get("data") or {}) - allowed))
     if unknown:
-        raise fail(f"unknown key(s) {sorted(map(str, unknown))}; allowed: "
-                   f"{', '.join(sorted(allowed))}", "runs", i, "data")
+        raise fail(unknown_key(unknown[0], allowed), *at("data"), unknown[0])
+    try:
+        check_argument_types(ImageDataModule, merged.get("data") or {},
+                             {"dataset", "seed"}, "data")
+    except UserError as err:
+        raise fail(str(err), *at("data")) from err
     trainer = merged.get("trainer") or {}
     elsewhere = [k for k in trainer if k in TRAINER_KEYS_SET_ELSEWHERE]
     if elsewhere:
         raise fail("; ".join(f"{k} is not a suite setting: {TRAINER_KEYS_SET_ELSEWHERE[k]}"
-                             for k in elsewhere), "runs", i, "trainer")
+                             for k in elsewhere), *at("trainer"))
     try:
         LoopSettings.from_suite(trainer)
     except (TypeError, UserError) as err:
-        raise fail(str(err), "runs", i, "trainer") from err
+        raise fail(str(err), *at("trainer")) from err
     try:
         EvalSettings.from_dict(merged.get("eval") or {})
     except (TypeError, UserError) as err:
-        raise fail(str(err), "runs", i, "eval") from err
+        raise fail(str(err), *at("eval")) from err
 
 
 def _check_models(specs: list[RunSpec], fail) -> None:
@@ -429,9 +473,10 @@ def _check_models(specs: list[RunSpec], fail) -> None:
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "image_shape"}
         for name in spec.params:
             if name not in accepted:
-                raise fail(f"{cls.__name__} has no argument {name!r}; it takes: "
-                           f"{', '.join(sorted(accepted))}", "runs")
+                raise fail(unknown_key(name, accepted).replace(
+                    "unknown key", f"{cls.__name__} has no argument", 1), "runs")
         try:
+            check_argument_types(cls, spec.params, {"image_shape"}, "params")
             model = cls(**{**spec.params, "image_shape": get_spec(spec.dataset).image_shape})
         except (TypeError, UserError, RuntimeError, AttributeError) as err:
             args = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())

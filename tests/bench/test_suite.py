@@ -82,14 +82,15 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
      r"key 'runs.0.budget': must be \{epochs: N\} or \{steps: N\}"),
     ("name: t\nruns:\n  - {model: ae, colour: red}\n", r"line 3, key 'runs.0.colour'"),
     ("name: t\nruns:\n  - {model: sae, params: {sparsity: l1, lamda: 2}}\n",
-     r"SparseAutoencoder has no argument 'lamda'; it takes: .*l1_weight"),
+     r"SparseAutoencoder has no argument 'lamda'; allowed: .*l1_weight"),
     ("name: t\nruns:\n  - {model: ae, trainer: {steps_per_call: auto}}\n",
      r"key 'runs.0.trainer': steps_per_call: it is gone: the harness's own loop on Lightning "
      r"Fabric runs one batch per optimiser step .*remove the key"),
     ("name: t\nruns:\n  - {model: ae, trainer: {deterministic: true}}\n",
-     r"key 'runs.0.trainer': unknown key\(s\) \['deterministic'\]; the harness's loop takes: "
+     r"key 'runs.0.trainer': unknown key 'deterministic'; allowed: "
      r"accumulate_grad_batches, channels_last, check_val_every_n_epoch, compile, "
-     r"gradient_clip_algorithm, gradient_clip_val, log_every_n_steps, precision"),
+     r"gradient_clip_algorithm, gradient_clip_val, log_every_n_steps, precision "
+     r"\(the harness's loop\)"),
     ("name: t\nruns:\n  - {model: ae, trainer: {log_every_n_steps: 0}}\n",
      r"key 'runs.0.trainer': log_every_n_steps=0: give a whole number >= 1"),
     ("name: t\nruns:\n  - {model: gan, trainer: {gradient_clip_val: 1.0}}\n",
@@ -99,7 +100,7 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
      r"key 'runs.0.trainer': max_steps is not a suite setting: set it with the run's budget: "
      r"\{steps: N\}; devices is not a suite setting: set it with bench run --devices"),
     ("name: t\nruns:\n  - {model: ae, data: {steps_per_call: 4}}\n",
-     r"key 'runs.0.data': unknown key\(s\) \['steps_per_call'\]"),
+     r"key 'runs.0.data.steps_per_call': unknown key 'steps_per_call'; allowed: batch_size"),
     ("name: t\nruns: [\n", r"not valid YAML"),
     ("- just\n- a list\n", r"a suite is a mapping"),
 ])
@@ -133,3 +134,22 @@ def test_a_spec_is_rebuilt_from_its_row_as_written(tmp_path):
     rebuilt = [RunSpec.from_row(row) for row in table.to_dict("records")]
     assert [s.config_hash for s in rebuilt] == [s.config_hash for s in specs]
     assert rebuilt == specs
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: t\ndefaults:\n  seed: [5]\nruns:\n  - {model: ae}\n",
+     r"line 3, key 'defaults.seed': unknown key 'seed'; did you mean 'seeds'\?"),
+    ("name: t\ndefaults:\n  dataset: [mnist]\nruns:\n  - {model: ae}\n",
+     r"line 3, key 'defaults.dataset': unknown key 'dataset'; did you mean 'datasets'\?"),
+    ("name: t\ndefaults:\n  seeds: [1]\n  budget: {epoch: 1}\nruns:\n  - {model: ae}\n",
+     r"line 4, key 'defaults.budget': must be \{epochs: N\}"),
+    ("name: t\ndefaults:\n  data: {batch_size: '64'}\nruns:\n  - {model: ae}\n",
+     r"line 3, key 'defaults.data': data.batch_size='64': give 64 without quotes"),
+    ("name: t\nruns:\n  - {model: sae, params: {k: eight}}\n",
+     r"params.k='eight': give a value of type int"),
+])
+def test_a_mistake_under_defaults_or_of_type_is_refused_at_its_line(tmp_path, text, message):
+    """A typo under `defaults:` ran another experiment without a word; a mistake there was
+    reported at the first run's line; a wrong type failed later as a raw error."""
+    with pytest.raises(SuiteError, match=message):
+        load_suite(write(tmp_path, text))
