@@ -13,6 +13,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -205,11 +206,12 @@ class Stopped(RuntimeError):
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (what SLURM and submitit send before a time limit or on preemption;
-    and SIGUSR2, submitit's own) ask the run under way to finish its batch, write a resumable
-    checkpoint there and stop. A handler that was there before ours (submitit's, in a SLURM
-    job) is called once our checkpoint is written: submitit then requeues the job."""
+    and SIGUSR2, submitit's own) and SIGINT (Ctrl-C) ask the run under way to finish its batch,
+    write a resumable checkpoint there and stop. A second Ctrl-C stops at once, as Python's
+    own KeyboardInterrupt. A handler that was there before ours (submitit's, in a SLURM job)
+    is called once our checkpoint is written: submitit then requeues the job."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -225,6 +227,11 @@ class StopSignals:
                 self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # Ctrl-C again: no waiting for the checkpoint
+        if signum == signal.SIGINT and self.signum is None:
+            print("Ctrl-C: finishing the batch and writing a resumable checkpoint (Ctrl-C "
+                  "again stops at once)", file=sys.stderr, flush=True)
         self.signum = signum
 
     def requested(self) -> bool:
@@ -234,7 +241,7 @@ class StopSignals:
         """After the checkpoint: the earlier handler of the signal (submitit's requeue), if
         any; it does not return when it exits the job."""
         previous = self.previous.get(self.signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
 
 

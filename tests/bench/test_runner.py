@@ -382,3 +382,25 @@ def test_a_new_suite_forgets_the_signal_that_stopped_the_last_one():
     assert not stop.requested()
     for signum, previous in stop.previous.items():  # leave this process as it was
         signal.signal(signum, previous)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT asks for the checkpoint at the batch; the second raises
+    KeyboardInterrupt, as Python's own handler does."""
+    import os
+    import signal
+
+    from bench.runner import StopSignals
+
+    stop = StopSignals()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        stop.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for signum, handler in stop.previous.items():
+            signal.signal(signum, handler)
+    assert signal.getsignal(signal.SIGINT) is before
