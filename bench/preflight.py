@@ -140,10 +140,29 @@ def check_specs(specs: list[RunSpec], out_dir: Path) -> list[str]:
     return problems
 
 
+def by_cause(problems: list[str], run_ids: set[str]) -> dict[str, list[str]]:
+    """The problems grouped by what is wrong, each with the runs it stops: a missing weights
+    file that stops 93 runs is one line, not 93."""
+    causes: dict[str, list[str]] = {}
+    for problem in problems:
+        run, _, cause = problem.partition(": ")
+        if run in run_ids:
+            causes.setdefault(cause, []).append(run)
+        else:
+            causes.setdefault(problem, [])
+    return causes
+
+
 def preflight(specs: list[RunSpec], out_dir: Path) -> None:
-    """Raise PreflightError listing every problem of the pending runs; nothing has trained."""
+    """Raise PreflightError listing every problem of the pending runs, one line per cause;
+    nothing has trained."""
     problems = check_specs(specs, out_dir)
     if problems:
-        listing = "\n".join("  - " + p.replace("\n", "\n      ") for p in dict.fromkeys(problems))
-        raise PreflightError(f"{len(problems)} problem(s) found before training; nothing was "
-                             f"trained:\n{listing}")
+        lines = []
+        for cause, runs in by_cause(problems, {s.run_id for s in specs}).items():
+            named = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+            where = (f"{runs[0]}: " if len(runs) == 1 else
+                     f"{len(runs)} runs ({named}): " if runs else "")
+            lines.append("  - " + (where + cause).replace("\n", "\n      "))
+        raise PreflightError(f"{len(lines)} problem(s) found before training; nothing was "
+                             f"trained:\n" + "\n".join(lines))

@@ -22,6 +22,12 @@ from bench.errors import UserError
 from datamodules.formats import CorruptDataError, read_bytes, read_cifar_batch, read_idx
 
 ENV_VAR = "GENBENCH_DATA"
+# The download and data_dir settings as each command spells them, for what a missing-data error
+# prints (the same words reach bench run, bench data, bench fit and the extractor).
+DOWNLOAD = ("let torchvision download it (data: {download: true} in a suite, --download on bench "
+            "data, --data.download true on bench fit)")
+DATA_DIR = (f"the data_dir setting (data: {{data_dir: DIR}} in a suite, --data-dir on bench data, "
+            f"--data.data_dir on bench fit) or ${ENV_VAR}")
 DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "genbench" / "data"
 
 
@@ -70,9 +76,8 @@ DATASETS: dict[str, DatasetSpec] = {
                          "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
                          "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
                          "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"},
-            how_to_get="pass --download (torchvision fetches it into the data root), or put the "
-                       "four IDX files (gzipped or not) in a directory given by --data-dir or "
-                       f"${ENV_VAR}",
+            how_to_get=f"{DOWNLOAD} (torchvision fetches it into the data root), or put the four "
+                       f"IDX files (gzipped or not) in a folder named by {DATA_DIR}",
         ),
         DatasetSpec(
             name="fashion_mnist", title="Fashion-MNIST", image_shape=(1, 28, 28), num_classes=10,
@@ -88,8 +93,8 @@ DATASETS: dict[str, DatasetSpec] = {
                          "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
                          "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
             how_to_get="install it offline with `sudo apt-get install dataset-fashion-mnist` "
-                       "(Debian/Ubuntu), pass --download, or put the four IDX files in a "
-                       f"directory given by --data-dir or ${ENV_VAR}",
+                       f"(Debian/Ubuntu), {DOWNLOAD}, or put the four IDX files in a folder "
+                       f"named by {DATA_DIR}",
         ),
         DatasetSpec(
             name="cifar10", title="CIFAR-10", image_shape=(3, 32, 32), num_classes=10,
@@ -105,9 +110,9 @@ DATASETS: dict[str, DatasetSpec] = {
                          "data_batch_4": "634d18415352ddfa80567beed471001a",
                          "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
                          "test_batch": "40351d587109b95175f43aff81a1287e"},
-            how_to_get="pass --download (torchvision fetches cifar-10-python.tar.gz into the data "
-                       "root), or unpack that archive and give its cifar-10-batches-py directory "
-                       f"with --data-dir or ${ENV_VAR}",
+            how_to_get=f"{DOWNLOAD} (torchvision fetches cifar-10-python.tar.gz into the data "
+                       "root), or unpack that archive and name its cifar-10-batches-py folder by "
+                       f"{DATA_DIR}",
         ),
     ]
 }

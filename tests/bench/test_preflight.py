@@ -92,3 +92,17 @@ def test_fashion_mnist_given_mnists_files_is_refused_before_any_training(tmp_pat
     said = capsys.readouterr().err
     assert "this is not Fashion-MNIST's train-images-idx3-ubyte but MNIST's" in said
     assert f"found in {SHARED_MNIST} (GENBENCH_DATA)" in said and "nothing was trained" in said
+
+
+def test_one_cause_stopping_many_runs_is_one_line(tmp_path, offline):
+    """Runs whose data is missing alike (three seeds, two entries): one line naming the cause
+    and how many runs it stops."""
+    suite = load_suite(str(write_mnist_suite(tmp_path, [
+        {"model": "ae", "variant": v, "params": TINY, "seeds": [0, 1, 2],
+         "data": {"data_dir": str(tmp_path / "nowhere")}} for v in ("a", "b")])))
+    with pytest.raises(PreflightError) as caught:
+        run_suite(suite, tmp_path / "out", wandb_mode="disabled", log=lambda m: None)
+    message = str(caught.value)
+    assert message.startswith("1 problem(s) found before training")
+    assert "6 runs (ae-a-mnist-s0, ae-a-mnist-s1, ae-a-mnist-s2 and 3 more): MNIST not found" \
+        in message
