@@ -214,8 +214,10 @@ def cmd_history(args: argparse.Namespace) -> int:
     print()
     for r in began.itertuples():
         p_value = "" if pd.isna(r.p_value) else f", p={r.p_value:.3g}"
+        config = r.note[r.note.index("config "):] if "config " in r.note else ""
         print(f"regression began at {r.commit}: {r.model}/{r.variant} on {r.dataset} {r.metric} "
-              f"{r.previous_mean:.5g} -> {r.mean:.5g} ({-r.change * 100:.1f}% worse{p_value})")
+              f"{r.previous_mean:.5g} -> {r.mean:.5g} ({-r.change * 100:.1f}% worse{p_value})"
+              + (f"; {config}" if config else ""))
     crossed = course.loc[course["note"].str.startswith("other"),
                          ["model", "variant", "dataset", "commit"]].drop_duplicates()
     if len(crossed):
@@ -245,8 +247,10 @@ def _history_cell(r) -> str:
         text += " !"
     elif r.note.startswith("measured differently"):
         text += " (new provenance)"
+    elif r.note.startswith("config"):  # the regression line names the change
+        text += " (config changed)"
     elif r.note:  # "other hardware: not judged at one seed"
-        text += f" ({r.note})"
+        text += f" ({r.note.split('; config')[0]})"
     return text
 
 

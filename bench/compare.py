@@ -517,6 +517,24 @@ def format_report(report: Comparison, allow_incomparable: bool = False,
 
 
 # -- history over commits --------------------------------------------------------------------------
+def refuse_pooled_settings(key: tuple, group: pd.DataFrame) -> None:
+    """One point of a history is one setting at one commit: runs of one model, variant and
+    dataset whose configs differ beyond the seed (the same variant name at lr 1e-3 and 1e-4)
+    would be pooled into one mean, so they are refused, naming the difference."""
+    if "config" not in group:
+        return
+    for commit, at_commit in group.groupby("git_commit", sort=False):
+        configs = at_commit["config"].dropna().unique()
+        for other in configs[1:]:
+            differ = config_differences(configs[0], other)
+            if differ:
+                raise UserError(
+                    f"{'/'.join(map(str, key[:2]))} on {key[2]} at commit {commit} has runs of "
+                    f"more than one setting ({differ}): history would pool them into one "
+                    "point; give each setting its own variant name, or pass the tables of one "
+                    "setting")
+
+
 def commit_order(rows: pd.DataFrame) -> list[str]:
     """Commits in the order their runs were made (earliest timestamp of each commit's rows)."""
     first_seen = rows.groupby("git_commit", sort=False)["timestamp"].min()
@@ -546,6 +564,7 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
     order = {commit: i for i, commit in enumerate(commit_order(rows))}
     records = []
     for key, group in rows.groupby(GROUP_KEYS, sort=False):
+        refuse_pooled_settings(key, group)
         judged = judged_metrics(key[0], timings)
         for metric in chosen:
             previous = None
@@ -582,6 +601,9 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
                                    "p_value": v.p_value, "beyond_tolerance": v.beyond_tolerance,
                                    "identical": v.identical,
                                    "verdict": "pending" if metric in judged else "descriptive"}
+                        configs = config_differences(prev_rows["config"].iloc[-1],
+                                                     at_commit["config"].iloc[-1]) \
+                            if "config" in at_commit else ""
                         environment = environment_differences(prev_rows,
                                                               at_commit.loc[values.index])[0]
                         if environment:
@@ -590,6 +612,9 @@ def history(rows: pd.DataFrame, metrics: list[str] | None = None,
                                 f": {ONE_SEED_ACROSS_ENVIRONMENTS}" if unjudged else "")
                             if unjudged:
                                 record["verdict"] = "not judged"
+                        if configs:  # the change compare shows, where a regression may begin
+                            record["note"] = "; ".join(filter(None, [record["note"],
+                                                                     f"config {configs}"]))
                 previous = (at_commit.loc[values.index], values.to_numpy(), seeds)
                 records.append(record)
     for commit in order:  # one gate decision per commit step

@@ -1,6 +1,7 @@
 """bench.compare on small hand-made tables: provenance, missing and diverged runs, reruns,
 seed-aware verdicts, and the history over commits."""
 
+import json
 import math
 
 import numpy as np
@@ -534,3 +535,32 @@ def test_history_does_not_judge_a_one_seed_step_to_other_hardware():
     assert not course["regression"].any()
     assert course["note"].iloc[1] == "other hardware: not judged at one seed"
     assert history(rows, ["fid"], across_hardware=True)["regression"].tolist() == [False, True]
+
+
+def config(lr, seed=0):
+    return json.dumps({"model": "vae", "seed": seed, "params": {"lr": lr}})
+
+
+def test_history_refuses_to_pool_two_settings_of_one_variant_at_a_commit():
+    """The VAE at lr 1e-3 and 1e-4 in one folder, one variant name: not one point of n = 6."""
+    rows = table(*[{**r, "config": config(1e-3, r["seed"])}
+                   for r in commit_rows("c1", 1, [10.0, 11.0, 12.0])],
+                 *[{**r, "seed": r["seed"] + 3, "config_hash": f"x{r['seed']}",
+                    "config": config(1e-4, r["seed"] + 3)}
+                   for r in commit_rows("c1", 1, [20.0, 21.0, 22.0])])
+    with pytest.raises(UserError, match=r"vae/mlp on mnist at commit c1 has runs of more than "
+                                        r"one setting \(params.lr: 0.001 -> 0.0001\)"):
+        history(rows, ["fid"])
+
+
+def test_history_names_the_config_change_where_a_regression_began(tmp_path, capsys):
+    from bench.cli import main
+
+    rows = [{**r, "config": config(1e-3 if r["git_commit"] == "c1" else 1e-4, r["seed"])}
+            for r in commit_rows("c1", 1, [10.0, 11.0, 12.0])
+            + commit_rows("c2", 2, [13.0, 14.0, 15.0])]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    assert main(["history", str(tmp_path / "runs.csv"), "--metrics", "fid"]) == 1
+    out = capsys.readouterr().out
+    assert "regression began at c2: vae/mlp on mnist fid 11 -> 14" in out
+    assert "; config params.lr: 0.001 -> 0.0001" in out and "(config changed)" not in out
