@@ -166,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      _tolerances(args.tol), metrics, alpha=args.alpha,
                      names=(args.baseline, args.current), paired=not args.unpaired,
                      timings=args.timings, across_hardware=args.across_hardware)
-    print(format_report(report, args.allow_incomparable, show_all=args.all))
+    print(format_report(report, args.allow_incomparable, show_all=args.all, timings=args.timings))
     return report.exit_status(args.allow_incomparable)
 
 

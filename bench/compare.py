@@ -290,6 +290,8 @@ class Comparison:
         return 1 if failed else 0
 
     def summary_line(self, allow_incomparable: bool = False) -> str:
+        """The verdict in words: what failed among how many judged figures, then how they
+        were judged."""
         counts = self.failures
         new = int((self.runs.get("status") == "new").sum()) if len(self.runs) else 0
         compared = int(self.metrics["verdict"].isin(["ok", "REGRESSION"]).sum()) \
@@ -301,18 +303,27 @@ class Comparison:
              counts["incomparable"]),
             (f"not judged ({self.environment}, one seed)", counts["not judged"])) if n]
         head = "FAIL" if self.exit_status(allow_incomparable) else "PASS"
-        rule = ("seed-aware (paired over shared seeds, else Welch; Holm-adjusted)"
-                if self.seed_aware else
-                "one seed a side: tolerance only, no seed-noise estimate")
-        shown = int((self.metrics.get("verdict") == "descriptive").sum()) \
-            if len(self.metrics) else 0
-        if self.untouched:
-            rule += f"; {self.untouched} the same at every seed, not counted in Holm's m"
-        if shown:
-            rule += f"; {shown} descriptive figure(s) shown, not judged"
         body = ", ".join(parts) if parts else "no regression"
         extra = f"; {new} new run(s)" if new else ""
-        return f"{head}: {body} in {compared} comparisons{extra} [{rule}]"
+        rules = set(self.metrics["rule"].dropna()) if len(self.metrics) else set()
+        how = []
+        if self.seed_aware:
+            how.append("a figure fails when it is worse beyond its tolerance and beyond seed "
+                       "noise (a test over the seeds, paired where they match, corrected for "
+                       "the number of figures judged)")
+        if "tolerance (1 seed)" in rules:
+            how.append("where a side has a single seed there is no noise to judge by: "
+                       "beyond the tolerance alone fails")
+        if self.untouched:
+            how.append(f"{self.untouched} judged figure(s) were the same at every seed: "
+                       "unchanged, so not counted in that correction")
+        descriptive = int((self.metrics.get("verdict") == "descriptive").sum()) \
+            if len(self.metrics) else 0
+        if descriptive:
+            how.append(f"{descriptive} other figure(s) are descriptive: reported, never failing")
+        explained = "; ".join(how)
+        return (f"{head}: {body} among {compared} judged figure(s){extra}."
+                + (f" {explained[0].upper()}{explained[1:]}." if how else ""))
 
     def environment_line(self) -> str:
         """What differs between the machines or libraries of the two sides, and what follows."""
@@ -484,15 +495,34 @@ def _match_runs(baseline: pd.DataFrame, current: pd.DataFrame,
     return merged[keys + ["status_base", "status_cur", "status"]]
 
 
+def change_in_words(change: float, direction: int) -> str:
+    """'+116.65% (worse)': the current figure's relative change, signed as the figure moved,
+    and whether that is better or worse for it (`change` is signed so that + is better)."""
+    if pd.isna(change):
+        return ""
+    word = "better" if change > 0 else "worse" if change < 0 else "same"
+    return f"{change * direction * 100:+.2f}% ({word})"
+
+
+# What the report's table shows of each figure: enough to read the verdict, narrow enough for a
+# terminal (--all adds the rest).
+REPORT_COLUMNS = ["model", "variant", "dataset", "metric", "baseline", "current", "change",
+                  "seeds", "p", "verdict", "detail"]
+
+
 def format_report(report: Comparison, allow_incomparable: bool = False,
-                  show_all: bool = False) -> str:
-    """What `bench compare` prints: the runs that are not plainly matched, the metrics that are
-    not plainly ok (all of them with `show_all`), and the one-line verdict."""
+                  show_all: bool = False, timings: bool = False) -> str:
+    """What `bench compare` prints: the runs that are not plainly matched, the figures that are
+    not plainly ok (all of them with `show_all`), and the verdict in words. Timings from
+    another machine are left out unless asked for (`timings`): they only say which machine
+    was faster."""
     lines = []
     unusual = report.runs[report.runs["status"] != "ok"]
     if len(unusual):
         lines += ["Runs:", unusual.to_markdown(index=False), ""]
     m = report.metrics
+    if report.environment and not timings and len(m):
+        m = m[~m["metric"].isin(TIMING_METRICS)]
     if show_all or m.empty:
         shown = m
     else:  # what is not plainly ok: failures, and descriptive figures that moved
@@ -500,15 +530,22 @@ def format_report(report: Comparison, allow_incomparable: bool = False,
         moved = unjudged & (m["change"].abs() > m["tolerance"])
         shown = m[~m["verdict"].isin(["ok"]) & ~unjudged | moved]
     if len(shown):
-        shown = shown.dropna(axis=1, how="all").copy()
-        if "change" in shown:
-            shown["change"] = shown["change"].map(lambda v: "" if pd.isna(v) else
-                                                  f"{v * 100:+.2f}%")
-        for column in ("p_value", "p_adjusted"):
-            if column in shown:
-                shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        what = "Metrics" if show_all else "Metrics that are not plainly ok (--all shows every one)"
-        lines += [f"{what}; mean over seeds, noise = standard error of the difference:",
+        shown = shown.copy()
+        shown["change"] = [change_in_words(c, DIRECTIONS.get(metric, 1))
+                           for c, metric in zip(shown["change"], shown["metric"])]
+        shown["seeds"] = [f"{b:.0f} vs {c:.0f}" for b, c in zip(shown["n_base"], shown["n_cur"])]
+        shown["p"] = shown["p_adjusted"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        shown["verdict"] = shown["verdict"].replace({"descriptive": "shown only",
+                                                     "REGRESSION": "WORSE: fails"})
+        columns = (REPORT_COLUMNS + [c for c in shown.columns if c not in REPORT_COLUMNS
+                                     and c not in ("n_base", "n_cur")]
+                   if show_all else REPORT_COLUMNS)
+        shown = shown[columns].dropna(axis=1, how="all")
+        shown = shown.loc[:, [c for c in shown.columns
+                              if not (shown[c].astype(str) == "").all()]]
+        what = ("Every figure" if show_all else
+                "Figures that failed or moved beyond their tolerance (--all shows every one)")
+        lines += [f"{what}; baseline and current are means over seeds:",
                   shown.fillna("").to_markdown(index=False, floatfmt=".5g"), ""]
     if report.environment:
         lines.append(report.environment_line())

@@ -14,9 +14,9 @@ def test_compare_exits_1_on_a_regression_and_0_without(tmp_path, capsys):
     worse = write(tmp_path / "worse.csv", [row(fid=12.0, recon_mse=0.01)])
     assert main(["compare", base, worse]) == 1
     out = capsys.readouterr().out
-    assert "REGRESSION" in out and out.splitlines()[-1].startswith("FAIL: 1 regression(s)")
+    assert "WORSE: fails" in out and out.splitlines()[-1].startswith("FAIL: 1 regression(s)")
     assert main(["compare", base, worse, "--tol", "fid=0.25"]) == 0
-    assert "PASS: no regression in 2 comparisons" in capsys.readouterr().out
+    assert "PASS: no regression among 2 judged figure(s)" in capsys.readouterr().out
 
 
 def test_compare_fails_on_incomparable_features_unless_allowed(tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_a_three_sigma_shift_over_three_seeds_is_a_regression():
     assert fid["verdict"] == "REGRESSION" and fid["rule"] == "welch"
     assert fid["noise"] == pytest.approx(np.sqrt(1 / 3 + 1 / 3))
     assert fid["p_value"] < DEFAULT_ALPHA and report.exit_status() == 1
-    assert "seed-aware" in report.summary_line()
+    assert "beyond seed noise (a test over the seeds" in report.summary_line()
 
 
 def test_a_half_sigma_shift_over_three_seeds_is_noise():
@@ -133,7 +133,8 @@ def test_one_seed_falls_back_to_the_tolerance_and_says_so():
     fid = metric_row(report, "fid")
     assert fid["verdict"] == "REGRESSION" and fid["rule"] == "tolerance (1 seed)"
     assert pd.isna(fid["noise"])
-    assert "one seed a side: tolerance only" in report.summary_line()
+    assert "Where a side has a single seed there is no noise to judge by: beyond the " \
+        "tolerance alone fails" in report.summary_line()
 
 
 def test_welch_p_value_matches_scipy_in_the_worse_direction():
@@ -371,7 +372,8 @@ def test_a_figure_the_same_at_every_seed_is_not_counted_in_holms_m():
     untouched = report.metrics[report.metrics["variant"] != "v0"]
     assert (untouched["verdict"] == "ok").all()
     assert untouched["detail"].str.contains("not counted in Holm").all()
-    assert "9 the same at every seed, not counted in Holm's m" in report.summary_line()
+    assert "9 judged figure(s) were the same at every seed: unchanged, so not counted in that " \
+        "correction" in report.summary_line()
 
 
 @pytest.mark.parametrize("model, metric, judged", [
@@ -396,7 +398,8 @@ def test_only_a_familys_objectives_fail_the_gate_the_rest_is_shown():
     report = compare(base, cur)
     hoyer = metric_row(report, "hoyer", "ae")
     assert hoyer["verdict"] == "descriptive" and hoyer["change"] < -0.4  # the AE's codes
-    assert report.exit_status() == 0 and "descriptive figure(s) shown" in report.summary_line()
+    assert report.exit_status() == 0
+    assert "1 other figure(s) are descriptive: reported, never failing" in report.summary_line()
     from bench.compare import format_report
     assert "hoyer" in format_report(report)  # it moved, so it is shown
     assert compare(base, cur, judge="all").exit_status() == 1
@@ -564,3 +567,20 @@ def test_history_names_the_config_change_where_a_regression_began(tmp_path, caps
     out = capsys.readouterr().out
     assert "regression began at c2: vae/mlp on mnist fid 11 -> 14" in out
     assert "; config params.lr: 0.001 -> 0.0001" in out and "(config changed)" not in out
+
+
+def test_the_report_says_worse_or_better_in_words():
+    """recon_mse 0.076 -> 0.165 read '-116.65%' (signed so that + is better); now the figure's
+    own change and what it means."""
+    report = compare(table(row(recon_mse=0.076, fid=10.0)), table(row(recon_mse=0.165, fid=8.0)))
+    text = format_report(report, show_all=True)
+    assert "+117.11% (worse)" in text and "-20.00% (better)" in text
+    narrow = format_report(report)  # the failure alone, in the columns that read it
+    assert "WORSE: fails" in narrow and "delta" not in narrow and "rule" not in narrow
+
+
+def test_timings_from_another_machine_are_left_out_of_the_report_unless_asked():
+    base = table(*seeds([10.0], train_img_per_s=1000.0, **AMD))
+    report = compare(base, table(*seeds([10.0], train_img_per_s=100.0, **AVX2)))
+    assert "train_img_per_s" not in format_report(report, show_all=True)
+    assert "train_img_per_s" in format_report(report, show_all=True, timings=True)
