@@ -101,7 +101,21 @@ def _read_table(path: str):
     rows = read_rows(Path(path))
     if rows.empty:
         raise UserError(f"{path}: the table has no rows")
+    missing = [c for c in ("model", "variant", "dataset", "seed") if c not in rows.columns]
+    if missing:
+        raise UserError(f"{path}: not a results table (no column {', '.join(missing)}); give "
+                        "the runs.csv bench run wrote")
     return rows
+
+
+def _writable_folder(path: Path, option: str) -> Path:
+    """`path`'s folder, created now: an --out that cannot be written fails before the work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot be written ({err.strerror}); choose another "
+                        "folder") from None
+    return path
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -127,6 +141,8 @@ def cmd_plot_frontier(args: argparse.Namespace) -> int:
     from bench.plots import frontier_chart, frontier_points
 
     rows = _read_table(args.runs)
+    out = Path(args.out or Path(args.runs).parent / "plots" / f"frontier-{args.y}-{args.x}.png")
+    _writable_folder(out.parent, "--out")
     if args.models:
         chosen = rows[rows["model"].isin(args.models.split(","))]
         if chosen.empty:
@@ -134,7 +150,6 @@ def cmd_plot_frontier(args: argparse.Namespace) -> int:
                              f"table; it has: {', '.join(rows['model'].unique())}")
         rows = chosen
     points = frontier_points(rows, args.x, args.y, args.by)
-    out = Path(args.out or Path(args.runs).parent / "plots" / f"frontier-{args.y}-{args.x}.png")
     frontier_chart(points, args.x, args.y, out)
     shown = points.drop(columns=["order"]).rename(columns={
         "x_mean": args.x, "x_std": f"{args.x} std", "y_mean": args.y, "y_std": f"{args.y} std",
@@ -198,6 +213,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     from bench.compare import history
     from bench.plots import history_charts
 
+    if args.out:
+        _writable_folder(Path(args.out), "--out")
     rows = _history_tables(args.tables)
     metrics = args.metrics.split(",") if args.metrics else None
     course = history(rows, metrics, _tolerances(args.tol), alpha=args.alpha,
@@ -258,6 +275,8 @@ def cmd_perf(args: argparse.Namespace) -> int:
     from bench.perf import run_perf
     from modules import MODELS
 
+    if args.out:
+        _writable_folder(Path(args.out).resolve().parent, "--out")
     table = run_perf(args.families or list(MODELS), args.backbones, dataset=args.dataset,
                      batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                      repeats=args.repeats, accelerator=args.accelerator,

@@ -25,7 +25,7 @@ def image_shape_of(dataset: str) -> tuple[int, int, int]:
 
 def expand_short_forms(argv: list[str]) -> list[str]:
     """`--model vae` -> `--model VAE`; `--data fashion_mnist` -> `--data.dataset fashion_mnist`."""
-    from datamodules import DATASETS, get_spec
+    from datamodules import get_spec
     from modules import get_model_class
 
     out = list(argv)
@@ -33,8 +33,11 @@ def expand_short_forms(argv: list[str]) -> list[str]:
         value = out[i + 1]
         if arg == "--model" and not value.endswith((".yaml", ".yml", ".json")) and "{" not in value:
             out[i + 1] = get_model_class(value).__name__  # raises with the choices when unknown
-        elif arg == "--data" and value.strip().lower().replace("-", "_") in DATASETS:
-            out[i], out[i + 1] = "--data.dataset", get_spec(value).name
+        elif arg == "--data" and not value.endswith((".yaml", ".yml", ".json")) \
+                and "{" not in value:
+            out[i], out[i + 1] = "--data.dataset", get_spec(value).name  # raises with choices
+        elif arg == "--model.help":  # the short name, as --model takes it
+            out[i + 1] = get_model_class(value).__name__
     return out
 
 
@@ -76,11 +79,15 @@ def run_fit(argv: list[str]) -> int:
                                   compute_fn=image_shape_of)
 
     if not argv or argv[0] not in ("-h", "--help") and "--model" not in argv and not any(
-            a.startswith(("--model=", "--config")) for a in argv):
+            a.startswith(("--model=", "--model.help", "--config")) for a in argv):
         print(f"bench fit: error: give a model: --model {'|'.join(modules.MODELS)} (see bench fit "
               "--help)", file=sys.stderr)
         return 2
     args = expand_short_forms(argv)  # an unknown short name is a UserError, shown by bench.cli
+    if {"-h", "--help"} & set(args) and "--model" in args:
+        # `--model sae --help`: the family's own arguments, which LightningCLI shows for
+        # --model.help CLASS (its --help lists only the model's class_path)
+        args = ["--model.help", args[args.index("--model") + 1]]
     # Our expanded arguments stand for the command line: LightningCLI warns when it sees both.
     command_line, sys.argv = sys.argv, sys.argv[:1]
     try:

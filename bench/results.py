@@ -67,7 +67,11 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         return pd.DataFrame()
-    text = csv_path.read_text()
+    try:
+        text = csv_path.read_text()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{csv_path}: not a results table (not text: {err.reason} at byte "
+                        f"{err.start}); give the runs.csv bench run wrote") from None
     records = list(csv.reader(io.StringIO(text)))
     if records:
         width = len(records[0])

@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 
 from bench.cli import main
 from tests.bench.test_compare import GEN, commit_rows, row  # VAE rows: FID is judged
@@ -65,3 +66,20 @@ def test_list_names_models_datasets_and_suites(capsys):
     out = capsys.readouterr().out
     for word in ("SparseAutoencoder", "fashion_mnist", "smoke", "default", "paper"):
         assert word in out
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"a,b\n1,2\n", "not a results table (no column model, variant, dataset, seed)"),
+    (bytes(range(128, 256)), "not a results table (not text: invalid start byte at byte 0)")])
+def test_a_file_that_is_not_a_results_table_is_named(tmp_path, capsys, content, message):
+    (tmp_path / "runs.csv").write_bytes(content)
+    assert main(["table", str(tmp_path / "runs.csv")]) == 2
+    assert f"{tmp_path / 'runs.csv'}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["plot", "frontier", "RUNS", "--out", "/proc/no/f.png"],
+                                  ["history", "RUNS", "--out", "/proc/no"]])
+def test_an_unwritable_out_is_refused_before_the_work(tmp_path, capsys, argv):
+    runs = write(tmp_path / "runs.csv", commit_rows("c1", 1, [10.0, 11.0]))
+    assert main([runs if a == "RUNS" else a for a in argv]) == 2
+    assert "--out /proc/no: cannot be written" in capsys.readouterr().err

@@ -17,6 +17,22 @@ def test_unknown_model_lists_the_choices(capsys):
     assert "choose one of: ae (Autoencoder)" in capsys.readouterr().err
 
 
+def test_an_unknown_dataset_lists_the_choices_instead_of_a_usage_dump(capsys):
+    assert main(["fit", "--model", "vae", "--data", "fmnist"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("bench fit: error: unknown dataset 'fmnist'; choose one of: mnist, "
+                           "fashion_mnist, cifar10")
+
+
+@pytest.mark.parametrize("argv", [["--model", "sae", "--help"], ["--model.help", "sae"]])
+def test_help_for_a_model_lists_the_familys_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", *argv])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.sparsity" in out and "--model.l1_weight" in out
+
+
 @pytest.mark.parametrize("model", ["sae", "gan"])
 def test_bench_fit_trains_and_prints_final_losses(tmp_path, capsys, model):
     write_mnist_dir(tmp_path / "data", n_train=200, n_test=50)

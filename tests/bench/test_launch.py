@@ -100,7 +100,8 @@ def test_bench_eval_adds_rows_equal_to_a_fresh_evaluation_of_the_checkpoints(two
 def test_bench_eval_rejects_unknown_settings_before_evaluating(two_runs, tmp_path, capsys):
     quietly(two_runs, tmp_path / "out")
     assert main(["eval", str(tmp_path / "out"), "--set", "n_fak=5"]) == 2
-    assert "unknown eval setting(s) ['n_fak']; allowed: batch_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown eval setting 'n_fak'; did you mean 'n_fake'? allowed: batch_size" in err
 
 
 def test_evaluation_errors_say_what_to_do():
