@@ -10,6 +10,20 @@ import sys
 from pathlib import Path
 
 from bench.errors import UserError
+from bench.process import one_line_warnings
+
+
+def _regex(text: str) -> str:
+    """--only's value, refused at parse time when it is not a regular expression."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a regular expression ({err}); escape special characters "
+            "with a backslash") from None
+    return text
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -96,6 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _read_table(path: str):
     from bench.results import read_rows
 
+    if Path(path).is_dir() and (Path(path) / "runs.csv").is_file():  # the folder bench run wrote
+        path = str(Path(path) / "runs.csv")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such results table (bench run writes <out>/runs.csv)")
     rows = read_rows(Path(path))
@@ -245,7 +261,9 @@ def cmd_history(args: argparse.Namespace) -> int:
           "'!' marks where one began")
     if args.out:
         paths = history_charts(course, Path(args.out))
-        print(f"plots: {', '.join(str(p) for p in paths)}")
+        print(f"plots: {', '.join(str(p) for p in paths)}" if paths else
+              f"no plots: the tables hold one commit ({course['commit'].iloc[0]}), and a "
+              "history draws lines over two or more (bench table shows one commit's figures)")
     return 1 if len(began) else 0
 
 
@@ -271,6 +289,10 @@ def _history_cell(r) -> str:
     return text
 
 
+# bench perf's default steps, and the fewest whose harness/plain ratio is judged against the target
+JUDGED_PERF_STEPS = 200
+
+
 def cmd_perf(args: argparse.Namespace) -> int:
     from bench.perf import run_perf
     from modules import MODELS
@@ -280,13 +302,17 @@ def cmd_perf(args: argparse.Namespace) -> int:
     table = run_perf(args.families or list(MODELS), args.backbones, dataset=args.dataset,
                      batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                      repeats=args.repeats, accelerator=args.accelerator,
-                     progress_bar=not args.no_progress)
+                     progress_bar=sys.stderr.isatty() if args.progress is None else args.progress)
     print()
     print(table.to_markdown(index=False, floatfmt=",.3f"))
     if args.out:
         table.to_csv(args.out, index=False)
     below = table[table["harness_vs_plain"] < args.target]
-    if len(below):
+    if args.steps < JUDGED_PERF_STEPS:
+        print(f"\nharness/plain not judged against the {args.target} target: {args.steps} steps "
+              f"time the warm-up's tail more than the loop (give --steps {JUDGED_PERF_STEPS} or "
+              "more)")
+    elif len(below):
         print(f"\nharness/plain below the {args.target} target: "
               + ", ".join(f"{r.family}/{r.backbone}" for r in below.itertuples()))
     return 0
@@ -428,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--try-sample", type=int, metavar="N",
                      help="generated and real images each entry is evaluated on with --try "
                           "(default 200; fewer check sooner and estimate worse)")
-    run.add_argument("--only", metavar="REGEX", help="run only specs whose id "
-                     "(model-variant-dataset-sSEED) matches")
+    run.add_argument("--only", metavar="REGEX", type=_regex,
+                     help="run only the runs whose id (model-variant-dataset-sSEED) this "
+                     "regular expression is found in: 'ae' also finds sae and vae, '^ae-' "
+                     "the autoencoder alone")
     run.add_argument("--force", action="store_true", help="redo runs already in the table")
     run.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning's names)")
     run.add_argument("--devices", default="1", help="devices per run (default 1); with "
@@ -465,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("results", help="a folder bench run wrote (holds runs.csv)")
     evaluation.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                             help="eval settings to change, e.g. features=inception n_fake=50000")
-    evaluation.add_argument("--only", metavar="REGEX", help="runs whose id matches")
+    evaluation.add_argument("--only", metavar="REGEX", type=_regex,
+                            help="runs whose id (model-variant-dataset-sSEED) this regular "
+                            "expression is found in ('^ae-': the autoencoder alone)")
     evaluation.add_argument("--out", help="output folder (default RESULTS/eval-<settings>)")
     evaluation.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
     evaluation.set_defaults(func=cmd_eval)
@@ -580,11 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     perf.add_argument("--dataset", default="fashion_mnist")
     perf.add_argument("--batch-size", type=int, default=128)
-    perf.add_argument("--steps", type=int, default=200)
+    perf.add_argument("--steps", type=int, default=JUDGED_PERF_STEPS)
     perf.add_argument("--warmup", type=int, default=20)
     perf.add_argument("--repeats", type=int, default=3)
     perf.add_argument("--accelerator", default="auto")
-    perf.add_argument("--no-progress", action="store_true", help="time without progress bars")
+    perf.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="time with progress bars, as bench run trains (default: when stderr "
+                      "is a terminal)")
     perf.add_argument("--target", type=float, default=0.95)
     perf.add_argument("--out", help="also write the table to this CSV")
     perf.set_defaults(func=cmd_perf)
@@ -611,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
     if argv and argv[0] == "fit":  # LightningCLI parses its own arguments
         from bench.fit import run_fit
 

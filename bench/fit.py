@@ -93,7 +93,10 @@ def run_fit(argv: list[str]) -> int:
     try:
         cli = BenchCLI(L.LightningModule, ImageDataModule, subclass_mode_model=True,
                        args=["fit", *args], save_config_kwargs={"overwrite": True},
-                       seed_everything_default=0)
+                       seed_everything_default=0,
+                       # tqdm's bar into a file or a pipe is a line per step: on only at a
+                       # terminal, as bench run does (--trainer.enable_progress_bar decides)
+                       trainer_defaults={"enable_progress_bar": sys.stderr.isatty()})
     finally:
         sys.argv = command_line
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if "/" in k}

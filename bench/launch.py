@@ -250,6 +250,10 @@ def plan_suite(suite: Suite, out_dir: Path | None = None, only: str | None = Non
     if not specs:
         raise UserError(f"--only {only!r} matches none of: "
                         f"{', '.join(s.run_id for s in suite.specs)}")
+    if only:  # a search, not a name: `--only ae` also selects the sae and vae runs
+        models = sorted({s.model for s in specs})
+        log(f"--only {only!r} selects {len(specs)} of {len(suite.specs)} runs "
+            f"(model{'s' if len(models) > 1 else ''} {', '.join(models)})")
     done = set() if force else done_hashes(out_dir / "runs.csv")
     for i, spec in enumerate(specs, 1):
         if spec.config_hash in done:

@@ -433,8 +433,8 @@ class Loop:
             self.fabric.log_dict({f"train/{k}": v.detach() for k, v in terms.items()},
                                  step=index)
         if self.bar is not None and progress.batches % PROGRESS_REFRESH_BATCHES == 0:
-            self.bar.set_postfix(loss=f"{float(terms['loss']):.4g}", epoch=progress.epoch,
-                                 refresh=False)
+            loss = float(terms["loss"].detach())
+            self.bar.set_postfix(loss=f"{loss:.4g}", epoch=progress.epoch, refresh=False)
             self.bar.update(progress.batches - self.bar.n)
         if settings.checkpoint_every and progress.batches % settings.checkpoint_every == 0:
             self.checkpoint()

@@ -1,4 +1,5 @@
-"""Pictures of a suite: sample and reconstruction grids per run, a bar chart per headline metric."""
+"""Pictures of a suite: sample and reconstruction grids per run, a bar chart per headline metric,
+the trade-off of sweeps and the figures over commits, each titled with what it shows."""
 
 from __future__ import annotations
 
@@ -12,24 +13,52 @@ from bench.metrics import DIRECTIONS, HEADLINE, METRICS
 from bench.results import seed_table
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
-    """Images (uint8 or [0, 1] floats, N x C x H x W) tiled into one PNG."""
-    from torchvision.utils import save_image
+def titled_grid(images: torch.Tensor, path: Path, nrow: int, title: str,
+                sections: list[tuple[str, int]] = ()) -> Path:
+    """Images (uint8 or [0, 1] floats, N x C x H x W) tiled `nrow` to a row under `title`, with
+    each of `sections` (label, rows) named beside its rows, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
 
     path.parent.mkdir(parents=True, exist_ok=True)
     images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    save_image(images, path, nrow=nrow, padding=1, pad_value=0.5)
-    return path
+    grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=1, pad_value=0.5)
+    height, width = grid.shape[1:]
+    scale = 2 / 110  # two screen pixels per image pixel at save_figure's dpi
+    fig, ax = plt.subplots(figsize=(width * scale + 1.6, height * scale + 0.7))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    row_height, start, ticks, labels = images.shape[-2] + 1, 0, [], []
+    for label, rows in sections:
+        ticks.append((start + rows / 2) * row_height)
+        labels.append(label)
+        start += rows
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
 
 
-def save_run_grids(grids: dict[str, torch.Tensor], out_dir: Path, run_id: str) -> dict[str, Path]:
-    """`samples`: 8 x 8; `reconstructions`: test images in the top rows, theirs below."""
+def save_run_grids(grids: dict[str, torch.Tensor], out_dir: Path, run_id: str,
+                   trained: str = "") -> dict[str, Path]:
+    """`samples`: 8 x 8; `reconstructions`: test images in the top rows, theirs below; each
+    titled with the run and `trained` (how long it trained: 'after 3 epochs (1,407 steps)')."""
     paths = {}
+    when = f" {trained}" if trained else ""
     if "samples" in grids:
-        paths["samples"] = save_grid(grids["samples"], out_dir / f"{run_id}-samples.png", nrow=8)
+        samples = grids["samples"]
+        paths["samples"] = titled_grid(samples, out_dir / f"{run_id}-samples.png", 8,
+                                       f"{run_id}: {len(samples)} samples{when}")
     if "reconstructions" in grids:
-        paths["reconstructions"] = save_grid(grids["reconstructions"],
-                                             out_dir / f"{run_id}-reconstructions.png", nrow=16)
+        pairs = grids["reconstructions"]
+        rows = -(-len(pairs) // 2 // 16)  # originals, then as many rows of reconstructions
+        paths["reconstructions"] = titled_grid(
+            pairs, out_dir / f"{run_id}-reconstructions.png", 16,
+            f"{run_id}: test images and their reconstructions{when}",
+            [("test images", rows), ("reconstructions", rows)])
     return paths
 
 
@@ -67,11 +96,17 @@ def metric_bar_charts(rows: pd.DataFrame, out_dir: Path) -> list[Path]:
         stds = stats.xs((metric, "std"), axis=1, level=(1, 2)).reindex(means.index).fillna(0)
         if means.empty:
             continue
+        counts = stats.xs((metric, "count"), axis=1, level=(1, 2)).reindex(means.index)
+        counts = counts[counts > 0].stack()
+        low, high = int(counts.min()), int(counts.max())
+        seeds = f"{low} seed{'s' if high > 1 else ''}" if low == high else f"{low}-{high} seeds"
         means.index = [f"{m}\n{v}" for m, v in means.index]
         stds.index = means.index
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(means) + 1.5), 3.4))
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(means) + 1.5), 3.6))
         means.plot.bar(ax=ax, yerr=stds, rot=0, capsize=3, legend=means.shape[1] > 1)
-        ax.set_title(f"{metric} ({better_direction(metric)} is better)")
+        ax.set_title(f"{metric} on {', '.join(means.columns)}\nmean over {seeds}"
+                     + (", bars one std" if high > 1 else ""), fontsize=10)
+        ax.set_ylabel(axis_label(metric), fontsize=9)
         ax.set_xlabel("")
         ax.grid(axis="y", alpha=0.3)
         paths.append(save_figure(fig, out_dir / f"metric-{metric}.png"))
@@ -86,8 +121,10 @@ def history_charts(course: pd.DataFrame, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     commits = course.drop_duplicates("commit_index").sort_values("commit_index")
+    if len(commits) < 2:  # one commit would be a column of dots: bench table shows its figures
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for metric, rows in course.groupby("metric", sort=False):
         fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(commits) + 3), 3.6))
@@ -134,7 +171,9 @@ def frontier_points(rows: pd.DataFrame, x: str, y: str, by: str = "entry") -> pd
     rows["entry"] = entry.where(entry.notna(), rows["variant"]).astype(str)
     rows["sweep_index"] = rows["sweep_index"].fillna(0) if "sweep_index" in rows else 0
     rows["line"] = (rows["model"] + " / " + rows["entry"] if by == "entry" else rows["model"])
-    keys = ["line", "model", "variant", "dataset"]
+    rows["point"] = [v[len(e) + 1:] if by == "entry" and v.startswith(f"{e}-") else v
+                     for v, e in zip(rows["variant"], rows["entry"])]  # 'k8' of 'topk-k8'
+    keys = ["line", "model", "variant", "dataset", "point"]
     points = rows.groupby(keys, sort=False).agg(
         x_mean=(x, "mean"), x_std=(x, "std"), y_mean=(y, "mean"), y_std=(y, "std"),
         n=(x, "count"), order=("sweep_index", "first")).reset_index()
@@ -177,6 +216,10 @@ def frontier_chart(points: pd.DataFrame, x: str, y: str, out: Path) -> Path:
         for line, group in panel.groupby("line", sort=False):
             ax.errorbar(group["x_mean"], group["y_mean"], xerr=group["x_std"],
                         yerr=group["y_std"], marker="o", capsize=2, label=line)
+            for point in group.itertuples():  # the sweep's value at each point ('k8')
+                if len(group) > 1 or point.point != point.line.split(" / ")[-1]:
+                    ax.annotate(point.point, (point.x_mean, point.y_mean), fontsize=7,
+                                xytext=(4, 4), textcoords="offset points")
         front = panel[panel["pareto"]].sort_values("x_mean")
         ax.plot(front["x_mean"], front["y_mean"], "k--", lw=1, zorder=1)
         ax.scatter(front["x_mean"], front["y_mean"], s=140, facecolors="none",

@@ -62,11 +62,24 @@ def quiet_srun_hint() -> None:
         warnings.filterwarnings("ignore", message=SRUN_HINT)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, `file:line: Category: message`, without Python's echo of the
+    source line that raised it: a user reads what was warned and where, not the library's code."""
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
+def one_line_warnings() -> None:
+    """Every bench command prints warnings as one line (warnings.formatwarning is the hook the
+    standard library gives for this)."""
+    warnings.formatwarning = one_line_warning
+
+
 def prepare_run_process() -> None:
     """Set up a process that trains runs: no per-run device banner, no warnings that say nothing
     about the run, no NVML probe on every optimiser step where NVML is missing, and malloc
     keeping freed memory for the next step."""
     keep_freed_memory()
+    one_line_warnings()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     drop_failing_nvml_check()

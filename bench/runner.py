@@ -284,6 +284,8 @@ def build_run(spec: RunSpec, fabric: L.Fabric, settings: LoopSettings, ckpt_dir:
               dm.val_dataloader() if len(dm.val_images) else None, total, settings,
               ckpt_dir / "last.ckpt")
     if fresh and fabric.is_global_zero:
+        if (ckpt_dir / "last.ckpt").is_file():
+            log(f"  --force: starting over; the checkpoint {ckpt_dir / 'last.ckpt'} is discarded")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fabric.barrier()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +308,14 @@ def final_checkpoint(model) -> dict:
             "pytorch-lightning_version": L.__version__}
 
 
+def trained_for(epochs, steps) -> str:
+    """'after 3 epochs (1,407 steps)', the words under a run's image grids."""
+    if epochs is None or steps is None or epochs != epochs or steps != steps:  # NaN: unknown
+        return ""
+    epochs, steps = int(epochs), int(steps)
+    return f"after {epochs} epoch{'s' if epochs != 1 else ''} ({steps:,} steps)"
+
+
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
             commit: str = "unknown", trained: dict | None = None, log=print) -> dict:
     """Train and evaluate one spec; returns its result row (status ok, diverged or
@@ -320,7 +330,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
         log(f"  trained already ({final}): evaluating it again, no training")
         metrics, grids = evaluate_checkpoint(spec, final, settings, options.accelerator, log)
         if rank_zero_only.rank == 0:
-            save_run_grids(grids, out_dir / "plots", spec.run_id)
+            save_run_grids(grids, out_dir / "plots", spec.run_id,
+                           trained_for(trained.get("epochs"), trained.get("steps")))
         return evaluated_row(trained, spec, metrics, commit, options.accelerator)
     start = time.perf_counter()
     loop_settings = LoopSettings.from_suite(spec.trainer,
@@ -365,7 +376,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
         metrics, grids = safe_evaluate(model, dm, settings, spec.seed,
                                        generate_here=fabric.is_global_zero, log=log)
         if fabric.is_global_zero:
-            images = save_run_grids(grids, out_dir / "plots", spec.run_id)
+            images = save_run_grids(grids, out_dir / "plots", spec.run_id,
+                                    trained_for(run.progress.epoch, run.progress.batches))
     # row
     row |= metrics | throughput(fabric, run.progress, peak_memory_mb(fabric.device))
     row |= {"steps": run.progress.batches, "epochs": run.progress.epoch,

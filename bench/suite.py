@@ -324,6 +324,7 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
     name = str(raw.get("name") or path.stem)
 
     specs: list[RunSpec] = []
+    named: dict[tuple, tuple[int, RunSpec]] = {}  # (model, variant, dataset, seed) -> first run
     for i, run in enumerate(runs):
         if not isinstance(run, dict):
             raise fail("each run is a mapping with at least 'model'", "runs", i)
@@ -384,19 +385,40 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
                 except UserError as err:
                     raise fail(str(err), *at("datasets")) from err
                 for seed in run_seeds:
-                    specs.append(RunSpec(
+                    spec = RunSpec(
                         suite=name, model=_short_name(model_cls),
                         variant=variant, entry=entry,
                         sweep_index=index if "sweep" in run else None,
                         dataset=dataset_name, seed=int(seed), params=dict(params),
                         budget=dict(budget), data=dict(point_run.get("data") or {}),
                         trainer=dict(point_run.get("trainer") or {}),
-                        eval=dict(point_run.get("eval") or {})))
+                        eval=dict(point_run.get("eval") or {}))
+                    _check_distinct_name(spec, i, named, fail)
+                    specs.append(spec)
     if not isinstance(raw.get("wandb") or {}, dict):
         raise fail("must be a mapping like {project: genbench, group: NAME}", "wandb")
     _check_models(specs, fail)
     return Suite(name=name, path=path, description=str(raw.get("description") or ""),
                  wandb=dict(raw.get("wandb") or {}), specs=specs)
+
+
+def _check_distinct_name(spec: RunSpec, index: int, named: dict, fail) -> None:
+    """Tables, plots and compare name a run by model / variant / dataset / seed, so two runs of
+    one suite under one name would be pooled as if they were seeds of one setting."""
+    key = (spec.model, spec.variant, spec.dataset, spec.seed)
+    if key not in named:
+        named[key] = (index, spec)
+        return
+    first, other = named[key]
+    if other.config_hash == spec.config_hash:
+        raise fail(f"repeats run {first} ({spec.model} / {spec.variant} on {spec.dataset}, "
+                   f"seed {spec.seed}): remove one", "runs", index)
+    from bench.compare import config_differences
+
+    change = config_differences(json.dumps(other.config()), json.dumps(spec.config()))
+    raise fail(f"runs as {spec.model} / {spec.variant} like run {first} but with other "
+               f"settings ({change}), so tables would pool the two: give each its own "
+               "'variant:'", "runs", index)
 
 
 def _short_name(model_cls) -> str:

@@ -83,3 +83,19 @@ def test_an_unwritable_out_is_refused_before_the_work(tmp_path, capsys, argv):
     runs = write(tmp_path / "runs.csv", commit_rows("c1", 1, [10.0, 11.0]))
     assert main([runs if a == "RUNS" else a for a in argv]) == 2
     assert "--out /proc/no: cannot be written" in capsys.readouterr().err
+
+
+def test_table_of_a_results_folder_reads_its_runs_csv_without_importing_lightning(tmp_path):
+    # bench table, compare and their LaTeX only read a table: importing Lightning (the datamodule
+    # behind the dataset specs) made them wait seconds for nothing.
+    import subprocess
+    import sys
+
+    (tmp_path / "out").mkdir()
+    write(tmp_path / "out" / "runs.csv", [row(fid=10.0, recon_mse=0.01)])
+    probe = ("import sys; from bench.cli import main; "
+             f"code = main(['table', {str(tmp_path / 'out')!r}, '--format', 'latex']); "
+             "print('lightning' in sys.modules, code)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert "\\begin{table}" in done.stdout and done.stdout.splitlines()[-1] == "False 0"

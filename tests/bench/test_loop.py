@@ -1,5 +1,6 @@
 """The harness's training loop on Lightning Fabric (bench/loop.py)."""
 
+import warnings
 from types import SimpleNamespace
 
 import lightning as L
@@ -195,6 +196,15 @@ def test_under_ddp_the_ranks_stop_together_at_the_first_non_finite_batch_of_any(
 def test_throughput_counts_the_images_trained_after_warm_up(tmp_path):
     _, run = trained(tmp_path, "ae", total=11, warmup_batches=4)
     assert run.progress.timed_images == (11 - 4) * 16 and run.progress.timed_seconds > 0
+
+
+def test_the_progress_bar_reads_the_loss_without_a_warning(tmp_path):
+    model = tiny_model("ae")
+    run = make_run(tmp_path, model, total=20)  # the bar reads the loss at batch 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True ..."
+        fit(run, progress_bar=True)
+    assert run.progress.batches == 20
 
 
 def test_a_checkpoint_is_written_every_checkpoint_every_batches(tmp_path, monkeypatch):

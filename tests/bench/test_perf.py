@@ -3,6 +3,8 @@ measured by running the command, never asserted in a test."""
 
 import math
 
+import pandas as pd
+
 import pytest
 import torch
 
@@ -50,3 +52,17 @@ def test_the_plain_loop_trains_as_the_family_does_under_lightning(family, params
         reference, train_dataloaders=prototype_batches(64, 16))
     for name, tensor in reference.state_dict().items():
         assert torch.equal(plain.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("steps, verdict", [
+    (20, "harness/plain not judged against the 0.95 target: 20 steps"),
+    (200, "harness/plain below the 0.95 target: ae/mlp")])
+def test_the_target_is_judged_only_on_a_run_long_enough_to_time(steps, verdict, monkeypatch,
+                                                                 capsys):
+    import bench.perf
+    from bench.cli import main
+
+    table = pd.DataFrame([{"family": "ae", "backbone": "mlp", "harness_vs_plain": 0.5}])
+    monkeypatch.setattr(bench.perf, "run_perf", lambda *args, **kwargs: table)
+    assert main(["perf", "--families", "ae", "--backbones", "mlp", "--steps", str(steps)]) == 0
+    assert verdict in capsys.readouterr().out

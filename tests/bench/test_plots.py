@@ -62,3 +62,65 @@ def test_the_chart_is_written(tmp_path):
     points = frontier_points(sweep_rows(), "l0", "recon_mse")
     path = frontier_chart(points, "l0", "recon_mse", tmp_path / "f.png")
     assert path.stat().st_size > 5000
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures bench.plots saves, kept open to read their words."""
+    import bench.plots
+
+    figures = []
+    monkeypatch.setattr(bench.plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    yield figures
+    import matplotlib.pyplot as plt
+
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_run_grids_say_which_run_how_long_it_trained_and_which_rows_are_originals(tmp_path,
+                                                                                  drawn):
+    import torch
+
+    from bench.plots import save_run_grids
+
+    grids = {"samples": torch.rand(64, 1, 28, 28), "reconstructions": torch.rand(64, 1, 28, 28)}
+    save_run_grids(grids, tmp_path, "vae-mlp-mnist-s0", "after 3 epochs (1,407 steps)")
+    samples, pairs = (fig.axes[0] for fig in drawn)
+    assert samples.get_title() == "vae-mlp-mnist-s0: 64 samples after 3 epochs (1,407 steps)"
+    assert pairs.get_title() == ("vae-mlp-mnist-s0: test images and their reconstructions "
+                                 "after 3 epochs (1,407 steps)")
+    labels = [t.get_text() for t in pairs.get_yticklabels()]
+    assert labels == ["test images", "reconstructions"]
+    # 32 originals at 16 a row: two rows of 29 pixels (28 and the padding) each
+    assert pairs.get_yticks().tolist() == [29.0, 87.0]
+
+
+def test_bar_charts_name_the_unit_the_dataset_and_the_seeds(tmp_path, drawn):
+    from bench.plots import metric_bar_charts
+
+    rows = pd.DataFrame([{"model": "vae", "variant": "mlp", "dataset": "mnist", "seed": s,
+                          "config_hash": f"h{s}", "status": "ok", "rate": 10.0 + s}
+                         for s in range(3)])
+    metric_bar_charts(rows, tmp_path)
+    (ax,) = drawn[0].axes
+    assert ax.get_title() == "rate on mnist\nmean over 3 seeds, bars one std"
+    assert ax.get_ylabel() == "rate (nats per image), lower is better"
+
+
+def test_frontier_points_are_labelled_with_their_sweep_value(tmp_path, drawn):
+    rows = sweep_rows()
+    rows["variant"] = rows["variant"].str.replace("-p", "-k")
+    frontier_chart(frontier_points(rows, "l0", "recon_mse"), "l0", "recon_mse", tmp_path / "f")
+    labels = [text.get_text() for text in drawn[0].axes[0].texts]
+    assert labels == ["k0", "k1", "k0", "k1", "k2"]
+
+
+def test_a_history_of_one_commit_draws_nothing(tmp_path):
+    from bench.plots import history_charts
+
+    course = pd.DataFrame([{"commit_index": 0, "commit": "abc", "metric": "fid", "model": "vae",
+                            "variant": "mlp", "dataset": "mnist", "mean": 1.0, "std": 0.1,
+                            "regression": False}])
+    assert history_charts(course, tmp_path / "plots") == []
+    assert not (tmp_path / "plots").exists()

@@ -187,6 +187,7 @@ def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path):
     rows = read_rows(tmp_path / "out" / "runs.csv")
     assert len(rows) == 2 and rows["config_hash"].nunique() == 1  # a re-measurement, kept
     assert not any("resuming from" in m for m in messages)
+    assert any(m.startswith("  --force: starting over; the checkpoint ") for m in messages)
     assert rows["recon_mse"].iloc[0] == pytest.approx(rows["recon_mse"].iloc[1])  # same seed
 
 
@@ -404,3 +405,12 @@ def test_a_second_ctrl_c_stops_at_once():
         for signum, handler in stop.previous.items():
             signal.signal(signum, handler)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("epochs, steps, words", [(3, 1407, "after 3 epochs (1,407 steps)"),
+                                                  (1, 20, "after 1 epoch (20 steps)"),
+                                                  (float("nan"), 20, "")])
+def test_the_words_under_a_runs_grids_say_how_long_it_trained(epochs, steps, words):
+    from bench.runner import trained_for
+
+    assert trained_for(epochs, steps) == words

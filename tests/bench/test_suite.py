@@ -101,6 +101,13 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
      r"\{steps: N\}; devices is not a suite setting: set it with bench run --devices"),
     ("name: t\nruns:\n  - {model: ae, data: {steps_per_call: 4}}\n",
      r"key 'runs.0.data.steps_per_call': unknown key 'steps_per_call'; allowed: batch_size"),
+    ("name: t\nruns:\n  - {model: ae, params: {latent_dim: 8}}\n"
+     "  - {model: ae, params: {latent_dim: 16}}\n",
+     r"line 4, key 'runs.1': runs as ae / default like run 0 but with other settings "
+     r"\(params.latent_dim: 8 -> 16\), so tables would pool the two: give each its own "
+     r"'variant:'"),
+    ("name: t\nruns:\n  - {model: ae}\n  - {model: vae}\n  - {model: ae}\n",
+     r"line 5, key 'runs.2': repeats run 0 \(ae / default on fashion_mnist, seed 0\)"),
     ("name: t\nruns: [\n", r"not valid YAML"),
     ("- just\n- a list\n", r"a suite is a mapping"),
 ])
