@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError, Metric, SumMetric
+from torchmetrics.regression import R2Score
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from bench.errors import UserError, unknown_key
@@ -93,34 +94,77 @@ def hoyer_sparsity(codes: Tensor) -> Tensor:
     return (math.sqrt(n) - ratio) / (math.sqrt(n) - 1)
 
 
-class DeadFraction(Metric):
-    """Fraction of code units that are zero for every image seen: torchmetrics has no such
-    metric, and it must reduce across processes with a max, not a mean."""
+# A latent is dense when it fires on more than this share of images (SAEBench's threshold).
+DENSE_FIRING_RATE = 0.1
+
+
+class FiringRates(Metric):
+    """Per code unit, the share of images on which it is non-zero: counts summed over batches
+    and processes (torchmetrics has no such metric). `dead_fraction` and `dense_fraction` are
+    read off it."""
 
     full_state_update = False
 
     def __init__(self, num_units: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("ever_active", torch.zeros(num_units), dist_reduce_fx="max")
+        self.add_state("fires", torch.zeros(num_units, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, codes: Tensor) -> None:
-        self.ever_active = torch.maximum(self.ever_active, (codes != 0).any(dim=0).float())
+        self.fires += (codes != 0).sum(dim=0)
+        self.images += len(codes)
 
     def compute(self) -> Tensor:
-        return 1.0 - self.ever_active.mean()
+        return self.fires.double() / self.images
+
+
+def dead_fraction(firing_rates: Tensor) -> float:
+    """Share of code units that fire on no image."""
+    return (firing_rates == 0).double().mean().item()
+
+
+def dense_fraction(firing_rates: Tensor, threshold: float = DENSE_FIRING_RATE) -> float:
+    """Share of code units that fire on more than `threshold` of the images: dense latents
+    (SAEBench, Karvonen et al. 2025; with sigmoid or dense codes every unit is dense)."""
+    return (firing_rates > threshold).double().mean().item()
+
+
+def image_norm_ratio(x_hat: Tensor, x: Tensor) -> Tensor:
+    """||x_hat_i||_2 / ||x_i||_2 per image i with ||x_i|| > 0 (SAEBench's l2_ratio): below 1 the
+    reconstruction is shrunk toward zero, as an L1 penalty shrinks codes."""
+    norms = x.flatten(1).norm(dim=1)
+    keep = norms > 0
+    return x_hat.flatten(1)[keep].norm(dim=1) / norms[keep]
+
+
+def max_decoder_cosine(directions: Tensor) -> float:
+    """max_{i != j} cos(d_i, d_j) over the columns d_j of `directions` (features x units), the
+    direction each code unit writes into the decoder: near 1, two units duplicate one feature.
+    A column of zeros (a unit the decoder ignores) has no direction and is left out."""
+    norms = directions.norm(dim=0)
+    unit = directions[:, norms > 0] / norms[norms > 0]
+    if unit.shape[1] < 2:
+        return float("nan")
+    cosine = unit.T @ unit
+    cosine.fill_diagonal_(-math.inf)
+    return cosine.max().item()
 
 
 # -- the parts ---------------------------------------------------------------------------------
 @torch.inference_mode()
 def reconstruction_metrics(model, batches, count_codes: bool = True) -> dict[str, float]:
     """recon_mse (mean over images and pixels of (x - x_hat)^2), psnr (mean over images of the
-    per-image PSNR, data_range 1), ssim (data_range 1), and, with `count_codes`, code sparsity:
-    l0, dead_fraction, hoyer."""
+    per-image PSNR, data_range 1), ssim (data_range 1), fvu (sum_i ||x_i - x_hat_i||^2 /
+    sum_i ||x_i - mean_x||^2 over the split: torchmetrics' variance-weighted R^2, subtracted
+    from 1), shrinkage (mean of `image_norm_ratio`), and, with `count_codes`, code sparsity: l0,
+    dead_fraction, dense_fraction, hoyer, and max_decoder_cosine of the model's
+    `decoder_directions()`."""
     device = model.device
     mse = MeanSquaredError().to(device)
     psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device)
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
-    l0, hoyer, dead = MeanMetric().to(device), MeanMetric().to(device), None
+    shrinkage = MeanMetric().to(device)
+    l0, hoyer, r2, firing = MeanMetric().to(device), MeanMetric().to(device), None, None
     for x, _ in batches:
         x = x.to(device)
         codes = model.encode(x)
@@ -128,18 +172,25 @@ def reconstruction_metrics(model, batches, count_codes: bool = True) -> dict[str
         mse.update(x_hat, x)
         psnr.update(x_hat, x)
         ssim.update(x_hat, x)
+        shrinkage.update(image_norm_ratio(x_hat, x))
+        if r2 is None:  # float64: the total sum of squares is a difference of two large sums
+            r2 = R2Score(multioutput="variance_weighted").to(device).set_dtype(torch.float64)
+        r2.update(x_hat.flatten(1).double(), x.flatten(1).double())
         if not count_codes:
             continue
         l0.update(l0_count(codes))
         hoyer.update(hoyer_sparsity(codes))
-        if dead is None:
-            dead = DeadFraction(codes.shape[-1]).to(device)
-        dead.update(codes)
+        if firing is None:
+            firing = FiringRates(codes.shape[-1]).to(device)
+        firing.update(codes)
     out = {"recon_mse": mse.compute().item(), "psnr": psnr.compute().item(),
-           "ssim": ssim.compute().item()}
+           "ssim": ssim.compute().item(), "fvu": 1.0 - r2.compute().item(),
+           "shrinkage": shrinkage.compute().item()}
     if count_codes:
-        out |= {"l0": l0.compute().item(), "dead_fraction": dead.compute().item(),
-                "hoyer": hoyer.compute().item()}
+        rates = firing.compute()
+        out |= {"l0": l0.compute().item(), "dead_fraction": dead_fraction(rates),
+                "dense_fraction": dense_fraction(rates), "hoyer": hoyer.compute().item(),
+                "max_decoder_cosine": max_decoder_cosine(model.decoder_directions().detach())}
     return out
 
 

@@ -50,7 +50,14 @@ BUILT_IN: tuple[Metric, ...] = (
     Metric("ssim", True, "SSIM", SPLIT),
     Metric("l0", False, "$L_0$", SPLIT, "active code units per image", per_run=True),
     Metric("dead_fraction", False, "Dead", SPLIT, "share of code units", per_run=True),
+    Metric("fvu", False, "FVU", SPLIT, "share of the test split's pixel variance"),
+    # 1 is no shrinkage; SAEs fall below 1 (an L1 penalty shrinks codes), so higher is better
+    # on the side where they are, and no family is judged on it
+    Metric("shrinkage", True, "$\\|\\hat x\\| / \\|x\\|$", SPLIT, "mean image norm ratio",
+           headline=False),
+    Metric("dense_fraction", False, "Dense", SPLIT, "share of code units", headline=False),
     Metric("hoyer", True, "Hoyer", SPLIT, headline=False),
+    Metric("max_decoder_cosine", False, "max cos", SPLIT, "cosine", headline=False),
     Metric("elbo", True, "ELBO (nats)", SPLIT, NATS, per_run=True),
     Metric("rate", False, "Rate (nats)", SPLIT, NATS),
     Metric("distortion", False, "Distortion (nats)", SPLIT, NATS),
@@ -73,8 +80,8 @@ BUILT_IN: tuple[Metric, ...] = (
 
 # The figures each capability a family declares (modules/family.py) gives its rows.
 CAPABILITY_FIGURES: dict[str, tuple[str, ...]] = {
-    "reconstructs": ("recon_mse", "psnr", "ssim"),
-    "codes": ("l0", "dead_fraction", "hoyer"),
+    "reconstructs": ("recon_mse", "psnr", "ssim", "fvu", "shrinkage"),
+    "codes": ("l0", "dead_fraction", "dense_fraction", "hoyer", "max_decoder_cosine"),
     "likelihood": ("elbo", "rate", "distortion", "iw_nll"),
     "samples": ("fid", "kid_mean", "isc_mean", "precision", "recall", "density", "coverage"),
 }

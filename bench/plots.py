@@ -104,8 +104,8 @@ def metric_bar_charts(rows: pd.DataFrame, out_dir: Path) -> list[Path]:
         stds.index = means.index
         fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(means) + 1.5), 3.6))
         means.plot.bar(ax=ax, yerr=stds, rot=0, capsize=3, legend=means.shape[1] > 1)
-        ax.set_title(f"{metric} on {', '.join(means.columns)}\nmean over {seeds}"
-                     + (", bars one std" if high > 1 else ""), fontsize=10)
+        spread = f"mean over {seeds}, bars one std" if high > 1 else "1 seed, no spread"
+        ax.set_title(f"{metric} on {', '.join(means.columns)}\n{spread}", fontsize=10)
         ax.set_ylabel(axis_label(metric), fontsize=9)
         ax.set_xlabel("")
         ax.grid(axis="y", alpha=0.3)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, distributions
 
 from bench.errors import UserError
-from modules.nets import as_tuple_shape, make_decoder, make_encoder
+from modules.nets import as_tuple_shape, decoder_directions, make_decoder, make_encoder
 from modules.family import Family
 from modules.steps import RECONSTRUCTION_FIGURES, LossSteps, first_tensor
 
@@ -78,6 +78,10 @@ class Autoencoder(LossSteps):
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+    def decoder_directions(self) -> Tensor:
+        """The direction each code unit writes into the decoder (`nets.decoder_directions`)."""
+        return decoder_directions(self.decoder)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.reconstruct(x)

@@ -5,8 +5,10 @@ gate and the tests read.
 A family's class declares its `Family` and provides the methods of what it declares:
 
   reconstructs  encode(x) -> codes, decode(codes) -> images in [0, 1], reconstruct(x):
-                recon_mse, psnr, ssim
-  codes         its codes (encode's output) are counted: l0, dead_fraction, hoyer
+                recon_mse, psnr, ssim, fvu, shrinkage
+  codes         its codes (encode's output) are counted, and decoder_directions() gives the
+                direction each code unit writes into the decoder (features x units): l0,
+                dead_fraction, dense_fraction, hoyer, max_decoder_cosine
   likelihood    elbo_terms(x, eps) -> (log p(x|z), KL) per image, iw_nll(x, k, chunk, noise)
                 and `latent_dim` (eps's width): elbo, rate, distortion, iw_nll
   samples       sample(n) -> n images in [0, 1] (global generator): FID, IS, KID, PR, DC

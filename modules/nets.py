@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from bench.errors import UserError
@@ -121,6 +122,15 @@ def init_dcgan_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+def decoder_directions(decoder: nn.Module) -> torch.Tensor:
+    """The weight of the decoder's first linear map (features x code units): column j is the
+    direction code unit j writes into the decoder. For a linear decoder (an SAE's dictionary) it
+    is the decoder itself; for ours, whose first layer is linear, the direction into its first
+    hidden layer."""
+    first = next(m for m in decoder.modules() if isinstance(m, nn.Linear))
+    return first.weight
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -8,9 +8,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric as TorchMetric
 
 from bench.errors import UserError
-from modules.nets import as_tuple_shape, make_decoder, make_encoder
+from bench.metrics import SPLIT, Metric
+from modules.nets import as_tuple_shape, decoder_directions, make_decoder, make_encoder
 from modules.family import Family
 from modules.steps import RECONSTRUCTION_FIGURES, SAMPLE_FIGURES, LossSteps
 
@@ -43,6 +45,48 @@ def gaussian_log_likelihood(logits: Tensor, x: Tensor, log_scale: Tensor) -> Ten
              + 0.5 * ((x - mean) / log_scale.exp()).pow(2)).flatten(-3).sum(-1)
 
 
+def iw_bound(log_weights: Tensor) -> Tensor:
+    """log (1/k) sum_i w_i over the first axis (k samples), from log w_i, per image: the
+    importance-weighted bound L_k of Burda et al. 2016 (eq. 8), computed as logsumexp - log k so
+    that weights of e^-1000 neither underflow nor lose their gradient. L_1 is the ELBO."""
+    return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
+OBJECTIVES = ("elbo", "iwae")
+# Burda et al. 2016 (sec. 5.2) count a latent unit active when Cov_x(E_q[z_u | x]) > 0.01.
+ACTIVE_UNIT_VARIANCE = 0.01
+
+
+class PosteriorMeanVariance(TorchMetric):
+    """Per latent unit, the variance over images of the posterior mean E_q[z | x] (unbiased,
+    float64 sums reduced across processes): torchmetrics has no per-feature variance."""
+
+    full_state_update = False
+
+    def __init__(self, num_units: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("total", "total_sq"):
+            self.add_state(name, torch.zeros(num_units, dtype=torch.float64),
+                           dist_reduce_fx="sum")
+        self.add_state("images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, means: Tensor) -> None:
+        means = means.double()
+        self.total += means.sum(dim=0)
+        self.total_sq += means.pow(2).sum(dim=0)
+        self.images += len(means)
+
+    def compute(self) -> Tensor:
+        n = self.images
+        return (self.total_sq - self.total.pow(2) / n) / (n - 1)
+
+
+def active_units(variances: Tensor, threshold: float = ACTIVE_UNIT_VARIANCE) -> int:
+    """The number of latent units whose posterior mean varies over the images by more than
+    `threshold` (Burda et al. 2016, eq. 19: A_u = Cov_x(E_q[u]) > 10^-2)."""
+    return int((variances > threshold).sum())
+
+
 def burda_lr_factor(epoch: int) -> float:
     """Burda et al. 2016 (section 5): for i = 0..7, 3^i passes at learning rate 0.001 * 10^(-i/7),
     3,280 passes in all; the rate stays at the last stage's beyond them. As a factor of the base
@@ -60,24 +104,39 @@ LR_SCHEDULES = {None: None, "burda": burda_lr_factor}
 class VAE(LossSteps):
     """Gaussian-posterior VAE, q(z|x) = N(mu(x), diag(sigma^2(x))), prior N(0, I), trained on the
     negative beta-ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z)), with one reparameterised
-    sample z = mu + sigma * eps (Kingma & Welling 2014). Losses are logged in nats per image.
+    sample z = mu + sigma * eps (Kingma & Welling 2014); with `samples` = k > 1 the average of k
+    such single-sample ELBOs (Burda et al. 2016's "VAE, k = 5" column). `objective: iwae` trains
+    on the k-sample importance-weighted bound instead (`iw_bound`; Burda et al. 2016), which is
+    the ELBO at k = 1 (the same code, bit for bit). Losses are logged in nats per image.
     Its draws come from the global generator, which the run seeds; `seed` is taken, as every
     family's constructor takes it, and recorded.
     """
 
     family = Family(
-        name="vae", summary="Gaussian posterior; ELBO and importance-weighted NLL",
-        variants="backbone mlp|conv; likelihood bernoulli|gaussian",
+        name="vae", summary="Gaussian posterior; ELBO (k samples) or IWAE bound; IW-NLL",
+        variants="backbone mlp|conv; likelihood bernoulli|gaussian; objective elbo|iwae, "
+                 "samples k",
         judged_metrics=RECONSTRUCTION_FIGURES + ("elbo", "iw_nll") + SAMPLE_FIGURES,
-        reconstructs=True, codes=True, likelihood=True, samples=True)
+        reconstructs=True, codes=True, likelihood=True, samples=True,
+        metrics=(Metric("active_units", True, "AU", SPLIT, "latent units", per_run=True),))
 
     def __init__(self, backbone: str = "mlp", image_shape: tuple[int, int, int] = (1, 28, 28),
                  latent_dim: int = 32, hidden: int = 64, width: int = 32,
                  likelihood: str = "bernoulli", beta: float = 1.0, lr: float = 1e-3,
                  depth: int = 1, activation: str = "relu", lr_schedule: str | None = None,
-                 adam_eps: float = 1e-8, seed: int = 0) -> None:  # pragma: no mutate block
+                 adam_eps: float = 1e-8, objective: str = "elbo", samples: int = 1,
+                 seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
+        if objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {objective!r}; choose one of: "
+                            f"{', '.join(OBJECTIVES)}")
+        if samples < 1:
+            raise UserError(f"samples={samples}: give the number of posterior samples per "
+                            "image, 1 or more")
+        if objective == "iwae" and beta != 1.0:
+            raise UserError(f"beta={beta} weighs the ELBO's KL term, which the IWAE bound does "
+                            "not have: leave beta at 1 with objective iwae")
         if likelihood not in LIKELIHOODS:
             raise UserError(f"unknown likelihood {likelihood!r}; choose one of: "
                              f"{', '.join(LIKELIHOODS)}")
@@ -112,6 +171,10 @@ class VAE(LossSteps):
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+    def decoder_directions(self) -> Tensor:
+        """The direction each latent writes into the decoder (`nets.decoder_directions`)."""
+        return decoder_directions(self.decoder)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.reconstruct(x)
@@ -154,20 +217,47 @@ class VAE(LossSteps):
         running = torch.full((len(x),), float("-inf"), device=x.device)
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
-            z = mu + (0.5 * logvar).exp() * noise(m)  # m, B, D
-            logits = self.decoder(z.flatten(0, 1)).unflatten(0, (m, len(x)))
-            log_w = (self.log_likelihood(logits, x.expand(m, *x.shape))
-                     + gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
-                     - gaussian_log_density(z, mu, logvar))
+            log_w = self.log_weights(x, mu, logvar, noise(m))
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
         return -(running - math.log(k))
 
+    def log_weights(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+        """log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x) for z_i = mu + sigma * eps_i,
+        eps being m x B x latent_dim draws: m x B log importance weights in nats."""
+        m = len(eps)
+        z = mu + (0.5 * logvar).exp() * eps  # m, B, D
+        logits = self.decoder(z.flatten(0, 1)).unflatten(0, (m, len(x)))
+        return (self.log_likelihood(logits, x.expand(m, *x.shape))
+                + gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
+                - gaussian_log_density(z, mu, logvar))
+
+    @torch.inference_mode()
+    def own_metrics(self, batches) -> dict[str, float]:
+        """active_units over the test split (`active_units`)."""
+        variance = PosteriorMeanVariance(self.hparams.latent_dim).to(self.device)
+        for x, _ in batches:
+            variance.update(self.posterior(x.to(self.device))[0])
+        return {"active_units": active_units(variance.compute())}
+
     # -- training ------------------------------------------------------------------------------
     def losses(self, x: Tensor) -> dict[str, Tensor]:
-        log_px, kl = self.elbo_terms(x)
-        recon, kl = -log_px.mean(), kl.mean()
-        return {"loss": recon + self.hparams.beta * kl, "recon": recon, "kl": kl,
-                "elbo": -(recon + kl)}
+        hp = self.hparams
+        if hp.samples == 1:  # the ELBO, which is also the IWAE bound at k = 1
+            log_px, kl = self.elbo_terms(x)
+            recon, kl = -log_px.mean(), kl.mean()
+            return {"loss": recon + hp.beta * kl, "recon": recon, "kl": kl,
+                    "elbo": -(recon + kl)}
+        mu, logvar = self.posterior(x)
+        eps = torch.randn(hp.samples, *mu.shape, device=x.device)
+        if hp.objective == "iwae":
+            bound = iw_bound(self.log_weights(x, mu, logvar, eps)).mean()
+            return {"loss": -bound, "iw_bound": bound}
+        # the average of k single-sample ELBOs: log p(x | z_i) averaged, the KL in closed form
+        z = mu + (0.5 * logvar).exp() * eps
+        logits = self.decoder(z.flatten(0, 1)).unflatten(0, (hp.samples, len(x)))
+        recon = -self.log_likelihood(logits, x.expand(hp.samples, *x.shape)).mean()
+        kl = gaussian_kl(mu, logvar).mean()
+        return {"loss": recon + hp.beta * kl, "recon": recon, "kl": kl, "elbo": -(recon + kl)}
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,

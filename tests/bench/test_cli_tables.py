@@ -2,7 +2,8 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from tests.bench.test_compare import GEN, commit_rows, row  # VAE rows: FID is judged
+from tests.rows import GEN, commit_rows
+from tests.rows import vae_row as row  # FID is judged
 
 
 def write(path, rows):

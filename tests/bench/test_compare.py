@@ -13,17 +13,8 @@ from bench.errors import UserError
 from bench.compare import (DEFAULT_ALPHA, compare, config_differences, format_report, history,
                            provenance_differences, regression_rule, same_value)
 from bench.metrics import DIRECTIONS
-from tests.bench.test_results import row as results_row
-
-GEN = {"features": "genbench-cnn-mnist-aaaa", "n_real": 1000, "n_fake": 1000,
-       "kid_subset_size": 500, "prc_neighborhood": 3, "eval_split": "test",
-       "test_images": 1000}
-
-
-def row(model="vae", **columns):
-    """A result row; by default of the VAE, which judges every figure these tests use."""
-    return results_row(model, **columns)
-
+from tests.rows import GEN, commit_rows
+from tests.rows import vae_row as row
 
 def table(*rows):
     return pd.DataFrame(list(rows))
@@ -174,12 +165,6 @@ def test_unknown_metric_names_list_the_choices():
         compare(table(row(fid=1.0)), table(row(fid=1.0)), metrics=["fdi"])
     with pytest.raises(UserError, match="--tol.*'fidd'"):
         compare(table(row(fid=1.0)), table(row(fid=1.0)), {"fidd": 0.1})
-
-
-def commit_rows(commit, hour, values, **extra):
-    return [{**row(seed=i, fid=v, **GEN, **extra), "git_commit": commit,
-             "timestamp": f"2026-11-2{hour}T00:00:00+00:00",
-             "config_hash": f"{commit}-{i}"} for i, v in enumerate(values)]
 
 
 def test_history_marks_the_commit_where_a_regression_began():

@@ -42,7 +42,11 @@ VARIANTS = [(f"{name}-{backbone}", model, {"backbone": backbone, **params})
                 ("sae-kl", "sae", {"sparsity": "kl"}),
                 ("sae-topk", "sae", {"sparsity": "topk", "k": 2, "aux_k": 4,
                                      "latent_dim": 16}),
+                ("sae-batchtopk", "sae", {"sparsity": "batchtopk,matryoshka", "k": 2,
+                                          "aux_k": 4, "latent_dim": 16}),
+                ("sae-jumprelu", "sae", {"sparsity": "jumprelu"}),
                 ("sae-mask", "sae", {"sparsity": "input_mask"}), ("vae", "vae", {}),
+                ("vae-iwae", "vae", {"objective": "iwae", "samples": 3}),
                 ("gan-ns", "gan", {}), ("gan-wgan-gp", "gan", {"loss": "wgan-gp"})]]
 DATA = {"val_size": 40, "batch_size": 20, "eval_batch_size": 25, "own_files": True}
 

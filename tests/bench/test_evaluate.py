@@ -8,9 +8,10 @@ import torch
 import torch_fidelity
 
 from bench.errors import UserError
-from bench.evaluate import (DeadFraction, EvalSettings, density_coverage, fidelity_metrics,
-                            hoyer_sparsity, l0_count, likelihood_metrics, reconstruction_metrics,
-                            to_uint8_rgb)
+from bench.evaluate import (EvalSettings, FiringRates, dead_fraction, dense_fraction,
+                            density_coverage, fidelity_metrics, hoyer_sparsity, image_norm_ratio,
+                            l0_count, likelihood_metrics, max_decoder_cosine,
+                            reconstruction_metrics, to_uint8_rgb)
 from bench.extractor import ClassifierNet, Extractor, make_fidelity_extractor_class
 from bench.metrics import DETAILS, METRICS, PROVENANCE_COLUMNS, TIMING_METRICS
 from tests.modules.conftest import prototype_images, tiny_model
@@ -30,23 +31,40 @@ def test_hoyer_matches_its_formula():
     assert torch.allclose(hoyer_sparsity(codes), expected)
 
 
-def test_l0_and_dead_fraction_count_active_units():
-    codes = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 1.0, -1.0, 0.0]])
-    assert l0_count(codes).tolist() == [1.0, 2.0]
-    dead = DeadFraction(4)
-    dead.update(codes[:1])
-    dead.update(codes[1:])
-    assert dead.compute().item() == pytest.approx(0.5)  # units 0 and 3 never fire
+def test_l0_dead_and_dense_fractions_count_active_units():
+    codes = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 1.0, -1.0, 0.0]] + [[0.0, 1.0, 0.0, 0.0]] * 8)
+    assert l0_count(codes[:2]).tolist() == [1.0, 2.0]
+    rates = FiringRates(4)
+    rates.update(codes[:1])
+    rates.update(codes[1:])
+    assert rates.compute().tolist() == [0.0, 1.0, 0.1, 0.0]
+    assert dead_fraction(rates.compute()) == 0.5  # units 0 and 3 never fire
+    # unit 1 fires on every image; unit 2 on 1 of 10, which is not more than 10%
+    assert dense_fraction(rates.compute()) == 0.25
 
 
-def test_dead_fraction_merges_processes_with_a_max():
+def test_firing_rates_merge_processes_by_summing_counts():
     """torchmetrics combines per-process states with each state's dist_reduce_fx, as DDP's sync
-    does: a unit that fires in one process only is alive."""
-    first, second = DeadFraction(4), DeadFraction(4)
+    does: a unit that fires in one process only is alive, and its rate is over all images."""
+    first, second = FiringRates(4), FiringRates(4)
     first.update(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
-    second.update(torch.tensor([[0.0, 3.0, 0.0, 0.0]]))
+    second.update(torch.tensor([[0.0, 3.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
     first.merge_state(second)
-    assert first.compute().item() == pytest.approx(0.5)
+    assert first.compute().tolist() == [0.25, 0.5, 0.0, 0.0]
+
+
+def test_max_decoder_cosine_is_the_closest_pair_of_directions():
+    # columns: e1, e2, (e1 + e2) / sqrt 2 at 45 degrees to both, a zero column left out
+    directions = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert max_decoder_cosine(directions) == pytest.approx(math.sqrt(0.5))
+    assert max_decoder_cosine(torch.tensor([[1.0, 0.0], [0.0, -2.0]])) == 0.0
+    assert max_decoder_cosine(torch.tensor([[1.0, 2.0], [1.0, 2.0]])) == pytest.approx(1.0)
+
+
+def test_the_norm_ratio_is_per_image_and_skips_black_images():
+    x = torch.stack([torch.full((1, 2, 2), 0.5), torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+    x_hat = torch.stack([torch.full((1, 2, 2), 0.25), torch.ones(1, 2, 2), torch.ones(1, 2, 2)])
+    assert image_norm_ratio(x_hat, x).tolist() == [0.5, 1.0]
 
 
 def test_reconstruction_metrics_match_direct_computation():
@@ -62,6 +80,18 @@ def test_reconstruction_metrics_match_direct_computation():
                                             rel=1e-4)
     assert metrics["l0"] == pytest.approx((codes != 0).sum(1).float().mean().item())
     assert metrics["dead_fraction"] == pytest.approx(1 - (codes != 0).any(0).float().mean().item())
+    # FVU's dataset-level formula, in float64: residual over total sum of squares of the split
+    x64, x_hat64 = x.double(), x_hat.double()
+    fvu = ((x64 - x_hat64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum()
+    assert metrics["fvu"] == pytest.approx(fvu.item(), rel=1e-9)
+    ratio = x_hat.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+    assert metrics["shrinkage"] == pytest.approx(ratio.mean().item(), rel=1e-5)
+    dense = ((codes != 0).float().mean(0) > 0.1).float().mean().item()
+    assert metrics["dense_fraction"] == pytest.approx(dense)
+    weight = model.decoder[0].weight  # the MLP decoder's first layer: 8 code units in
+    cosine = torch.nn.functional.cosine_similarity(weight[:, :, None], weight[:, None, :], dim=0)
+    assert metrics["max_decoder_cosine"] == pytest.approx(
+        (cosine - 2 * torch.eye(8)).max().item(), rel=1e-5)
 
 
 def test_likelihood_metrics_record_k_and_image_count():

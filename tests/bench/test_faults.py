@@ -82,6 +82,8 @@ def start_and_kill_after_first_checkpoint(suite_path, out, checkpoint, every: in
     ("vae", {}, {"binarize": True}, {}),  # dynamic binarisation, a posterior sample per image
     ("gan", {"backbone": "mlp"}, {}, {}),  # generator noise, two optimisers
     ("sae", {"sparsity": "input_mask"}, {}, {}),  # random input masks
+    # BatchTopK's threshold and AuxK's dead-unit counts: buffers a resume must restore
+    ("sae", {"sparsity": "batchtopk,matryoshka", "k": 2, "aux_k": 2}, {}, {}),
     # the generator every 4th batch of the run, across the resume
     ("gan", {"backbone": "mlp", "loss": "wgan-gp", "n_critic": 4}, {}, {}),
     ("vae", {"lr_schedule": "burda"}, {}, {"gradient_clip_val": 0.5}),  # schedule, clipping

@@ -1,5 +1,7 @@
 """bench.launch: a failed evaluation keeps the training; bench eval re-evaluates checkpoints."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -116,3 +118,21 @@ def test_evaluation_errors_say_what_to_do():
     bad = EvalSettings(inception_weights="/w.pth")
     wrong = explain_evaluation_error(RuntimeError("Error(s) in loading state_dict for X"), bad)
     assert "/w.pth is not torch-fidelity's Inception weights" in wrong
+
+
+def test_only_is_a_search_and_the_plan_says_what_it_selected():
+    from bench.launch import plan_suite
+
+    messages = []
+    suite = load_suite("default")
+    plan = plan_suite(suite, Path("/nonexistent"), only="ae", log=messages.append)
+    assert {s.model for s in plan.specs} == {"ae", "sae", "vae"}
+    assert messages == ["--only 'ae' selects 5 of 6 runs (models ae, sae, vae)"]
+
+
+def test_only_that_is_not_a_regular_expression_is_refused_when_parsed(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--suite", "smoke", "--only", "sae("])
+    assert info.value.code == 2
+    assert ("argument --only: 'sae(' is not a regular expression (missing ), unterminated "
+            "subpattern at position 3)") in capsys.readouterr().err

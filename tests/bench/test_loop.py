@@ -22,7 +22,11 @@ VARIANTS = {
     "ae-conv": ("ae", {"backbone": "conv"}),  # BatchNorm's running statistics too
     "sae-topk-auxk": ("sae", {"sparsity": "topk", "k": 4, "aux_k": 8}),
     "sae-mask": ("sae", {"sparsity": "input_mask"}),
+    # the evaluation threshold, a moving average kept in a buffer; the prefixes' losses
+    "sae-batchtopk-matryoshka": ("sae", {"sparsity": "batchtopk,matryoshka", "k": 2, "aux_k": 4}),
+    "sae-jumprelu": ("sae", {"sparsity": "jumprelu"}),  # thresholds trained through an STE
     "vae": ("vae", {}),
+    "vae-iwae": ("vae", {"objective": "iwae", "samples": 3}),  # k draws a step
     "gan-ns": ("gan", {}),
     "gan-wgan-gp": ("gan", {"loss": "wgan-gp", "n_critic": 2}),
 }
@@ -52,7 +56,8 @@ def trained(tmp_path, variant, total=12, **settings):
     return model, run
 
 
-@pytest.mark.parametrize("variant", ["ae", "ae-conv", "sae-topk-auxk", "vae", "gan-ns"])
+@pytest.mark.parametrize("variant", ["ae", "ae-conv", "sae-topk-auxk", "sae-batchtopk-matryoshka",
+                                     "sae-jumprelu", "vae", "vae-iwae", "gan-ns"])
 def test_the_loop_and_lightnings_trainer_train_a_family_to_the_same_weights(tmp_path, variant):
     """One batch per optimiser step both ways: the same batches in the same order, and the same
     updates (Lightning's automatic optimisation; the GAN's own manual step)."""

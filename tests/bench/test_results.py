@@ -6,13 +6,9 @@ import pandas as pd
 import pytest
 
 from bench.errors import UserError
+from tests.rows import row
 from bench.results import (append_row, eval_failed_rows, format_table, latest_runs, read_rows,
                            seed_table)
-
-
-def row(model="ae", variant="mlp", dataset="mnist", seed=0, **metrics):
-    return {"suite": "t", "model": model, "variant": variant, "dataset": dataset, "seed": seed,
-            "config_hash": f"{model}{variant}{dataset}{seed}", "status": "ok", **metrics}
 
 
 def test_append_keeps_earlier_rows_unchanged_and_writes_parquet(tmp_path):

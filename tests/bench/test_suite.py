@@ -1,6 +1,7 @@
 import pytest
 
 from bench.suite import SuiteError, load_suite
+from tests.rows import write_suite as write
 
 SUITE = """\
 name: t
@@ -12,12 +13,6 @@ runs:
   - {model: ae, variant: mlp, params: {backbone: mlp}}
   - {model: VAE, variant: conv, params: {backbone: conv}, budget: {steps: 10}}
 """
-
-
-def write(tmp_path, text, name="suite.yaml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
 
 
 def test_runs_expand_over_datasets_and_seeds(tmp_path):

@@ -4,7 +4,7 @@ a run with its own readable variant name and config hash."""
 import pytest
 
 from bench.suite import SuiteError, load_suite
-from tests.bench.test_suite import write
+from tests.rows import write_suite as write
 
 HEAD = """\
 name: t

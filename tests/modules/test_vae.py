@@ -3,8 +3,8 @@ import torch
 from torch import distributions
 
 from bench.errors import UserError
-from modules.vae import (bernoulli_log_likelihood, gaussian_kl, gaussian_log_density,
-                         gaussian_log_likelihood)
+from modules.vae import (PosteriorMeanVariance, active_units, bernoulli_log_likelihood,
+                         gaussian_kl, gaussian_log_density, gaussian_log_likelihood, iw_bound)
 from tests.modules.conftest import prototype_batches, prototype_images, quiet_trainer, tiny_model
 
 
@@ -153,3 +153,88 @@ def test_an_unknown_lr_schedule_lists_the_choices():
 
     with pytest.raises(UserError, match="unknown lr_schedule 'cosine'; choose one of: None, burda"):
         VAE(lr_schedule="cosine")
+
+
+def test_the_iw_bound_is_the_log_of_the_mean_weight_and_survives_tiny_weights():
+    log_w = torch.tensor([[-1.0, -3.0], [0.5, -2.0], [-0.2, -4.0]], dtype=torch.float64)
+    direct = log_w.exp().mean(dim=0).log()
+    assert torch.allclose(iw_bound(log_w), direct, rtol=1e-12)
+    # e^-1000 underflows to 0 in float64: the direct form gives -inf, the bound does not
+    tiny = log_w - 1000
+    assert torch.isinf(tiny.exp().mean(dim=0).log()).all()
+    assert torch.allclose(iw_bound(tiny), direct - 1000, rtol=1e-12)
+    assert torch.equal(iw_bound(log_w[:1]), log_w[0])  # L_1: the single weight
+
+
+def test_the_iw_bounds_gradient_is_autograd_of_the_direct_form():
+    log_w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    iw_bound(log_w).sum().backward()
+    ours, log_w.grad = log_w.grad.clone(), None
+    log_w.exp().mean(dim=0).log().sum().backward()
+    assert torch.allclose(ours, log_w.grad, rtol=1e-12)
+    # each weight's share of the sum: the self-normalised importance weights
+    assert torch.allclose(ours, torch.softmax(log_w.detach(), dim=0), rtol=1e-12)
+
+
+def test_the_iwae_loss_is_minus_the_bound_on_the_papers_weights(unit_images):
+    """Burda et al. 2016, eq. 8: log (1/k) sum_i p(x, z_i) / q(z_i | x), the densities from
+    torch.distributions as a second implementation, the draws the model makes."""
+    model = tiny_model("vae", objective="iwae", samples=5)
+    x = unit_images[:6].round()
+    torch.manual_seed(3)
+    loss = model.losses(x)["loss"]
+    torch.manual_seed(3)
+    with torch.no_grad():
+        mu, logvar = model.posterior(x)
+        z = mu + (0.5 * logvar).exp() * torch.randn(5, *mu.shape)
+        logits = model.decoder(z.flatten(0, 1)).unflatten(0, (5, 6))
+        log_px = distributions.Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
+        log_pz = distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_qz = distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(-1)
+        log_w = (log_px + log_pz - log_qz).double()
+    expected = -(log_w.exp().mean(0).log()).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_iwae_at_one_sample_is_the_elbo_bit_for_bit(unit_images):
+    losses = []
+    for objective in ("elbo", "iwae"):
+        torch.manual_seed(0)
+        model = tiny_model("vae", objective=objective, samples=1)
+        torch.manual_seed(1)
+        losses.append(model.losses(unit_images)["loss"])
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_the_k_sample_elbo_is_the_average_of_k_single_sample_elbos(unit_images):
+    model = tiny_model("vae", samples=4, beta=1.0)
+    torch.manual_seed(2)
+    terms = model.losses(unit_images)
+    torch.manual_seed(2)
+    eps = torch.randn(4, len(unit_images), 8)
+    with torch.no_grad():
+        elbos = torch.stack([model.elbo(unit_images, eps=e) for e in eps])
+    assert terms["elbo"].item() == pytest.approx(elbos.mean().item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(-elbos.mean().item(), rel=1e-5)
+
+
+def test_active_units_count_the_latents_whose_posterior_mean_varies():
+    # unit 0 varies (variance 1), unit 1 barely (0.005), unit 2 not at all, over 4 images
+    means = torch.tensor([[1.0, 0.1, 2.0], [-1.0, 0.0, 2.0], [1.0, 0.1, 2.0], [-1.0, 0.0, 2.0]])
+    halves = [PosteriorMeanVariance(3), PosteriorMeanVariance(3)]
+    halves[0].update(means[:1])  # uneven shards, merged as DDP's sync merges them
+    halves[1].update(means[1:])
+    halves[0].merge_state(halves[1])
+    variance = halves[0].compute()
+    assert variance.tolist() == pytest.approx(means.double().var(dim=0).tolist())
+    assert variance[1].item() == pytest.approx(0.01 / 3)
+    assert active_units(variance) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"objective": "iwea"}, "unknown objective 'iwea'; choose one of: elbo, iwae"),
+    ({"samples": 0}, "samples=0: give the number of posterior samples"),
+    ({"objective": "iwae", "beta": 0.5}, "leave beta at 1 with objective iwae")])
+def test_objective_settings_are_checked(options, message):
+    with pytest.raises(UserError, match=message):
+        tiny_model("vae", **options)
