@@ -414,6 +414,7 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
                                     f"genbench-{dm.spec.name}-test{len(real)}-{extractor.features}",
                                     settings, cuda=model.device.type == "cuda")
         metrics |= {"n_fake": len(fake), "n_real": len(real), "features": extractor.features}
+        metrics |= model.sample_provenance()
         if extractor.accuracy is not None:
             metrics["features_acc"] = extractor.accuracy
         # generating, extracting features and FID & co, seconds (bench run --try scales it)

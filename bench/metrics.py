@@ -20,7 +20,8 @@ from bench.machine import HARDWARE_COLUMNS
 # whose contents hash to `data_md5`; sample figures also on the features of `n_real` test and
 # `n_fake` generated images; timings on one machine and device count.
 SPLIT = ("eval_split", "test_images", "data_md5")
-GENERATION = SPLIT + ("features", "n_real", "n_fake")
+# `generator_ema`: the decay of the generator EMA the samples came from, where there was one.
+GENERATION = SPLIT + ("features", "n_real", "n_fake", "generator_ema")
 MACHINE = ("device", "devices", *HARDWARE_COLUMNS)
 
 

@@ -178,7 +178,7 @@ class SparseAutoencoder(Autoencoder):
             raise UserError(f"sparsity {'+'.join(self.mechanisms)}: "
                             f"{', '.join(activations + ['kl'] * ('kl' in self.mechanisms))} "
                             "each set the code activation; take one (kl combines with topk only)")
-        if ("topk" in self.mechanisms or "batchtopk" in self.mechanisms) and not 0 < k <= latent_dim:
+        if {"topk", "batchtopk"} & set(self.mechanisms) and not 0 < k <= latent_dim:
             raise UserError(f"k={k} must be in [1, latent_dim={latent_dim}]")
         if not 0 <= mask_fraction < 1:
             raise UserError(f"mask_fraction={mask_fraction} must be in [0, 1)")

@@ -54,6 +54,11 @@ class BenchModule(L.LightningModule):
         checks them before anything trains); none beyond a batch here."""
         return {}
 
+    def sample_provenance(self) -> dict[str, float]:
+        """Columns beside the sample figures that say what they were made with beyond the
+        evaluation settings (a GAN's generator EMA); none here."""
+        return {}
+
     def own_metrics(self, batches) -> dict[str, float]:
         """The family's own figures (`Family.metrics`) on the test split's batches; none here."""
         return {}

@@ -50,7 +50,7 @@ def test_a_run_only_in_the_current_table_is_new_and_passes():
 
 
 @pytest.mark.parametrize("column, value", [("features", "inception-v3-compat"),
-                                           ("n_fake", 10000)])
+                                           ("n_fake", 10000), ("generator_ema", 0.999)])
 def test_fid_measured_differently_is_incomparable_and_fails(column, value):
     base = table(row(fid=40.0, **GEN))
     cur = table(row(fid=12.0, **{**GEN, column: value}))

@@ -47,7 +47,10 @@ VARIANTS = [(f"{name}-{backbone}", model, {"backbone": backbone, **params})
                 ("sae-jumprelu", "sae", {"sparsity": "jumprelu"}),
                 ("sae-mask", "sae", {"sparsity": "input_mask"}), ("vae", "vae", {}),
                 ("vae-iwae", "vae", {"objective": "iwae", "samples": 3}),
-                ("gan-ns", "gan", {}), ("gan-wgan-gp", "gan", {"loss": "wgan-gp"})]]
+                ("gan-ns", "gan", {}), ("gan-wgan-gp", "gan", {"loss": "wgan-gp"}),
+                ("gan-sngan-ema", "gan", {"loss": "hinge", "spectral_norm": "discriminator",
+                                          "ema_decay": 0.99}),
+                ("gan-r1", "gan", {"r1_weight": 1.0, "r1_every": 2})]]
 DATA = {"val_size": 40, "batch_size": 20, "eval_batch_size": 25, "own_files": True}
 
 

@@ -82,6 +82,10 @@ def start_and_kill_after_first_checkpoint(suite_path, out, checkpoint, every: in
     ("vae", {}, {"binarize": True}, {}),  # dynamic binarisation, a posterior sample per image
     ("gan", {"backbone": "mlp"}, {}, {}),  # generator noise, two optimisers
     ("sae", {"sparsity": "input_mask"}, {}, {}),  # random input masks
+    # power iterations of both nets, the generator EMA, a lazy R1 every third batch, DiffAugment
+    ("gan", {"backbone": "mlp", "loss": "hinge", "spectral_norm": "both", "ema_decay": 0.9,
+             "r1_weight": 1.0, "r1_every": 3, "diffaugment": "color,translation,cutout"},
+     {}, {}),
     # BatchTopK's threshold and AuxK's dead-unit counts: buffers a resume must restore
     ("sae", {"sparsity": "batchtopk,matryoshka", "k": 2, "aux_k": 2}, {}, {}),
     # the generator every 4th batch of the run, across the resume

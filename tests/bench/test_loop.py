@@ -29,6 +29,12 @@ VARIANTS = {
     "vae-iwae": ("vae", {"objective": "iwae", "samples": 3}),  # k draws a step
     "gan-ns": ("gan", {}),
     "gan-wgan-gp": ("gan", {"loss": "wgan-gp", "n_critic": 2}),
+    # power iterations, the generator EMA, DiffAugment's draws; R1 (at every batch: a lazy
+    # one counts batches as n_critic does, in the run under the loop and in the epoch under a
+    # Trainer)
+    "gan-sngan-ema": ("gan", {"loss": "hinge", "spectral_norm": "discriminator", "ema_decay": 0.9,
+                              "n_critic": 1, "diffaugment": "translation,cutout"}),
+    "gan-r1": ("gan", {"r1_weight": 10.0}),
 }
 
 
@@ -57,7 +63,8 @@ def trained(tmp_path, variant, total=12, **settings):
 
 
 @pytest.mark.parametrize("variant", ["ae", "ae-conv", "sae-topk-auxk", "sae-batchtopk-matryoshka",
-                                     "sae-jumprelu", "vae", "vae-iwae", "gan-ns"])
+                                     "sae-jumprelu", "vae", "vae-iwae", "gan-ns",
+                                     "gan-sngan-ema", "gan-r1"])
 def test_the_loop_and_lightnings_trainer_train_a_family_to_the_same_weights(tmp_path, variant):
     """One batch per optimiser step both ways: the same batches in the same order, and the same
     updates (Lightning's automatic optimisation; the GAN's own manual step)."""
