@@ -113,6 +113,13 @@ def jumprelu_l0(pre_codes: Tensor, threshold: Tensor, bandwidth: float) -> Tenso
     return Step.apply(pre_codes, threshold, bandwidth).sum(dim=-1).mean()
 
 
+def target_l0_penalty(l0: Tensor, target: float) -> Tensor:
+    """(L0 / target - 1)^2, L0 the batch's mean count of firing units: the penalty that holds a
+    JumpReLU SAE near a chosen L0 instead of trading it off (the `target_l0` of Marks et al.'s
+    dictionary_learning JumpReLU trainer; the weight is applied by the caller)."""
+    return (l0 / target - 1).pow(2)
+
+
 def prefix_mask(codes: Tensor, size: int) -> Tensor:
     """The codes with every unit from `size` on zeroed: a Matryoshka prefix of the dictionary."""
     keep = torch.arange(codes.shape[-1], device=codes.device) < size
@@ -135,7 +142,8 @@ class SparseAutoencoder(Autoencoder):
     average, rate `threshold_lr`, of the batch's smallest kept code; AuxK as for top-k),
     `jumprelu` (a learned threshold per unit, loss + l0_weight * L0 trained through a
     straight-through estimator of bandwidth `jumprelu_bandwidth`, the thresholds at
-    `jumprelu_threshold_lr`), `matryoshka` (on topk or
+    `jumprelu_threshold_lr`; with `jumprelu_target_l0`, loss + l0_weight * (L0 / target - 1)^2
+    instead), `matryoshka` (on topk or
     batchtopk: the codes cut to each size in `prefixes` must reconstruct too, loss + the sum of
     their reconstruction losses) and `input_mask` (train on inputs with a fraction
     `mask_fraction` of pixels zeroed). Codes are sigmoid with `kl`, else ReLU.
@@ -157,7 +165,7 @@ class SparseAutoencoder(Autoencoder):
                  aux_weight: float = 1 / 32, dead_after_images: int = 20000,
                  threshold_lr: float = 0.01, l0_weight: float = 1e-3,
                  jumprelu_bandwidth: float = 0.05, jumprelu_init_threshold: float = 1e-3,
-                 jumprelu_threshold_lr: float = 0.02,
+                 jumprelu_threshold_lr: float = 0.02, jumprelu_target_l0: float | None = None,
                  prefixes: list[int] | None = None,
                  mask_fraction: float = 0.25, gmm_components: int = 10,
                  gmm_max_samples: int = 20000, seed: int = 0) -> None:  # pragma: no mutate block
@@ -182,6 +190,9 @@ class SparseAutoencoder(Autoencoder):
             raise UserError(f"k={k} must be in [1, latent_dim={latent_dim}]")
         if not 0 <= mask_fraction < 1:
             raise UserError(f"mask_fraction={mask_fraction} must be in [0, 1)")
+        if jumprelu_target_l0 is not None and not 0 < jumprelu_target_l0 <= latent_dim:
+            raise UserError(f"jumprelu_target_l0={jumprelu_target_l0} must be in (0, latent_dim="
+                            f"{latent_dim}]")
         self.prefix_sizes = self._prefix_sizes(prefixes, latent_dim)
         # Images seen since each latent last fired; AuxK revives the ones past the threshold.
         self.register_buffer("images_since_active", torch.zeros(latent_dim, dtype=torch.long))
@@ -244,8 +255,10 @@ class SparseAutoencoder(Autoencoder):
         if "kl" in self.mechanisms:
             terms["kl_sparsity"] = hp.kl_weight * kl_sparsity_penalty(codes, hp.kl_rho)
         if "jumprelu" in self.mechanisms:
-            terms["l0"] = hp.l0_weight * jumprelu_l0(pre_codes, self.threshold,
-                                                     hp.jumprelu_bandwidth)
+            l0 = jumprelu_l0(pre_codes, self.threshold, hp.jumprelu_bandwidth)
+            if hp.jumprelu_target_l0 is not None:
+                l0 = target_l0_penalty(l0, hp.jumprelu_target_l0)
+            terms["l0"] = hp.l0_weight * l0
         if self.prefix_sizes:
             terms["matryoshka"] = sum(
                 reconstruction_loss(self.decode_logits(prefix_mask(codes, size)), x, hp.loss)

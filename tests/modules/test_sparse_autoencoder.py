@@ -5,7 +5,8 @@ from torch import distributions
 from bench.errors import UserError
 from modules.sparse_autoencoder import (JumpReLU, SparseAutoencoder, batch_topk_activation,
                                         jumprelu_l0, kl_sparsity_penalty, l1_penalty,
-                                        mask_inputs, min_positive, prefix_mask, topk_activation)
+                                        mask_inputs, min_positive, prefix_mask,
+                                        target_l0_penalty, topk_activation)
 from tests.modules.conftest import TINY, tiny_model
 
 
@@ -309,3 +310,17 @@ def test_jumprelus_thresholds_train_at_their_own_rate():
     rest, thresholds = model.configure_optimizers().param_groups
     assert thresholds["params"] == [model.threshold] and thresholds["lr"] == 0.02
     assert rest["lr"] == 1e-3 and len(rest["params"]) == len(list(model.parameters())) - 1
+
+
+
+def test_the_target_l0_penalty_is_the_squared_relative_miss(unit_images):
+    assert target_l0_penalty(torch.tensor(12.0), 8.0).item() == pytest.approx(0.25)
+    assert target_l0_penalty(torch.tensor(8.0), 8.0).item() == 0.0
+    model = tiny_model("sae", sparsity="jumprelu", l0_weight=0.5, jumprelu_target_l0=2.0)
+    terms = model.losses(unit_images)
+    with torch.no_grad():
+        pre_codes = model.encoder(unit_images)
+        fires = (pre_codes > model.threshold).float().sum(1).mean()
+    assert terms["l0"].item() == pytest.approx(0.5 * (fires.item() / 2.0 - 1) ** 2, rel=1e-5)
+    with pytest.raises(UserError, match=r"jumprelu_target_l0=9 must be in \(0, latent_dim=8\]"):
+        tiny_model("sae", sparsity="jumprelu", jumprelu_target_l0=9)
