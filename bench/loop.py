@@ -150,6 +150,12 @@ class ManualStepDDP(DDPStrategy):
     optimisation: such a family backpropagates inside the DDP forward (its training_step), twice
     per batch, before DDP would prepare for it, and its gradients would not be averaged."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        # DDP's default, relied on: each forward takes rank 0's buffers (BatchNorm statistics,
+        # spectral norm's power-iteration vectors, AuxK's and BatchTopK's counters), so that
+        # every rank computes with the same ones
+        super().__init__(*args, **{"broadcast_buffers": True, **kwargs})
+
     def setup_module(self, module):
         self.ddp_module = super().setup_module(module)
         return self.ddp_module

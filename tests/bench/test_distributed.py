@@ -161,3 +161,16 @@ def test_slurm_launcher_runs_the_job_array_and_collects_rows(tmp_path):
     assert sorted(rows["variant"]) == ["a", "b"] and (rows["status"] == "ok").all()
     assert "submitted 2 jobs to local" in done.stdout
     assert list((tmp_path / "out" / "slurm").glob("*/*_result.pkl"))
+
+
+@pytest.mark.slow
+def test_spectral_norms_power_iteration_vectors_agree_on_every_rank(tmp_path):
+    """Rank 1's vectors start elsewhere and each rank sees its own data: the strategy's buffer
+    broadcast must bring them to rank 0's, so that both ranks normalise by the same estimate."""
+    out = tmp_path / "vectors.pt"
+    done = subprocess.run([sys.executable, "-m", "tests.ddp_spectral_norm", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vectors = torch.load(out)
+    assert vectors.shape[0] == 2 and torch.equal(vectors[0], vectors[1])

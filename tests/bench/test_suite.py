@@ -40,7 +40,7 @@ def test_config_hash_is_stable_and_follows_the_config(tmp_path):
 
 @pytest.mark.parametrize("name, families", [
     ("smoke", {"ae", "sae", "vae", "gan"}), ("default", {"ae", "sae", "vae", "gan"}),
-    ("paper", {"ae", "sae", "vae", "gan"})])
+    ("paper", {"ae", "sae", "vae", "gan"}), ("gan", {"gan"})])
 def test_shipped_suites_load_and_cover_every_family(name, families):
     suite = load_suite(name)
     assert {s.model for s in suite.specs} == families
@@ -114,7 +114,7 @@ def test_malformed_suites_name_file_line_and_key(tmp_path, text, message):
 
 
 def test_unknown_suite_lists_the_shipped_ones():
-    with pytest.raises(SuiteError, match="choose one of: default, paper, paper-1h, smoke"):
+    with pytest.raises(SuiteError, match="choose one of: default, gan, paper, paper-1h, smoke"):
         load_suite("nightly")
 
 
