@@ -99,12 +99,12 @@ def metric_bar_charts(rows: pd.DataFrame, out_dir: Path) -> list[Path]:
         counts = stats.xs((metric, "count"), axis=1, level=(1, 2)).reindex(means.index)
         counts = counts[counts > 0].stack()
         low, high = int(counts.min()), int(counts.max())
-        seeds = f"{low} seed{'s' if high > 1 else ''}" if low == high else f"{low}-{high} seeds"
+        seeds = f"{low}" if low == high else f"{low}-{high}"
         means.index = [f"{m}\n{v}" for m, v in means.index]
         stds.index = means.index
         fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(means) + 1.5), 3.6))
         means.plot.bar(ax=ax, yerr=stds, rot=0, capsize=3, legend=means.shape[1] > 1)
-        spread = f"mean over {seeds}, bars one std" if high > 1 else "1 seed, no spread"
+        spread = f"mean over {seeds} seeds, bars one std" if high > 1 else "1 seed, no spread"
         ax.set_title(f"{metric} on {', '.join(means.columns)}\n{spread}", fontsize=10)
         ax.set_ylabel(axis_label(metric), fontsize=9)
         ax.set_xlabel("")

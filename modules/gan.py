@@ -179,8 +179,9 @@ class GAN(BenchModule):
 
     family = Family(name="gan",
                     summary="DCGAN; non-saturating, WGAN-GP or hinge loss; SN, R1, EMA",
-                    variants="backbone mlp|conv; loss ns|wgan-gp|hinge; spectral_norm "
-                             "discriminator|both; r1_weight; ema_decay; diffaugment policy",
+                    variants=f"backbone mlp|conv; loss {'|'.join(GAN_LOSSES)}; spectral_norm "
+                             f"{'|'.join(SPECTRAL_NORM[1:])}; r1_weight; ema_decay; diffaugment "
+                             f"{','.join(DIFFAUGMENT_POLICIES)}",
                     judged_metrics=SAMPLE_FIGURES, samples=True)
 
     def __init__(self, backbone: str = "conv", image_shape: tuple[int, int, int] = (1, 28, 28),

@@ -152,8 +152,9 @@ class SparseAutoencoder(Autoencoder):
     family = Family(
         name="sae",
         summary="AE + l1 / kl / topk (AuxK) / batchtopk / jumprelu / matryoshka / input_mask",
-        variants="backbone mlp|conv; sparsity l1|kl|topk|batchtopk|jumprelu|input_mask, "
-                 "+matryoshka on topk|batchtopk",
+        variants="backbone mlp|conv; sparsity "
+                 + "|".join(m for m in SPARSITY_MECHANISMS if m != "matryoshka")
+                 + ", +matryoshka on topk|batchtopk",
         judged_metrics=RECONSTRUCTION_FIGURES + ("l0", "dead_fraction"),
         reconstructs=True, codes=True, samples=True,
         perf_params=MappingProxyType({"sparsity": "topk", "k": 8}))
@@ -199,7 +200,7 @@ class SparseAutoencoder(Autoencoder):
         if "batchtopk" in self.mechanisms:  # the evaluation threshold, a buffer: it resumes
             self.register_buffer("batchtopk_threshold", torch.zeros(()))
         if "jumprelu" in self.mechanisms:
-            # theta itself, not log theta (SAELens), with a learning rate of its own: Adam moves
+            # theta itself (SAELens trains log theta), at a learning rate of its own: Adam moves
             # a parameter by about lr a step whatever the gradient's size, and on these budgets
             # (thousands of steps, codes of order 1) theta at the model's lr would stay where
             # the budget leaves it, not where the sparsity coefficient balances reconstruction

@@ -114,8 +114,8 @@ class VAE(LossSteps):
 
     family = Family(
         name="vae", summary="Gaussian posterior; ELBO (k samples) or IWAE bound; IW-NLL",
-        variants="backbone mlp|conv; likelihood bernoulli|gaussian; objective elbo|iwae, "
-                 "samples k",
+        variants=f"backbone mlp|conv; likelihood {'|'.join(LIKELIHOODS)}; objective "
+                 f"{'|'.join(OBJECTIVES)}, samples k",
         judged_metrics=RECONSTRUCTION_FIGURES + ("elbo", "iw_nll") + SAMPLE_FIGURES,
         reconstructs=True, codes=True, likelihood=True, samples=True,
         metrics=(Metric("active_units", True, "AU", SPLIT, "latent units", per_run=True),))
@@ -221,14 +221,20 @@ class VAE(LossSteps):
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
         return -(running - math.log(k))
 
-    def log_weights(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
-        """log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x) for z_i = mu + sigma * eps_i,
-        eps being m x B x latent_dim draws: m x B log importance weights in nats."""
+    def sampled_likelihood(self, x: Tensor, mu: Tensor, logvar: Tensor,
+                           eps: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_i = mu + sigma * eps_i, log p(x | z_i)) for m x B x latent_dim draws eps: the
+        m x B x latent_dim samples and their m x B log-likelihoods in nats."""
         m = len(eps)
         z = mu + (0.5 * logvar).exp() * eps  # m, B, D
         logits = self.decoder(z.flatten(0, 1)).unflatten(0, (m, len(x)))
-        return (self.log_likelihood(logits, x.expand(m, *x.shape))
-                + gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
+        return z, self.log_likelihood(logits, x.expand(m, *x.shape))
+
+    def log_weights(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+        """log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x) for z_i = mu + sigma * eps_i,
+        eps being m x B x latent_dim draws: m x B log importance weights in nats."""
+        z, log_px = self.sampled_likelihood(x, mu, logvar, eps)
+        return (log_px + gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
                 - gaussian_log_density(z, mu, logvar))
 
     @torch.inference_mode()
@@ -253,9 +259,7 @@ class VAE(LossSteps):
             bound = iw_bound(self.log_weights(x, mu, logvar, eps)).mean()
             return {"loss": -bound, "iw_bound": bound}
         # the average of k single-sample ELBOs: log p(x | z_i) averaged, the KL in closed form
-        z = mu + (0.5 * logvar).exp() * eps
-        logits = self.decoder(z.flatten(0, 1)).unflatten(0, (hp.samples, len(x)))
-        recon = -self.log_likelihood(logits, x.expand(hp.samples, *x.shape)).mean()
+        recon = -self.sampled_likelihood(x, mu, logvar, eps)[1].mean()
         kl = gaussian_kl(mu, logvar).mean()
         return {"loss": recon + hp.beta * kl, "recon": recon, "kl": kl, "elbo": -(recon + kl)}
 
