@@ -9,7 +9,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # waiting everywhere, and one thread per process for the tests.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup bench test mutate fashion-mnist clean
+.PHONY: setup bench test mutate fashion-mnist slurm clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -32,9 +32,14 @@ fashion-mnist:
 bench: setup
 	$(BIN)/bench run --suite default
 
+# A real single-node SLURM for tests/bench/test_slurm.py: the packages when root may install
+# them (GENBENCH_NO_SLURM=1 opts out); the tests start and stop their own daemons.
+slurm:
+	@bash tests/install_slurm.sh
+
 # One worker per core (pytest-xdist), each test file on one worker so that a file's shared
 # fixtures (the DDP suite, the toy family's runs) are built once.
-test: setup
+test: setup slurm
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile
 
 # Mutation testing, not part of `make test` or CI: slow, it runs tests once per mutant (config in

@@ -61,9 +61,11 @@ def cmd_try(args: argparse.Namespace, suite, devices) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.launch import SlurmOptions, run_suite
+    from bench.process import check_slurm_tasks
     from bench.runner import Stopped
     from bench.suite import load_suite
 
+    check_slurm_tasks()
     suite = load_suite(args.suite, seeds=args.seeds)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     if args.parallel < 1:
@@ -99,7 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. n_fake=50000")
         overrides[key] = yaml.safe_load(value)  # numbers, null, true/false as in a suite file
-    if not (Path(args.results) / "runs.csv").is_file():
+    from bench.results import holds_table
+
+    if not holds_table(Path(args.results)):
         raise UserError(f"{args.results}: no runs.csv here; give the folder bench run wrote "
                         "(its --out, default results/<suite>)")
     evaluate_results(Path(args.results), overrides, args.only,
@@ -108,11 +112,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _read_table(path: str):
-    from bench.results import read_rows
+    from bench.results import holds_table, read_rows
 
-    if Path(path).is_dir() and (Path(path) / "runs.csv").is_file():  # the folder bench run wrote
+    if Path(path).is_dir() and holds_table(Path(path)):  # the folder bench run wrote
         path = str(Path(path) / "runs.csv")
-    if not Path(path).is_file():
+    if not Path(path).is_file() and not (Path(path).name == "runs.csv"
+                                          and holds_table(Path(path).parent)):
         raise UserError(f"{path}: no such results table (bench run writes <out>/runs.csv)")
     rows = read_rows(Path(path))
     if rows.empty:
@@ -205,12 +210,13 @@ def _history_tables(paths: list[str]):
     """Every runs.csv named, or found below a named folder."""
     import pandas as pd
 
-    from bench.results import latest_runs
+    from bench.results import ROWS_DIR, latest_runs
 
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(path.rglob("runs.csv"))
+            found = sorted({*path.rglob("runs.csv"),
+                            *(d.parent / "runs.csv" for d in path.rglob(ROWS_DIR) if d.is_dir())})
             if not found:
                 raise UserError(f"{path}: no runs.csv below this folder")
             files += found

@@ -16,3 +16,10 @@ def unknown_key(key, allowed) -> str:
     near = difflib.get_close_matches(str(key), sorted(map(str, allowed)), n=1)
     hint = f"; did you mean {near[0]!r}?" if near else ";"
     return f"unknown key {str(key)!r}{hint} allowed: {', '.join(sorted(map(str, allowed)))}"
+
+
+def check_choice(setting: str, value, choices) -> None:
+    """Refuse a value outside `choices`: "unknown <setting> 'x'; choose one of: a, b"."""
+    if value not in choices:
+        raise UserError(f"unknown {setting} {value!r}; choose one of: "
+                        f"{', '.join(map(str, choices))}")

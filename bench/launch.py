@@ -9,6 +9,7 @@ loses only its own run and the parent only has to wait.
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import os
 import re
@@ -137,6 +138,25 @@ class RequeueableSpecJob(submitit.helpers.Checkpointable):
         return run_spec_job(*args)
 
 
+class QuietSacct(logging.Filter):
+    """submitit reads job states with sacct and warns twice a poll, "Bypassing sacct error ...
+    status may be inaccurate", on a cluster without accounting (common in small labs). Said
+    once here, in words: the jobs' result files tell when they end, so nothing is lost."""
+
+    def __init__(self, log) -> None:
+        super().__init__()
+        self.log, self.said = log, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Bypassing sacct error" not in record.getMessage():
+            return True
+        if not self.said:
+            self.said = True
+            self.log("  sacct fails on this cluster (no accounting): submitit learns that a job "
+                     "ended from its result file, and shows no job states")
+        return False
+
+
 @dataclass
 class SlurmOptions:
     partition: str | None = None
@@ -150,19 +170,31 @@ class SlurmOptions:
 def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, log=print, *,
               slurm: SlurmOptions) -> list[dict]:
     """Submit the specs as one SLURM job array through submitit and wait for them. The jobs
-    append their own rows to <out>/runs.csv, which must be on a shared filesystem."""
+    record their own rows in <out>/rows/, which must be on a shared filesystem."""
     import submitit
 
     folder = out_dir / "slurm" / "%j"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=slurm.cluster)
     parameters = {"timeout_min": slurm.time_min, "cpus_per_task": slurm.cpus_per_job,
-                  "gpus_per_node": slurm.gpus_per_job, "tasks_per_node": 1,
-                  "name": f"genbench-{suite.name}"}
+                  "tasks_per_node": 1, "name": f"genbench-{suite.name}"}
+    if slurm.gpus_per_job:  # none asked for none: a cluster without GPUs may refuse the option
+        parameters["gpus_per_node"] = slurm.gpus_per_job
     if executor.cluster == "slurm":
         parameters["slurm_array_parallelism"] = slurm.max_parallel
         if slurm.partition:
             parameters["slurm_partition"] = slurm.partition
     executor.update_parameters(**parameters)
+    quiet = QuietSacct(log)
+    logging.getLogger("submitit").addFilter(quiet)
+    try:
+        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, log)
+    finally:
+        logging.getLogger("submitit").removeFilter(quiet)
+
+
+def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, commit: str,
+                  log) -> list[dict]:
+    """Submit the specs as a job array and collect their rows as the jobs end."""
     n = len(specs)
     jobs = executor.map_array(RequeueableSpecJob(), specs, [suite] * n, [str(out_dir)] * n,
                               [asdict(options)] * n, [commit] * n)

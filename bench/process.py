@@ -10,6 +10,8 @@ import logging
 import os
 import warnings
 
+from bench.errors import UserError
+
 
 def drop_failing_nvml_check() -> bool:
     """Unset PYTORCH_NVML_BASED_CUDA_CHECK where NVML cannot be loaded; True if it was unset.
@@ -60,6 +62,19 @@ def quiet_srun_hint() -> None:
     the hint is right, and it stays."""
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message=SRUN_HINT)
+
+
+def check_slurm_tasks(environ=os.environ) -> None:
+    """Lightning counts a SLURM job's processes per node (--ntasks-per-node) and refuses a job
+    step started with --ntasks alone, each process with an error deep in its launch; say it
+    first, once per process, as the command to write instead."""
+    ntasks = environ.get("SLURM_NTASKS", "1")
+    if ntasks.isdigit() and int(ntasks) > 1 and "SLURM_NTASKS_PER_NODE" not in environ:
+        raise UserError(
+            f"this SLURM step has {ntasks} tasks from --ntasks (-n) {ntasks}, which Lightning "
+            f"does not take (it counts processes per node): write `srun --ntasks-per-node "
+            f"{ntasks}` instead (with --nodes N and bench run's --num-nodes N for N machines, "
+            f"--devices {ntasks} per machine)")
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:

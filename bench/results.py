@@ -1,16 +1,31 @@
-"""Result rows: atomic appends to runs.csv / runs.parquet, the latest row of each run, and the
-seed-pivot table. Regression verdicts live in bench.compare."""
+"""Result rows: one file per recorded row, the collected runs.csv / runs.parquet, the latest row of
+each run, and the seed-pivot table. Regression verdicts live in bench.compare.
+
+A results folder keeps each row in a file of its own under `rows/`, written beside and renamed
+(a kill leaves it whole or absent), so any number of processes on any number of hosts record
+rows at once without a lock: no lock that a shared filesystem may not honour, no table rewritten
+whole per row. The file name orders the rows (nanoseconds since the epoch first, as "last in the
+file" ordered them) and carries the run's config hash and status, so that whether a run is done
+is read from the names alone. `runs.csv` and `runs.parquet` are the collected view for people
+and pandas, rebuilt whenever genbench reads the folder; genbench itself reads the row files. A
+folder from before `rows/` reads as its runs.csv, and its rows are moved into files at its
+first new row."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import os
+import shutil
+import time
+import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from filelock import FileLock
 
 from bench.errors import UserError
 from bench.machine import ENVIRONMENT_COLUMNS
@@ -25,46 +40,166 @@ TEXT_COLUMNS = ["suite", "model", "variant", "entry", "dataset", "config_hash", 
                 "data_md5", *(c for c in ENVIRONMENT_COLUMNS if c != "torch_threads")]
 
 
+ROWS_DIR = "rows"  # beside runs.csv: one file per row
+_ROW_SUFFIX = ".json"
+
+
+def holds_table(folder: Path) -> bool:
+    """Whether a folder is one bench run wrote: row files, or a runs.csv from before them."""
+    return (Path(folder) / ROWS_DIR).is_dir() or (Path(folder) / "runs.csv").is_file()
+
+
+def rows_dir(csv_path: Path) -> Path:
+    """Where the row files of the table `csv_path` (a results folder's runs.csv) live."""
+    return Path(csv_path).parent / ROWS_DIR
+
+
+def _has_row_files(csv_path: Path) -> bool:
+    """Whether `csv_path` is the view of a folder's row files (another CSV is only itself)."""
+    return Path(csv_path).name == "runs.csv" and rows_dir(csv_path).is_dir()
+
+
+def _unique_tmp(path: Path) -> Path:
+    """A temporary name beside `path` that no other process picks (a dot first: not a row)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
-    """Write CSV and parquet to temporary files, then rename: a crash leaves the old table."""
-    tmp_csv = csv_path.with_suffix(".csv.tmp")
-    df.to_csv(tmp_csv, index=False)
+    """Write CSV and parquet to temporary files, then rename: a crash, or another process
+    writing the same view, leaves a whole table."""
+    tmp_csv = _unique_tmp(csv_path)
     parquet = csv_path.with_suffix(".parquet")
-    tmp_parquet = parquet.with_suffix(".parquet.tmp")
-    # parquet needs one type per column; object columns holding mixed values become strings
-    df.astype({c: "string" for c in df.columns if df[c].dtype == object}).to_parquet(
-        tmp_parquet, index=False)
-    os.replace(tmp_csv, csv_path)
-    os.replace(tmp_parquet, parquet)
+    tmp_parquet = _unique_tmp(parquet)
+    try:
+        df.to_csv(tmp_csv, index=False)
+        # parquet needs one type per column; object columns holding mixed values become strings
+        df.astype({c: "string" for c in df.columns if df[c].dtype == object}).to_parquet(
+            tmp_parquet, index=False)
+        os.replace(tmp_csv, csv_path)
+        os.replace(tmp_parquet, parquet)
+    finally:
+        tmp_csv.unlink(missing_ok=True)
+        tmp_parquet.unlink(missing_ok=True)
+
+
+def _json_value(value):
+    """A row's value as JSON holds it: numpy scalars as Python's, NaN and None as null."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return str(value)
+
+
+def row_file_name(row: dict, order: int | None = None) -> str:
+    """<order>-<config_hash>-<status>-<unique>.json, `order` nanoseconds since the epoch (a
+    rerun's row sorts after the first), 20 digits so that names sort as numbers."""
+    order = time.time_ns() if order is None else order
+    unique = uuid.uuid4().hex[:12] if order >= 10**12 else "legacy"
+    return (f"{order:020d}-{row.get('config_hash', 'none')}-{row.get('status', 'none')}-"
+            f"{unique}{_ROW_SUFFIX}")
+
+
+def _parse_name(name: str) -> tuple[str, str]:
+    """(config_hash, status) from a row file's name."""
+    _, config_hash, status, _ = name[: -len(_ROW_SUFFIX)].split("-")
+    return config_hash, status
+
+
+def _write_row_file(folder: Path, row: dict, order: int | None = None) -> Path:
+    path = folder / row_file_name(row, order)
+    tmp = _unique_tmp(path)
+    try:
+        tmp.write_text(json.dumps({k: _json_value(v) for k, v in row.items()}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _row_files(folder: Path) -> list[str]:
+    """The folder's row files' names, in the order of their rows."""
+    return sorted(e.name for e in os.scandir(folder)
+                  if e.name.endswith(_ROW_SUFFIX) and not e.name.startswith("."))
+
+
+def _convert_legacy(csv_path: Path) -> None:
+    """Move the rows of a runs.csv written before row files into files, in their order; the
+    names are fixed by the row's position, so two processes converting at once write the same
+    files, and the folder appears whole (renamed into place) or not at all."""
+    rows = _read_csv(csv_path)
+    staging = csv_path.parent / f".{ROWS_DIR}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        for i, row in enumerate(rows.to_dict("records")):
+            _write_row_file(staging, row, order=i)
+        try:
+            os.rename(staging, rows_dir(csv_path))
+        except OSError:  # another process converted it first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def append_row(csv_path: Path, row: dict, unique: bool = True) -> bool:
-    """Append one run's row unless (with `unique`) a row with its config_hash is already there;
-    returns whether it was added. The file lock makes concurrent appends from several processes safe;
-    the table is rewritten whole (new columns may appear) but atomically, and earlier rows are
-    carried over unchanged."""
+    """Record one run's row in a file of its own beside `csv_path`, unless (with `unique`) its
+    run (config_hash) has a finished row there already; returns whether it was recorded. No
+    lock: each row is its own file. A folder from before row files is converted first."""
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(csv_path) + ".lock"):
-        existing = read_rows(csv_path)
-        if unique and str(row.get("config_hash")) in finished_hashes(existing):
-            return False
-        new = pd.DataFrame([row])
-        table = new if existing.empty else pd.concat([existing, new], ignore_index=True)
-        try:
+    folder = rows_dir(csv_path)
+    if not folder.is_dir():
+        if csv_path.is_file():
+            _convert_legacy(csv_path)
+        folder.mkdir(exist_ok=True)
+    if unique and str(row.get("config_hash")) in done_hashes(csv_path):
+        return False
+    try:
+        _write_row_file(folder, row)
+    except OSError as err:  # a full disk, most often: no partial row is left
+        raise OSError(err.errno, f"{folder}: the row of {row.get('model')}/"
+                      f"{row.get('variant')} seed {row.get('seed')} could not be written "
+                      f"({err.strerror or err}); the rows recorded before are unchanged: "
+                      "free the space and run bench run again") from err
+    return True
+
+
+def collect_rows(csv_path: Path) -> str:
+    """The table of a folder's row files as CSV text, and the view (runs.csv, runs.parquet)
+    written again when rows came since it was (a folder that cannot be written keeps its old
+    view: genbench reads the rows, not the view)."""
+    folder = rows_dir(csv_path)
+    names = _row_files(folder)
+    records = [json.loads((folder / name).read_text()) for name in names]
+    table = pd.DataFrame.from_records(records)
+    text = table.to_csv(index=False) if len(table.columns) else ""
+    stamp = folder / ".collected"
+    seen = f"{len(names)} {names[-1] if names else ''}"
+    try:
+        if not csv_path.is_file() or not stamp.is_file() or stamp.read_text() != seen:
             _write_atomic(table, csv_path)
-        except OSError as err:  # a full disk, most often: the table on disk is as it was
-            for tmp in (csv_path.with_suffix(".csv.tmp"), csv_path.with_suffix(".parquet.tmp")):
-                tmp.unlink(missing_ok=True)
-            raise OSError(err.errno, f"{csv_path}: the row of {row.get('model')}/"
-                          f"{row.get('variant')} seed {row.get('seed')} could not be written "
-                          f"({err.strerror or err}); the table holds its earlier rows, "
-                          "unchanged: free the space and run bench run again") from err
-        return True
+            tmp = _unique_tmp(stamp)
+            tmp.write_text(seen)
+            os.replace(tmp, stamp)
+    except OSError:
+        pass
+    return text
 
 
 def read_rows(csv_path: Path) -> pd.DataFrame:
+    """A results table: the row files of its folder where it has them (see the module's
+    docstring), else the CSV file itself."""
     csv_path = Path(csv_path)
+    if _has_row_files(csv_path):
+        return _parse_csv(collect_rows(csv_path), csv_path)
+    return _read_csv(csv_path)
+
+
+def _read_csv(csv_path: Path) -> pd.DataFrame:
     if not csv_path.is_file():
         return pd.DataFrame()
     try:
@@ -72,6 +207,10 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
     except UnicodeDecodeError as err:
         raise UserError(f"{csv_path}: not a results table (not text: {err.reason} at byte "
                         f"{err.start}); give the runs.csv bench run wrote") from None
+    return _parse_csv(text, csv_path)
+
+
+def _parse_csv(text: str, csv_path: Path) -> pd.DataFrame:
     records = list(csv.reader(io.StringIO(text)))
     if records:
         width = len(records[0])
@@ -79,7 +218,7 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
         if cut:  # a row cut short (an edit by hand, a copy broken off): named, and left out
             warnings.warn(f"{csv_path}: row(s) {', '.join(map(str, cut))} have not the header's "
                           f"{width} fields (cut short or edited by hand); read without them",
-                          stacklevel=2)
+                          stacklevel=3)
             kept = io.StringIO()
             csv.writer(kept).writerows(r for i, r in enumerate(records, 1) if i not in cut)
             text = kept.getvalue()
@@ -105,11 +244,30 @@ def finished_hashes(rows: pd.DataFrame) -> set[str]:
 
 
 def done_hashes(csv_path: Path) -> set[str]:
+    """The config hashes of the finished runs of a table: from its row files' names alone
+    where it has them."""
+    csv_path = Path(csv_path)
+    if _has_row_files(csv_path):
+        return {config_hash for config_hash, status in map(_parse_name, _row_files(rows_dir(csv_path)))
+                if status in FINISHED}
     return finished_hashes(read_rows(csv_path))
 
 
 def eval_failed_rows(csv_path: Path) -> dict[str, dict]:
-    """The latest row of each run whose evaluation failed and that has not finished since."""
+    """The latest row of each run whose evaluation failed and that has not finished since
+    (where the table has row files, only those rows are read)."""
+    csv_path = Path(csv_path)
+    if _has_row_files(csv_path):
+        latest = {}  # config hash -> its last row file, in row order
+        for name in _row_files(rows_dir(csv_path)):
+            latest[_parse_name(name)[0]] = name
+        failed = {h: n for h, n in latest.items() if _parse_name(n)[1] == "eval_failed"}
+        if not failed:
+            return {}
+        rows = _parse_csv(pd.DataFrame.from_records(
+            [json.loads((rows_dir(csv_path) / n).read_text()) for n in failed.values()]
+        ).to_csv(index=False), csv_path)
+        return {str(r["config_hash"]): r.to_dict() for _, r in rows.iterrows()}
     rows = latest_runs(read_rows(csv_path))
     if rows.empty or "status" not in rows:
         return {}

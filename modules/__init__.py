@@ -6,11 +6,12 @@ from modules.autoencoder import Autoencoder
 from modules.sparse_autoencoder import SparseAutoencoder
 from modules.vae import VAE
 from modules.gan import GAN
+from modules.vqvae import VQVAE
 from modules.family import FAMILIES, Family, get_family_class, load_families
 
 # The one list of families, by short name: every file of this package and GENBENCH_FAMILIES'.
 MODELS = load_families()
 get_model_class = get_family_class
 
-__all__ = ["FAMILIES", "GAN", "MODELS", "VAE", "Autoencoder", "Family", "SparseAutoencoder",
+__all__ = ["FAMILIES", "GAN", "MODELS", "VAE", "VQVAE", "Autoencoder", "Family", "SparseAutoencoder",
            "get_model_class", "load_families"]

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, distributions
 
-from bench.errors import UserError
+from bench.errors import UserError, check_choice
 from modules.nets import as_tuple_shape, decoder_directions, make_decoder, make_encoder
 from modules.family import Family
-from modules.steps import RECONSTRUCTION_FIGURES, LossSteps, first_tensor
+from modules.steps import RECONSTRUCTION_FIGURES, FitsLatentDensity, LossSteps, first_tensor
 
 RECON_LOSSES = ("mse", "bce")
 
@@ -24,7 +24,7 @@ def reconstruction_loss(logits: Tensor, x: Tensor, kind: str = "mse") -> Tensor:
     raise UserError(f"unknown reconstruction loss {kind!r}; choose one of: {', '.join(RECON_LOSSES)}")
 
 
-class Autoencoder(LossSteps):
+class Autoencoder(FitsLatentDensity, LossSteps):
     """Deterministic autoencoder x -> h = encode(x) -> x_hat = decode(h).
 
     After training (`on_train_end`), a Gaussian mixture is fitted to the training codes so the
@@ -46,8 +46,7 @@ class Autoencoder(LossSteps):
                  seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
-        if loss not in RECON_LOSSES:
-            raise UserError(f"unknown loss {loss!r}; choose one of: {', '.join(RECON_LOSSES)}")
+        check_choice("loss", loss, RECON_LOSSES)
         self.image_shape = as_tuple_shape(image_shape)
         self.encoder = make_encoder(backbone, self.image_shape, latent_dim, hidden, width)
         self.decoder = make_decoder(backbone, self.image_shape, latent_dim, hidden, width)
@@ -92,14 +91,7 @@ class Autoencoder(LossSteps):
         recon = reconstruction_loss(self.decode_logits(self.encode(x)), x, self.hparams.loss)
         return {"loss": recon, "recon": recon}
 
-    # -- ex-post density estimation ------------------------------------------------------------
-    def finish_training(self, datamodule) -> None:
-        super().finish_training(datamodule)  # the same BatchNorm statistics on every rank first
-        if datamodule is not None:
-            # A fixed order where the datamodule has one, so the fit does not depend on the epoch
-            ordered = getattr(datamodule, "ordered_train_dataloader", datamodule.train_dataloader)
-            self.fit_latent_density(ordered())
-
+    # -- ex-post density estimation (after training: FitsLatentDensity) ---------------------
     @torch.no_grad()
     def fit_latent_density(self, batches) -> None:
         """Fit a full-covariance Gaussian mixture (scikit-learn's EM) to the codes of the first

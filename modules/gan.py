@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bench.errors import UserError
+from bench.errors import UserError, check_choice
 from modules.nets import as_tuple_shape, init_dcgan_weights, make_decoder, make_encoder
 from modules.family import Family
 from modules.steps import SAMPLE_FIGURES, BenchModule, first_tensor
@@ -193,11 +193,8 @@ class GAN(BenchModule):
                  seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
-        if loss not in GAN_LOSSES:
-            raise UserError(f"unknown GAN loss {loss!r}; choose one of: {', '.join(GAN_LOSSES)}")
-        if spectral_norm not in SPECTRAL_NORM:
-            raise UserError(f"unknown spectral_norm {spectral_norm!r}; choose one of: "
-                            f"{', '.join(SPECTRAL_NORM)}")
+        check_choice("GAN loss", loss, GAN_LOSSES)
+        check_choice("spectral_norm", spectral_norm, SPECTRAL_NORM)
         if r1_weight < 0 or r1_every < 1:
             raise UserError(f"r1_weight={r1_weight}, r1_every={r1_every}: give a weight >= 0 "
                             "and a period of 1 or more discriminator steps")

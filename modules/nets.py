@@ -12,14 +12,13 @@ import math
 import torch
 from torch import nn
 
-from bench.errors import UserError
+from bench.errors import UserError, check_choice
 
 BACKBONES = ("mlp", "conv")
 
 
 def check_backbone(backbone: str, image_shape: tuple[int, int, int]) -> None:
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
+    check_choice("backbone", backbone, BACKBONES)
     channels, height, width = image_shape
     if backbone == "conv" and (height != width or height not in (28, 32)):
         raise UserError(f"the conv backbone takes 28x28 or 32x32 images, got {height}x{width}; "
@@ -37,9 +36,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def check_mlp_shape(backbone: str, depth: int, activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise UserError(f"unknown activation {activation!r}; choose one of: "
-                         f"{', '.join(ACTIVATIONS)}")
+    check_choice("activation", activation, ACTIVATIONS)
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise UserError(f"depth={depth!r}: give the number of hidden layers, >= 1")
     if backbone == "conv" and (depth, activation) != (1, "relu"):

@@ -94,6 +94,22 @@ class BenchModule(L.LightningModule):
         self.finish_training(getattr(self.trainer, "datamodule", None))
 
 
+class FitsLatentDensity(BenchModule):
+    """A family that samples from a density fitted to its codes after training (the
+    autoencoder's mixture, the VQ-VAE's code prior): `fit_latent_density(batches)` runs on the
+    training split once the BatchNorm statistics are the same on every rank, in the split's
+    fixed order where the datamodule has one, so that the fit does not depend on the epoch."""
+
+    def fit_latent_density(self, batches) -> None:
+        raise NotImplementedError
+
+    def finish_training(self, datamodule) -> None:
+        super().finish_training(datamodule)
+        if datamodule is not None:
+            ordered = getattr(datamodule, "ordered_train_dataloader", datamodule.train_dataloader)
+            self.fit_latent_density(ordered())
+
+
 class LossSteps(BenchModule):
     """Train, validate and test on `self.losses(x)`, a dict of named loss terms whose "loss" entry
     is minimised with Adam at `hparams.lr` (Lightning's automatic optimisation). Evaluation logs

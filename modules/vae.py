@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric as TorchMetric
 
-from bench.errors import UserError
+from bench.errors import UserError, check_choice
 from bench.metrics import SPLIT, Metric
 from modules.nets import as_tuple_shape, decoder_directions, make_decoder, make_encoder
 from modules.family import Family
@@ -128,21 +128,15 @@ class VAE(LossSteps):
                  seed: int = 0) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters()
-        if objective not in OBJECTIVES:
-            raise UserError(f"unknown objective {objective!r}; choose one of: "
-                            f"{', '.join(OBJECTIVES)}")
+        check_choice("objective", objective, OBJECTIVES)
         if samples < 1:
             raise UserError(f"samples={samples}: give the number of posterior samples per "
                             "image, 1 or more")
         if objective == "iwae" and beta != 1.0:
             raise UserError(f"beta={beta} weighs the ELBO's KL term, which the IWAE bound does "
                             "not have: leave beta at 1 with objective iwae")
-        if likelihood not in LIKELIHOODS:
-            raise UserError(f"unknown likelihood {likelihood!r}; choose one of: "
-                             f"{', '.join(LIKELIHOODS)}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise UserError(f"unknown lr_schedule {lr_schedule!r}; choose one of: "
-                             f"{', '.join(map(str, LR_SCHEDULES))}")
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         self.image_shape = as_tuple_shape(image_shape)
         self.encoder = make_encoder(backbone, self.image_shape, 2 * latent_dim, hidden, width,
                                     depth=depth, activation=activation)

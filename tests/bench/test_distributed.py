@@ -13,6 +13,7 @@ from bench.results import read_rows
 from bench.suite import load_suite
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
+from modules.steps import FitsLatentDensity
 from tests.data_files import write_mnist_suite
 
 EVAL = {"n_fake": 200, "kid_subset_size": 100, "features": "classifier",
@@ -50,7 +51,10 @@ VARIANTS = [(f"{name}-{backbone}", model, {"backbone": backbone, **params})
                 ("gan-ns", "gan", {}), ("gan-wgan-gp", "gan", {"loss": "wgan-gp"}),
                 ("gan-sngan-ema", "gan", {"loss": "hinge", "spectral_norm": "discriminator",
                                           "ema_decay": 0.99}),
-                ("gan-r1", "gan", {"r1_weight": 1.0, "r1_every": 2})]]
+                ("gan-r1", "gan", {"r1_weight": 1.0, "r1_every": 2}),
+                ("vqvae", "vqvae", {"code_dim": 2, "codebook_size": 8}),
+                ("vqvae-loss-restart", "vqvae", {"code_dim": 2, "codebook_size": 8,
+                                                 "codebook": "loss", "restart_below": 0.5})]]
 DATA = {"val_size": 40, "batch_size": 20, "eval_batch_size": 25, "own_files": True}
 
 
@@ -103,8 +107,9 @@ def test_ddp_figures_equal_a_single_process_evaluation_of_the_checkpoint(ddp_sui
     net = MODELS[model].load_from_checkpoint(row["checkpoint"]).eval()
     dm = ImageDataModule("mnist", data_dir=str(tmp_path / "data"), **DATA)
     dm.setup()
-    if model in ("ae", "sae"):  # the mixture DDP fitted is the one a single process fits
-        fitted = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("gmm_")}
+    if isinstance(net, FitsLatentDensity):  # DDP fitted the density a single process fits
+        fitted = {k: v.clone() for k, v in net.state_dict().items()
+                  if k.startswith(("gmm_", "prior_"))}
         net.fit_latent_density(dm.ordered_train_dataloader())
         for key, value in fitted.items():
             assert torch.allclose(net.state_dict()[key], value, rtol=1e-4, atol=1e-5), key
@@ -163,14 +168,32 @@ def test_slurm_launcher_runs_the_job_array_and_collects_rows(tmp_path):
     assert list((tmp_path / "out" / "slurm").glob("*/*_result.pkl"))
 
 
-@pytest.mark.slow
-def test_spectral_norms_power_iteration_vectors_agree_on_every_rank(tmp_path):
-    """Rank 1's vectors start elsewhere and each rank sees its own data: the strategy's buffer
-    broadcast must bring them to rank 0's, so that both ranks normalise by the same estimate."""
-    out = tmp_path / "vectors.pt"
-    done = subprocess.run([sys.executable, "-m", "tests.ddp_spectral_norm", str(out)],
+@pytest.fixture(scope="module")
+def ddp_state(tmp_path_factory):
+    """What tests/ddp_state.py's two processes save."""
+    out = tmp_path_factory.mktemp("ddp-state")
+    done = subprocess.run([sys.executable, "-m", "tests.ddp_state", str(out)],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    vectors = torch.load(out)
+    return out
+
+
+@pytest.mark.slow
+def test_spectral_norms_power_iteration_vectors_agree_on_every_rank(ddp_state):
+    """Rank 1's vectors start elsewhere and each rank sees its own data: the strategy's buffer
+    broadcast must bring them to rank 0's, so that both ranks normalise by the same estimate."""
+    vectors = torch.load(ddp_state / "vectors.pt")
     assert vectors.shape[0] == 2 and torch.equal(vectors[0], vectors[1])
+
+
+@pytest.mark.slow
+def test_the_vqvaes_codebook_over_two_processes_equals_one_processs(ddp_state):
+    """The EMA codebook's statistics, its data initialisation and its restarts each see every
+    process's vectors: two processes on half a batch each end where one does on the whole."""
+    from tests.ddp_state import train_vqvae
+    single = train_vqvae().state_dict()
+    ddp = torch.load(ddp_state / "vqvae.pt")
+    assert single.keys() == ddp.keys()
+    for name, tensor in single.items():
+        assert torch.allclose(ddp[name], tensor, rtol=1e-5, atol=1e-6), name

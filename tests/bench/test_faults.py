@@ -1,6 +1,7 @@
 """Faults a long suite meets: a killed process, and malformed suite files."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.results import read_rows
+from bench.results import holds_table, read_rows
 from bench.launch import run_suite
 from bench.suite import SuiteError, load_suite
 from tests.data_files import write_mnist_suite
@@ -91,6 +92,8 @@ def start_and_kill_after_first_checkpoint(suite_path, out, checkpoint, every: in
     # the generator every 4th batch of the run, across the resume
     ("gan", {"backbone": "mlp", "loss": "wgan-gp", "n_critic": 4}, {}, {}),
     ("vae", {"lr_schedule": "burda"}, {}, {"gradient_clip_val": 0.5}),  # schedule, clipping
+    # the EMA codebook and its counts, the data initialisation done once, restarts
+    ("vqvae", {"code_dim": 2, "codebook_size": 16, "decay": 0.5, "restart_below": 0.5}, {}, {}),
 ])
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, model, params,
                                                                     data, trainer):
@@ -109,14 +112,18 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, mo
     killed = tmp_path / "killed"
     start_and_kill_after_first_checkpoint(
         suite_path, killed, killed / "checkpoints" / spec.config_hash / "last.ckpt", 7, tmp_path)
-    assert not (killed / "runs.csv").exists(), "the run finished before it was killed"
-    run_suite(load_suite(str(suite_path)), killed, **quiet)
+    assert not (killed / "rows").exists(), "the run finished before it was killed"
+    # resumed in a copy of the folder, the original gone: as on another machine
+    moved = tmp_path / "moved"
+    shutil.copytree(killed, moved)
+    shutil.rmtree(killed)
+    run_suite(load_suite(str(suite_path)), moved, **quiet)
 
-    whole, resumed = (read_rows(out / "runs.csv").iloc[0] for out in (tmp_path / "whole", killed))
+    whole, resumed = (read_rows(out / "runs.csv").iloc[0] for out in (tmp_path / "whole", moved))
     assert resumed["resumed_step"] > 0 and resumed["resumed_step"] % 25 != 0  # mid-epoch
     assert resumed["steps"] == whole["steps"] == 30 * 25
     weights = [torch.load(out / "checkpoints" / spec.config_hash / "final.ckpt",
-                          weights_only=True)["state_dict"] for out in (tmp_path / "whole", killed)]
+                          weights_only=True)["state_dict"] for out in (tmp_path / "whole", moved)]
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
@@ -165,7 +172,7 @@ def test_a_killed_ddp_run_resumes_each_ranks_noise_to_the_uninterrupted_result(t
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    assert list(killed.glob("checkpoints/*/last.ckpt")) and not (killed / "runs.csv").exists()
+    assert list(killed.glob("checkpoints/*/last.ckpt")) and not holds_table(killed)
     assert bench_run(killed).wait(timeout=300) == 0
 
     whole, resumed = (read_rows(out / "runs.csv").iloc[0] for out in (tmp_path / "whole", killed))
@@ -263,7 +270,7 @@ def test_a_signalled_run_checkpoints_its_batch_and_resumes_to_the_uninterrupted_
     assert process.returncode == status, stderr[-2000:]
     assert f"{signal.Signals(signum).name} received" in stderr
     assert "run the same bench run again" in stderr and "Traceback" not in stderr
-    assert not (stopped / "runs.csv").exists()  # nothing recorded as finished
+    assert not holds_table(stopped)  # nothing recorded as finished
     state = torch.load(*stopped.glob("checkpoints/*/last.ckpt"), weights_only=True)
     assert 0 < state["progress"]["batches"] < 200 * 25  # where it was, not a periodic one
 
@@ -285,7 +292,7 @@ def test_a_sigtermed_ddp_run_stops_every_rank_at_one_batch_and_resumes_bitwise(t
     time.sleep(3)  # both ranks into the training
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=120) == 143
-    assert list(stopped.glob("checkpoints/*/last.ckpt")) and not (stopped / "runs.csv").exists()
+    assert list(stopped.glob("checkpoints/*/last.ckpt")) and not holds_table(stopped)
     assert bench_run(stopped).wait(timeout=300) == 0
     whole, again = final_weights(tmp_path / "whole"), final_weights(stopped)
     for key in whole:

@@ -35,6 +35,9 @@ VARIANTS = {
     "gan-sngan-ema": ("gan", {"loss": "hinge", "spectral_norm": "discriminator", "ema_decay": 0.9,
                               "n_critic": 1, "diffaugment": "translation,cutout"}),
     "gan-r1": ("gan", {"r1_weight": 10.0}),
+    # the codebook: started from the first batch, EMA statistics, restarts of dead codes
+    "vqvae-ema-restart": ("vqvae", {"decay": 0.5, "restart_below": 0.5}),
+    "vqvae-loss": ("vqvae", {"codebook": "loss"}),
 }
 
 
@@ -64,7 +67,8 @@ def trained(tmp_path, variant, total=12, **settings):
 
 @pytest.mark.parametrize("variant", ["ae", "ae-conv", "sae-topk-auxk", "sae-batchtopk-matryoshka",
                                      "sae-jumprelu", "vae", "vae-iwae", "gan-ns",
-                                     "gan-sngan-ema", "gan-r1"])
+                                     "gan-sngan-ema", "gan-r1", "vqvae-ema-restart",
+                                     "vqvae-loss"])
 def test_the_loop_and_lightnings_trainer_train_a_family_to_the_same_weights(tmp_path, variant):
     """One batch per optimiser step both ways: the same batches in the same order, and the same
     updates (Lightning's automatic optimisation; the GAN's own manual step)."""

@@ -1,4 +1,5 @@
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +12,31 @@ from bench.results import (append_row, eval_failed_rows, format_table, latest_ru
                            seed_table)
 
 
-def test_append_keeps_earlier_rows_unchanged_and_writes_parquet(tmp_path):
+def test_append_keeps_earlier_rows_unchanged_and_reading_writes_the_view(tmp_path):
     path = tmp_path / "runs.csv"
     append_row(path, row(recon_mse=0.1))
-    before = path.read_text()
+    before = read_rows(path)
     append_row(path, row(seed=1, recon_mse=0.2, fid=3.0))  # a new column appears
+    assert len(list((tmp_path / "rows").glob("*.json"))) == 2
     rows = read_rows(path)
     assert rows["recon_mse"].tolist() == [0.1, 0.2]
-    assert path.read_text().splitlines()[1].startswith(before.splitlines()[1].split(",fid")[0])
+    pd.testing.assert_frame_equal(rows.iloc[:1][before.columns], before)
+    view = pd.read_csv(path)
     parquet = pd.read_parquet(tmp_path / "runs.parquet")
-    assert parquet["recon_mse"].tolist() == [0.1, 0.2] and len(parquet.columns) == len(rows.columns)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert view["recon_mse"].tolist() == parquet["recon_mse"].tolist() == [0.1, 0.2]
+    assert len(parquet.columns) == len(rows.columns)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_rows_read_back_with_their_types(tmp_path):
+    path = tmp_path / "runs.csv"
+    values = {**row(seed=3), "recon_mse": np.float32(0.25), "steps": np.int64(7), "fid": np.nan,
+              "gpu": None, "config": '{"a": [1, 2]}', "flag": True}
+    append_row(path, values)
+    got = read_rows(path).iloc[0]
+    assert got["seed"] == 3 and got["recon_mse"] == 0.25 and got["steps"] == 7
+    assert pd.isna(got["fid"]) and pd.isna(got["gpu"]) and got["config"] == '{"a": [1, 2]}'
+    assert bool(got["flag"]) is True
 
 
 def test_a_run_already_in_the_table_is_not_added_twice(tmp_path):
@@ -39,20 +54,71 @@ def test_hashes_and_names_that_look_like_numbers_stay_text(tmp_path):
     assert rows["config_hash"].tolist() == ["123e45678901"] and rows["variant"].tolist() == ["007"]
 
 
-def _append_many(args):
+def _append_fifty(args):
     path, worker = args
-    for i in range(15):
-        append_row(path, row(variant=f"w{worker}", seed=i, recon_mse=float(i)))
+    for i in range(50):
+        assert append_row(path, row(variant=f"w{worker}", seed=i, recon_mse=float(i)))
 
 
-def test_concurrent_appends_lose_no_row(tmp_path):
+def test_32_processes_appending_at_once_lose_and_duplicate_no_row(tmp_path):
+    """append_row takes no lock: each row is a file of its own."""
     path = tmp_path / "runs.csv"
-    # spawn, not fork: a fork of a test process that runs threads (tqdm's monitor, W&B's
-    # service) can inherit a lock held by one of them and hang
-    with multiprocessing.get_context("spawn").Pool(3) as pool:
-        pool.map(_append_many, [(path, w) for w in range(3)])
+    # a fork server, not fork: a fork of a test process that runs threads (tqdm's monitor,
+    # W&B's service) can inherit a lock held by one of them and hang; its children are forks
+    # of one clean process that imported the store once
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["bench.results", "tests.rows"])
+    with context.Pool(32) as pool:
+        pool.map(_append_fifty, [(path, w) for w in range(32)])
     rows = read_rows(path)
-    assert len(rows) == 45 and rows["config_hash"].is_unique
+    assert len(rows) == 32 * 50 and rows["config_hash"].is_unique
+    assert sorted(zip(rows["variant"], rows["seed"])) == sorted(
+        (f"w{w}", i) for w in range(32) for i in range(50))
+
+
+def test_a_table_from_before_row_files_reads_and_is_converted_at_its_first_new_row(tmp_path):
+    path = tmp_path / "runs.csv"
+    old = pd.DataFrame([row(seed=0, fid=10.0), row(seed=1, fid=14.0), row(seed=0, fid=12.0)])
+    old.to_csv(path, index=False)  # as append_row wrote it, a rerun of seed 0 last
+    assert read_rows(path)["fid"].tolist() == [10.0, 14.0, 12.0]
+    assert not (tmp_path / "rows").exists()  # reading converts nothing (it may be read-only)
+    assert not append_row(path, row(seed=1, fid=99.0))  # already finished, as before
+    assert len(list((tmp_path / "rows").glob("*.json"))) == 3
+    assert append_row(path, row(seed=2, fid=20.0))
+    rows = read_rows(path)
+    assert rows["fid"].tolist() == [10.0, 14.0, 12.0, 20.0]
+    assert latest_runs(rows)["fid"].tolist() == [14.0, 12.0, 20.0]
+
+
+def test_two_processes_converting_one_old_table_at_once_write_each_row_once(tmp_path):
+    from bench.results import _convert_legacy
+
+    path = tmp_path / "runs.csv"
+    pd.DataFrame([row(seed=0), row(seed=1)]).to_csv(path, index=False)
+    _convert_legacy(path)
+    _convert_legacy(path)  # the second finds the folder there and leaves it
+    assert len(read_rows(path)) == 2 and not list(tmp_path.glob(".rows*"))
+
+
+def test_a_row_file_being_written_is_not_read(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_row(path, row(seed=0))
+    (tmp_path / "rows" / ".00000000000000000001-h-ok-x.json.1-2.tmp").write_text('{"cut')
+    assert len(read_rows(path)) == 1
+
+
+def test_a_folder_that_cannot_be_written_still_reads(tmp_path, monkeypatch):
+    import bench.results
+
+    path = tmp_path / "runs.csv"
+    append_row(path, row(seed=0))
+    append_row(path, row(seed=1))
+
+    def read_only(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(bench.results, "_write_atomic", read_only)
+    assert len(read_rows(path)) == 2 and not path.exists()
 
 
 def test_seed_table_is_mean_and_std_over_seeds_without_diverged_runs():
@@ -165,14 +231,14 @@ def test_latex_table_compiles_with_pdflatex(tmp_path):
 
 
 def test_a_row_cut_short_by_hand_is_named_and_the_rest_still_reads(tmp_path):
-    path = tmp_path / "runs.csv"
-    for seed in range(3):
-        append_row(path, {"config_hash": f"h{seed}", "status": "ok", "seed": seed,
-                          "recon_mse": 0.1 * seed, "model": "ae"})
+    path = tmp_path / "copied.csv"  # a table on its own, as one mailed or edited by hand
+    pd.DataFrame([{"config_hash": f"h{seed}", "status": "ok", "seed": seed,
+                   "recon_mse": 0.1 * seed, "model": "ae"} for seed in range(3)]).to_csv(
+        path, index=False)
     lines = path.read_text().splitlines()
     lines[2] = lines[2][:6]  # the second row, cut in its third field
     path.write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match=r"runs.csv: row\(s\) 3 have not the header's 5 fields"):
+    with pytest.warns(UserWarning, match=r"copied.csv: row\(s\) 3 have not the header's 5 fields"):
         rows = read_rows(path)
     assert rows["config_hash"].tolist() == ["h0", "h2"]
 
@@ -185,18 +251,21 @@ def test_a_full_disk_while_a_row_is_written_leaves_the_table_whole(tmp_path, mon
     path = tmp_path / "runs.csv"
     append_row(path, {"config_hash": "h0", "status": "ok", "model": "ae", "variant": "mlp",
                       "seed": 0})
-    before = path.read_bytes()
+    before = read_rows(path)
+    write_text = Path.write_text
 
-    def no_space(self, target, *args, **kwargs):
-        Path(target).write_text("half a tab")
+    def no_space(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", no_space)
-    with pytest.raises(OSError, match=r"runs.csv: the row of vae/conv seed 1 could not be "
-                                      r"written \(No space left on device\); the table holds"):
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(OSError, match=r"rows: the row of vae/conv seed 1 could not be "
+                                      r"written \(No space left on device\); the rows recorded"):
         append_row(path, {"config_hash": "h1", "status": "ok", "model": "vae",
                           "variant": "conv", "seed": 1})
-    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(read_rows(path), before)
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_a_sweeps_points_are_listed_under_their_entry_in_order():
@@ -208,3 +277,13 @@ def test_a_sweeps_points_are_listed_under_their_entry_in_order():
                         + [row("ae", "mlp", recon_mse=0.05)])
     labels = [line.split("|")[1].strip() for line in format_table(rows).splitlines()[2:]]
     assert labels == ["sae / topk: k4", "sae / topk: k8", "sae / topk: k16", "ae / mlp"]
+
+
+def test_a_run_whose_evaluation_failed_is_not_done_and_takes_its_finished_row(tmp_path):
+    from bench.results import done_hashes
+
+    path = tmp_path / "runs.csv"
+    append_row(path, row(seed=0, status="eval_failed"))
+    assert done_hashes(path) == set()
+    assert append_row(path, row(seed=0, recon_mse=0.1))
+    assert done_hashes(path) == {"aemlpmnist0"}

@@ -40,7 +40,7 @@ def test_config_hash_is_stable_and_follows_the_config(tmp_path):
 
 @pytest.mark.parametrize("name, families", [
     ("smoke", {"ae", "sae", "vae", "gan"}), ("default", {"ae", "sae", "vae", "gan"}),
-    ("paper", {"ae", "sae", "vae", "gan"}), ("gan", {"gan"})])
+    ("paper", {"ae", "sae", "vae", "gan"}), ("gan", {"gan"}), ("vqvae", {"vqvae", "ae"})])
 def test_shipped_suites_load_and_cover_every_family(name, families):
     suite = load_suite(name)
     assert {s.model for s in suite.specs} == families

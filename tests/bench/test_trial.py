@@ -4,6 +4,7 @@ recorded, failures named, and the suite's time estimated."""
 import pytest
 
 import bench.trial
+from bench.results import holds_table
 from bench.suite import load_suite
 from bench.trial import makespan, run_try, trial_spec
 from tests.data_files import write_mnist_suite
@@ -27,7 +28,7 @@ def test_every_entry_is_tried_and_nothing_is_recorded(suite, tmp_path):
     lines = []
     table = run_try(suite, tmp_path / "out", batches=6, parallel=2, log=lines.append)
     assert table["status"].tolist() == ["ok", "ok"]
-    assert not (tmp_path / "out" / "runs.csv").exists()
+    assert not holds_table(tmp_path / "out")
     assert (table["est_train_s"] > 0).all() and (table["est_total_s"] > table["est_train_s"]).all()
     vae = table.set_index("entry").iloc[0]
     assert vae["eval_s_per_iw_sample"] > 0 and vae["eval_s_per_image"] > 0
@@ -137,7 +138,7 @@ def test_every_entry_of_a_shipped_suite_trains_and_evaluates(name, synthetic_dat
     entries = {spec.run_id.rsplit("-s", 1)[0] for spec in load_suite(name).specs}
     assert status == 0, out
     assert f"{len(entries)} of {len(entries)} entries ok" in out
-    assert not (tmp_path / "out" / "runs.csv").exists()
+    assert not holds_table(tmp_path / "out")
 
 
 def test_the_paper_1h_suite_tries_exactly_the_runs_the_paper_suite_tries():

@@ -6,6 +6,7 @@ import torch
 
 from bench.errors import UserError
 from modules import MODELS, get_model_class
+from modules.steps import FitsLatentDensity
 from tests.modules.conftest import (BACKBONES, FAMILIES, SHAPES, LossHistory, prototype_batches,
                                     prototype_images, quiet_trainer, tiny_model)
 
@@ -31,7 +32,7 @@ def test_encode_decode_reconstruct_shapes(family, backbone, shape):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_samples_have_image_shape_and_range(family, backbone, shape):
     model = tiny_model(family, backbone, shape).eval()
-    if family in ("ae", "sae"):
+    if isinstance(model, FitsLatentDensity):  # a density fitted to its codes after training
         model.fit_latent_density([prototype_images(64, shape).float() / 255])
     samples = model.sample(6)
     assert samples.shape == (6, *shape)
@@ -45,7 +46,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, family, backbon
     trainer = quiet_trainer(max_steps=3)
     batches = prototype_batches(n=256, batch_size=32)
     trainer.fit(model, train_dataloaders=batches)
-    if family in ("ae", "sae"):  # no datamodule here, so on_train_end has nothing to fit on
+    if isinstance(model, FitsLatentDensity):  # no datamodule here: on_train_end fits nothing
         model.fit_latent_density(batches)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     loaded = type(model).load_from_checkpoint(tmp_path / "model.ckpt").eval()

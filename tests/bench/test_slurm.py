@@ -1,0 +1,151 @@
+"""On a real SLURM (tests/slurm_cluster.py brings up one node of its own; skipped, saying why,
+where it cannot): a suite as a job array, a preempted job requeued and resumed exactly, a DDP
+run under srun, and the error for `srun --ntasks`."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bench.results import read_rows
+from tests.data_files import write_mnist_suite
+from tests.slurm_cluster import LocalSlurm, unavailable
+
+pytestmark = pytest.mark.slow
+TINY = {"backbone": "mlp", "hidden": 16, "latent_dim": 4}
+# about 4,000 steps: long enough to be preempted after its first checkpoint
+LONG = {"model": "ae", "variant": "long", "params": TINY, "budget": {"epochs": 160}}
+SHORT = {"model": "sae", "variant": "short", "params": {**TINY, "sparsity": "topk", "k": 2}}
+SLURM_ARGS = ["--launcher", "slurm", "--slurm-partition", "debug", "--slurm-gpus", "0",
+              "--slurm-cpus", "1", "--slurm-time", "30", "--checkpoint-every", "200"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no SLURM here: {reason}")
+    cluster = LocalSlurm().start()
+    yield cluster
+    cluster.cleanup()
+
+
+def bench_env(cluster, tmp_path) -> dict:
+    return {**cluster.env, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache"),
+            "GENBENCH_DDP_TIMEOUT_S": "60"}
+
+
+def bench(*args, env, timeout=300, prefix=()):
+    return subprocess.run([*prefix, sys.executable, "-m", "bench.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def job_array(cluster, tmp_path_factory):
+    """The two-run suite as a job array, uninterrupted."""
+    tmp_path = tmp_path_factory.mktemp("array")
+    suite = write_mnist_suite(tmp_path, [LONG, SHORT])
+    done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"), "--wandb",
+                 "disabled", "--no-progress", *SLURM_ARGS, env=bench_env(cluster, tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp_path, suite, done
+
+
+def final_weights(out, config_hash):
+    return torch.load(out / "checkpoints" / config_hash / "final.ckpt",
+                      weights_only=True)["state_dict"]
+
+
+def test_a_suite_as_a_job_array_records_every_run_once(job_array):
+    tmp_path, _, done = job_array
+    rows = read_rows(tmp_path / "out" / "runs.csv")
+    assert sorted(rows["variant"]) == ["long", "short"] and (rows["status"] == "ok").all()
+    assert rows["config_hash"].is_unique
+    assert "submitted 2 jobs to slurm" in done.stdout
+
+
+def test_the_job_script_asks_for_what_the_options_say(job_array):
+    tmp_path, _, _ = job_array
+    scripts = list((tmp_path / "out" / "slurm").rglob("*_submission.sh"))
+    text = scripts[0].read_text()
+    for line in ("--partition=debug", "--cpus-per-task=1", "--time=30", "--signal=USR2@90",
+                 "--array=0-1"):
+        assert f"#SBATCH {line}" in text, line
+    assert "gpus" not in text
+
+
+def test_polling_a_cluster_without_accounting_says_so_once(job_array):
+    _, _, done = job_array
+    output = done.stdout + done.stderr
+    assert "Bypassing sacct" not in output
+    assert output.count("sacct fails on this cluster (no accounting)") == 1
+
+
+def test_a_preempted_job_is_requeued_and_ends_bitwise_equal_to_an_uninterrupted_one(
+        cluster, job_array, tmp_path):
+    reference, suite, _ = job_array
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--out", str(out),
+         "--only", "^ae-long", "--wandb", "disabled", "--no-progress", *SLURM_ARGS],
+        env=bench_env(cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("checkpoints/*/last.ckpt")):
+            assert time.monotonic() < deadline and process.poll() is None, "no checkpoint came"
+            time.sleep(0.2)
+        jobs = cluster.run("squeue", "-h", "-o", "%A").stdout.split()
+        assert len(jobs) == 1, jobs
+        assert cluster.run("scancel", "--signal=USR2", jobs[0]).returncode == 0
+        # SLURM holds a requeued batch job for two minutes (its BeginTime): released at once
+        while "BeginTime" not in cluster.run("squeue", "-h", "-o", "%r").stdout:
+            assert time.monotonic() < deadline and process.poll() is None, "not requeued"
+            time.sleep(0.2)
+        assert cluster.run("scontrol", "update", f"JobId={jobs[0]}",
+                           "StartTime=now").returncode == 0
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    row = read_rows(out / "runs.csv").iloc[0]
+    assert row["status"] == "ok" and row["resumed_step"] > 0  # it resumed, mid-run
+    expected = final_weights(reference / "out", row["config_hash"])
+    got = final_weights(out, row["config_hash"])
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_ddp_run_under_srun_equals_the_local_two_process_run(cluster, tmp_path):
+    suite = write_mnist_suite(tmp_path, [{"model": "ae", "variant": "ddp", "params": TINY}],
+                              budget={"epochs": 1})
+    env = bench_env(cluster, tmp_path)
+    common = ["--suite", str(suite), "--accelerator", "cpu", "--devices", "2", "--strategy",
+              "ddp", "--wandb", "disabled", "--no-progress"]
+    under_srun = bench("run", *common, "--out", str(tmp_path / "srun"), env=env,
+                       prefix=("srun", "--nodes", "1", "--ntasks-per-node", "2",
+                               "--cpus-per-task", "1"))
+    assert under_srun.returncode == 0, under_srun.stdout[-3000:] + under_srun.stderr[-3000:]
+    local_env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    local = bench("run", *common, "--out", str(tmp_path / "local"), env=local_env)
+    assert local.returncode == 0, local.stderr[-3000:]
+    rows = [read_rows(tmp_path / out / "runs.csv").iloc[0] for out in ("srun", "local")]
+    assert rows[0]["devices"] == rows[1]["devices"] == 2
+    assert rows[0]["config_hash"] == rows[1]["config_hash"]
+    assert rows[0]["recon_mse"] == rows[1]["recon_mse"]
+    weights = [final_weights(tmp_path / out, rows[0]["config_hash"]) for out in ("srun", "local")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_srun_with_ntasks_is_refused_with_the_option_to_write_instead(cluster, tmp_path):
+    suite = write_mnist_suite(tmp_path, [{"model": "ae", "variant": "x", "params": TINY}])
+    done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"), "--devices", "2",
+                 "--strategy", "ddp", env=bench_env(cluster, tmp_path), prefix=("srun", "-n", "2"))
+    assert done.returncode != 0
+    assert done.stderr.count("write `srun --ntasks-per-node 2` instead") == 2  # each task says it
+    assert not os.path.exists(tmp_path / "out" / "rows")
