@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.defaults import (CHECKPOINT_EVERY_STEPS, SLURM_CPUS, SLURM_GPUS, SLURM_TIME_MIN,
+                            TRY_BATCHES, TRY_SAMPLE)
 from bench.errors import UserError
 from bench.process import one_line_warnings
 
@@ -39,7 +41,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_try(args: argparse.Namespace, suite, devices) -> int:
-    from bench.trial import LEAST_TRY_SAMPLE, run_try
+    from bench.defaults import LEAST_TRY_SAMPLE
+    from bench.trial import run_try
 
     cannot = [flag for flag, given in (("--force", args.force),
                                        (f"--launcher {args.launcher}", args.launcher != "local"))
@@ -455,11 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "small sample, into a scratch folder (nothing is recorded), then "
                           "print each entry's status and the full suite's estimated time on "
                           "this machine; exit 1 if an entry failed. Run it before a long suite")
-    run.add_argument("--try-batches", type=int, default=24, metavar="N",
-                     help="training batches per entry with --try (default 24)")
+    run.add_argument("--try-batches", type=int, default=TRY_BATCHES, metavar="N",
+                     help=f"training batches per entry with --try (default {TRY_BATCHES})")
     run.add_argument("--try-sample", type=int, metavar="N",
                      help="generated and real images each entry is evaluated on with --try "
-                          "(default 200; fewer check sooner and estimate worse)")
+                          f"(default {TRY_SAMPLE}; fewer check sooner and estimate worse)")
     run.add_argument("--only", metavar="REGEX", type=_regex,
                      help="run only the runs whose id (model-variant-dataset-sSEED) this "
                      "regular expression is found in: 'ae' also finds sae and vae, '^ae-' "
@@ -477,15 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
                      default="local", help="slurm: submit the runs as a SLURM job array "
                      "through submitit (submitit-local: the same on this machine)")
     run.add_argument("--slurm-partition", help="SLURM partition")
-    run.add_argument("--slurm-time", type=int, default=240, metavar="MIN",
-                     help="time limit per job in minutes (default 240)")
-    run.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1)")
-    run.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
+    run.add_argument("--slurm-time", type=int, default=SLURM_TIME_MIN, metavar="MIN",
+                     help=f"time limit per job in minutes (default {SLURM_TIME_MIN})")
+    run.add_argument("--slurm-gpus", type=int, default=SLURM_GPUS,
+                     help=f"GPUs per job (default {SLURM_GPUS})")
+    run.add_argument("--slurm-cpus", type=int, default=SLURM_CPUS,
+                     help=f"CPUs per job (default {SLURM_CPUS})")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
-    # the default lives in bench.runner, which this light module must not import
     run.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
-                     help="save a resumable checkpoint every STEPS steps (default 1000)")
+                     help="save a resumable checkpoint every STEPS steps (default "
+                          f"{CHECKPOINT_EVERY_STEPS})")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (they are on when stderr is a terminal)")
     run.set_defaults(func=cmd_run)

@@ -32,7 +32,9 @@ from bench.process import prepare_run_process
 from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
                            made_on, read_rows)
 from bench.evaluate import EvalSettings
-from bench.runner import (CHECKPOINT_EVERY_STEPS, STOP, RunOptions, evaluate_checkpoint,
+from bench.defaults import (CHECKPOINT_EVERY_STEPS, SLURM_CPUS, SLURM_GPUS, SLURM_MAX_PARALLEL,
+                            SLURM_TIME_MIN)
+from bench.runner import (STOP, RunOptions, evaluate_checkpoint,
                           evaluated_row, git_commit, run_one)
 from bench.suite import RunSpec, Suite
 from bench.tracking import choose_wandb_mode, log_suite_summary
@@ -160,10 +162,10 @@ class QuietSacct(logging.Filter):
 @dataclass
 class SlurmOptions:
     partition: str | None = None
-    time_min: int = 240
-    gpus_per_job: int = 1
-    cpus_per_job: int = 8
-    max_parallel: int = 64
+    time_min: int = SLURM_TIME_MIN
+    gpus_per_job: int = SLURM_GPUS
+    cpus_per_job: int = SLURM_CPUS
+    max_parallel: int = SLURM_MAX_PARALLEL
     cluster: str | None = None  # None: SLURM; "local": submitit's local executor (tests)
 
 

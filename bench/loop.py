@@ -31,6 +31,7 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from torch import Tensor
 
+from bench.defaults import CHECKPOINT_EVERY_STEPS
 from bench.errors import UserError, unknown_key
 from datamodules.image import stream_seed
 
@@ -77,7 +78,7 @@ class LoopSettings:
     accumulate_grad_batches: int = 1
     channels_last: bool = False
     compile: bool = False
-    checkpoint_every: int = 1000  # training batches between resumable checkpoints
+    checkpoint_every: int = CHECKPOINT_EVERY_STEPS
     warmup_batches: int = WARMUP_BATCHES
     divergence_every: int = DIVERGENCE_EVERY_BATCHES
 

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from bench.defaults import CHECKPOINT_EVERY_STEPS
 from bench.errors import UserError
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
@@ -39,9 +40,6 @@ from datamodules import ImageDataModule
 from modules import MODELS
 from modules.nets import count_parameters
 
-# Training batches between resumable checkpoints: a save is cheap next to a thousand steps of
-# any family, and a crash loses at most that many.
-CHECKPOINT_EVERY_STEPS = 1000
 
 
 @dataclass

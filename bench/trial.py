@@ -20,18 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.defaults import TRY_BATCHES, TRY_SAMPLE
 from bench.evaluate import EvalSettings
 from bench.runner import RunOptions, run_one
 from bench.suite import RunSpec, Suite
+from datamodules.image import BATCH_SIZE
 
-TRY_BATCHES = 24
-# Generated and real images the evaluation is tried on: enough for every metric to run (KID
-# subsets, k-NN neighbourhoods) and for its per-image cost to be the full run's, small enough to
-# take seconds. `--try-sample` sets it (a smaller one checks the path sooner, estimates worse).
-TRY_SAMPLE = 200
-# Below this many images the k-NN figures (precision/recall, density/coverage with their
-# neighbourhood of 5) have no neighbourhood to draw.
-LEAST_TRY_SAMPLE = 8
 # IW-NLL's cost per importance sample falls as its batches fill (the decoder runs on images x
 # samples at once): at the default sample the trial takes at least this many samples in all
 # (at least one image), so that its per-sample cost is the full evaluation's; a smaller
@@ -73,7 +67,7 @@ def budget_batches(spec: RunSpec) -> int:
 def estimate(spec: RunSpec, row: dict, tried_batches: int, warmup: int) -> dict:
     """Seconds per batch and per evaluated item in the trial, and the full entry's seconds."""
     settings = EvalSettings.from_dict(spec.eval)
-    batch_size = spec.data.get("batch_size", 128)
+    batch_size = spec.data.get("batch_size", BATCH_SIZE)
     per_batch = batch_size / row["train_img_per_s"]
     train_s = per_batch * budget_batches(spec)
     eval_s = row.get("eval_s", 0.0) or 0.0

@@ -140,6 +140,8 @@ class TensorBatches:
 
 # Offsets of the fixed evaluation binarisations from the split seed (one draw per split).
 EVAL_DRAW = {"val": 1, "test": 2, "train": 3}
+BATCH_SIZE = 128  # training images per batch, unless a suite's data: says otherwise
+EVAL_BATCH_SIZE = 1000  # images per batch in evaluation (no gradients: larger)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -153,8 +155,8 @@ class ImageDataModule(L.LightningDataModule):
     """
 
     def __init__(self, dataset: str = "fashion_mnist", data_dir: str | None = None,
-                 root: str | None = None, download: bool = False, batch_size: int = 128,
-                 eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
+                 root: str | None = None, download: bool = False, batch_size: int = BATCH_SIZE,
+                 eval_batch_size: int = EVAL_BATCH_SIZE, val_size: int = 5000, split_seed: int = 0,
                  binarize: bool = False, train_subset: int | None = None,
                  test_subset: int | None = None, own_files: bool = False,
                  seed: int = 0) -> None:  # pragma: no mutate block

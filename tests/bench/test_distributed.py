@@ -15,6 +15,7 @@ from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
 from modules.steps import FitsLatentDensity
 from tests.data_files import write_mnist_suite
+from tests.slurm_cluster import unavailable as slurm_unavailable
 
 EVAL = {"n_fake": 200, "kid_subset_size": 100, "features": "classifier",
         "iw_k": 4, "iw_images": 50, "generation": True}
@@ -154,8 +155,11 @@ def test_parallel_runs_each_append_one_row(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(slurm_unavailable() is None,
+                    reason="a real SLURM runs the job array here (tests/bench/test_slurm.py)")
 def test_slurm_launcher_runs_the_job_array_and_collects_rows(tmp_path):
-    """submitit's local executor stands in for SLURM: same job array, same pickled jobs."""
+    """Where no real SLURM can be brought up, submitit's local executor stands in for it: the
+    same job array, the same pickled jobs."""
     suite = write_suite(tmp_path, {"a": "ae", "b": "sae"})
     done = bench("run", "--suite", str(suite), "--out", str(tmp_path / "out"),
                  "--launcher", "submitit-local", "--slurm-gpus", "0", "--slurm-cpus", "1",

@@ -115,7 +115,7 @@ def synthetic_data_and_inception(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smoke", "default", "paper", "gan"])
+@pytest.mark.parametrize("name", ["smoke", "default", "paper", "gan", "vqvae"])
 def test_every_entry_of_a_shipped_suite_trains_and_evaluates(name, synthetic_data_and_inception,
                                                             tmp_path, monkeypatch, capsys):
     """What a user runs before a long suite, on every shipped suite: each entry's model, data,
