@@ -9,10 +9,10 @@ loses only its own run and the parent only has to wait.
 from __future__ import annotations
 
 import functools
-import logging
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -140,23 +140,15 @@ class RequeueableSpecJob(submitit.helpers.Checkpointable):
         return run_spec_job(*args)
 
 
-class QuietSacct(logging.Filter):
-    """submitit reads job states with sacct and warns twice a poll, "Bypassing sacct error ...
-    status may be inaccurate", on a cluster without accounting (common in small labs). Said
-    once here, in words: the jobs' result files tell when they end, so nothing is lost."""
-
-    def __init__(self, log) -> None:
-        super().__init__()
-        self.log, self.said = log, False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "Bypassing sacct error" not in record.getMessage():
-            return True
-        if not self.said:
-            self.said = True
-            self.log("  sacct fails on this cluster (no accounting): submitit learns that a job "
-                     "ended from its result file, and shows no job states")
+def sacct_works() -> bool:
+    """Whether this cluster keeps accounting: submitit reads job states with sacct, which
+    fails without it (common in small labs), once per poll, with a warning each time."""
+    try:
+        probe = subprocess.run(["sacct", "-n", "-X", "-S", "now", "--format=JobID"],
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
         return False
+    return probe.returncode == 0
 
 
 @dataclass
@@ -186,16 +178,26 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, log
         if slurm.partition:
             parameters["slurm_partition"] = slurm.partition
     executor.update_parameters(**parameters)
-    quiet = QuietSacct(log)
-    logging.getLogger("submitit").addFilter(quiet)
+    accounting = executor.cluster != "slurm" or sacct_works()
+    if accounting:
+        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, log, accounting)
+    log("  sacct fails on this cluster (no accounting): a job's end is read from its result "
+        "file, and from squeue for a job killed before it wrote one")
+    from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
+
+    class NoSacct(SlurmInfoWatcher):
+        def _make_command(self):  # nothing to ask: submitit reads the result files
+            return None
+
+    watcher, SlurmJob.watcher = SlurmJob.watcher, NoSacct(delay_s=600)
     try:
-        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, log)
+        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, log, accounting)
     finally:
-        logging.getLogger("submitit").removeFilter(quiet)
+        SlurmJob.watcher = watcher
 
 
 def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, commit: str,
-                  log) -> list[dict]:
+                  log, accounting: bool = True) -> list[dict]:
     """Submit the specs as a job array and collect their rows as the jobs end."""
     n = len(specs)
     jobs = executor.map_array(RequeueableSpecJob(), specs, [suite] * n, [str(out_dir)] * n,
@@ -205,6 +207,8 @@ def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, co
     rows = []
     for spec, job in zip(specs, jobs):
         try:
+            if not accounting:  # whether the job is still there, squeue tells
+                wait_without_accounting(job)
             row = job.result()
             if row is not None:
                 rows.append(row)
@@ -212,6 +216,31 @@ def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, co
         except Exception as err:  # submitit re-raises the job's exception here
             log(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
     return rows
+
+
+# squeue is asked this often at most, and a job missing from it this many times in a row with
+# no result file has gone (a result file written at the job's end may take a while to show on
+# a shared filesystem)
+SQUEUE_EVERY_S = 10
+SQUEUE_ABSENT_TIMES = 2
+
+
+def wait_without_accounting(job) -> None:
+    """Wait for a job where sacct fails. submitit then knows a job ended only from its result
+    file, and waits forever for one that a SIGKILL (out of memory, a node lost, scancel -s KILL)
+    ended without writing it: a job missing from squeue, with no result file, has ended so."""
+    absent = 0
+    while not job.done():
+        listed = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%i"],
+                                capture_output=True, text=True)
+        absent = absent + 1 if listed.returncode == 0 and not listed.stdout.strip() else 0
+        if absent >= SQUEUE_ABSENT_TIMES and not job.done():
+            raise RuntimeError(f"the job left the queue without a result (killed: out of "
+                               f"memory, a lost node, scancel -s KILL?); its log: "
+                               f"{job.paths.stderr}")
+        deadline = time.monotonic() + SQUEUE_EVERY_S
+        while time.monotonic() < deadline and not job.done():
+            time.sleep(1)
 
 
 def one_line(row: dict) -> str:

@@ -152,6 +152,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
                               capture_output=True, text=True, **kwargs)
 
     def stop(self) -> None:
+        if self.processes:  # jobs first: their processes would outlive slurmd
+            self.run("scancel", "--full", "--signal=KILL", "--partition", "debug")
+            self.run("scancel", "--partition", "debug")
+            deadline = time.monotonic() + 15
+            while self.run("squeue", "-h").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.2)
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()

@@ -3,6 +3,7 @@ where it cannot): a suite as a job array, a preempted job requeued and resumed e
 run under srun, and the error for `srun --ntasks`."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,10 +78,10 @@ def test_the_job_script_asks_for_what_the_options_say(job_array):
     assert "gpus" not in text
 
 
-def test_polling_a_cluster_without_accounting_says_so_once(job_array):
+def test_a_cluster_without_accounting_is_said_once_and_sacct_not_polled(job_array):
     _, _, done = job_array
     output = done.stdout + done.stderr
-    assert "Bypassing sacct" not in output
+    assert "Bypassing sacct" not in output and "accounting storage is disabled" not in output
     assert output.count("sacct fails on this cluster (no accounting)") == 1
 
 
@@ -149,3 +150,32 @@ def test_srun_with_ntasks_is_refused_with_the_option_to_write_instead(cluster, t
     assert done.returncode != 0
     assert done.stderr.count("write `srun --ntasks-per-node 2` instead") == 2  # each task says it
     assert not os.path.exists(tmp_path / "out" / "rows")
+
+
+def test_a_job_killed_without_a_result_is_reported_instead_of_awaited(cluster, job_array,
+                                                                      tmp_path):
+    """Without accounting submitit learns that a job ended from its result file only; a job
+    SIGKILLed (out of memory, a lost node) writes none, and bench run must not wait forever."""
+    _, suite, _ = job_array
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--out", str(out),
+         "--only", "^ae-long", "--wandb", "disabled", "--no-progress", *SLURM_ARGS],
+        env=bench_env(cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("checkpoints/*/last.ckpt")):
+            assert time.monotonic() < deadline and process.poll() is None, "no checkpoint came"
+            time.sleep(0.2)
+        # the job's Python, as the out-of-memory killer would (one node: a process here)
+        task = subprocess.run(["pgrep", "-f", rf"^\S*python\S* -u -m submitit.core._submit {out}"],
+                              capture_output=True, text=True).stdout.split()
+        assert len(task) == 1, task
+        os.kill(int(task[0]), signal.SIGKILL)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert "FAILED: ae-long-mnist-s0" in output and "left the queue without a result" in output, \
+        output
+    assert not (out / "rows").exists()
