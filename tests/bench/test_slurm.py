@@ -60,6 +60,23 @@ def final_weights(out, config_hash):
                       weights_only=True)["state_dict"]
 
 
+def long_run_at_its_first_checkpoint(cluster, suite, out, tmp_path):
+    """`bench run` of the long run as a job, in the background, once it has a checkpoint; and
+    the time by which the rest of the test must have happened."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--out", str(out),
+         "--only", "^ae-long", "--wandb", "disabled", "--no-progress", *SLURM_ARGS],
+        env=bench_env(cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("checkpoints/*/last.ckpt")):
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            pytest.fail(f"no checkpoint came: {process.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    return process, deadline
+
+
 def test_a_suite_as_a_job_array_records_every_run_once(job_array):
     tmp_path, _, done = job_array
     rows = read_rows(tmp_path / "out" / "runs.csv")
@@ -89,16 +106,8 @@ def test_a_preempted_job_is_requeued_and_ends_bitwise_equal_to_an_uninterrupted_
         cluster, job_array, tmp_path):
     reference, suite, _ = job_array
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--out", str(out),
-         "--only", "^ae-long", "--wandb", "disabled", "--no-progress", *SLURM_ARGS],
-        env=bench_env(cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    process, deadline = long_run_at_its_first_checkpoint(cluster, suite, out, tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("checkpoints/*/last.ckpt")):
-            assert time.monotonic() < deadline and process.poll() is None, "no checkpoint came"
-            time.sleep(0.2)
         jobs = cluster.run("squeue", "-h", "-o", "%A").stdout.split()
         assert len(jobs) == 1, jobs
         assert cluster.run("scancel", "--signal=USR2", jobs[0]).returncode == 0
@@ -158,16 +167,8 @@ def test_a_job_killed_without_a_result_is_reported_instead_of_awaited(cluster, j
     SIGKILLed (out of memory, a lost node) writes none, and bench run must not wait forever."""
     _, suite, _ = job_array
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--out", str(out),
-         "--only", "^ae-long", "--wandb", "disabled", "--no-progress", *SLURM_ARGS],
-        env=bench_env(cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    process, deadline = long_run_at_its_first_checkpoint(cluster, suite, out, tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("checkpoints/*/last.ckpt")):
-            assert time.monotonic() < deadline and process.poll() is None, "no checkpoint came"
-            time.sleep(0.2)
         # the job's Python, as the out-of-memory killer would (one node: a process here)
         task = subprocess.run(["pgrep", "-f", rf"^\S*python\S* -u -m submitit.core._submit {out}"],
                               capture_output=True, text=True).stdout.split()
