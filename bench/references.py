@@ -105,6 +105,7 @@ def reference_table(rows: pd.DataFrame, references: list[Reference]) -> pd.DataF
             "metric": ref.metric, "ours": values.mean(), "seeds": int(values.count()),
             "reference": ref.value if matches else None,
             "gap": values.mean() - ref.value if matches else None,
-            "setup": ("shortened: " + ref.shortened) if ref.shortened else "as cited",
-            "source": ref.source if matches else "setting differs: " + "; ".join(differences)})
+            "setup": ("setting differs: " + "; ".join(differences) if not matches
+                      else "shortened: " + ref.shortened if ref.shortened else "as cited"),
+            "source": ref.source})
     return pd.DataFrame(lines)

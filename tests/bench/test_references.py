@@ -30,7 +30,7 @@ def test_a_matching_setting_shows_the_reference_and_the_gap():
 def test_a_sample_count_mismatch_shows_no_reference(provenance, differs):
     [line] = reference_table(runs(**provenance), [CITED]).to_dict("records")
     assert line["reference"] is None and line["gap"] is None and line["ours"] == 88.5
-    assert line["source"].startswith("setting differs: ") and differs in line["source"]
+    assert line["setup"].startswith("setting differs: ") and differs in line["setup"]
 
 
 def test_an_extractor_mismatch_shows_no_reference():
@@ -40,7 +40,7 @@ def test_an_extractor_mismatch_shows_no_reference():
                              n_real=10000, features="genbench-cnn-cifar10-1234abcd")])
     [line] = reference_table(ours, [cited]).to_dict("records")
     assert line["reference"] is None
-    assert "features: genbench-cnn-cifar10-1234abcd vs inception-v3-compat" in line["source"]
+    assert "features: genbench-cnn-cifar10-1234abcd vs inception-v3-compat" in line["setup"]
 
 
 def test_one_run_measured_otherwise_is_enough_to_withhold_the_reference():
@@ -68,3 +68,12 @@ def test_a_reference_with_an_unknown_metric_names_the_entry(tmp_path):
     with pytest.raises(ReferenceError,
                        match=rf"refs.yaml, entry {appended}: unknown metric 'fidd'"):
         load_references(path)
+
+
+@pytest.mark.parametrize("epochs, shown", [(3280, True), (2, False)])
+def test_burdas_figures_show_only_beside_runs_of_their_3280_passes(epochs, shown):
+    """paper-1h trains Burda's entries for 2 passes: a figure of 3,280 is not beside them."""
+    shipped = [r for r in load_references() if r.variant == "binarized-mlp"]
+    [line] = reference_table(runs(epochs=epochs), shipped).to_dict("records")
+    assert (line["reference"] == 86.76) is shown
+    assert ("epochs: 2 vs 3280" in line["setup"]) is not shown

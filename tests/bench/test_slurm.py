@@ -180,3 +180,37 @@ def test_a_job_killed_without_a_result_is_reported_instead_of_awaited(cluster, j
     assert "FAILED: ae-long-mnist-s0" in output and "left the queue without a result" in output, \
         output
     assert not (out / "rows").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("GENBENCH_SLURM_TIME_LIMIT"),
+                    reason="minutes long: set GENBENCH_SLURM_TIME_LIMIT=1 to run it")
+def test_a_job_at_its_time_limit_is_requeued_until_done_and_ends_bitwise_equal(cluster,
+                                                                               tmp_path):
+    """A 2-minute limit: SLURM sends USR2 90 s before it (submitit's --signal=USR2@90), so
+    each attempt trains about 20 s, checkpoints and is requeued, until the run is done."""
+    suite = write_mnist_suite(tmp_path, [{**LONG, "budget": {"epochs": 3000}}])
+    env = bench_env(cluster, tmp_path)
+    common = ["--suite", str(suite), "--wandb", "disabled", "--no-progress",
+              *SLURM_ARGS[:-4], "--checkpoint-every", "100000"]
+    whole = bench("run", *common, "--out", str(tmp_path / "whole"), "--slurm-time", "30",
+                  env=env, timeout=600)
+    assert whole.returncode == 0, whole.stdout[-3000:]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", *common, "--out", str(tmp_path / "limited"),
+         "--slurm-time", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    requeues, deadline = 0, time.monotonic() + 900
+    while process.poll() is None and time.monotonic() < deadline:
+        if "BeginTime" in cluster.run("squeue", "-h", "-o", "%r").stdout:  # held 2 minutes
+            job = cluster.run("squeue", "-h", "-o", "%A").stdout.split()[0]
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            requeues += 1
+        time.sleep(1)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0 and requeues >= 1, output[-3000:]
+    row = read_rows(tmp_path / "limited" / "runs.csv").iloc[0]
+    assert row["resumed_step"] > 0
+    expected = final_weights(tmp_path / "whole", row["config_hash"])
+    got = final_weights(tmp_path / "limited", row["config_hash"])
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

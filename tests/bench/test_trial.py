@@ -132,10 +132,14 @@ def test_every_entry_of_a_shipped_suite_trains_and_evaluates(name, synthetic_dat
         standing_in_for(monkeypatch, dataset, root / folder)
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    # the paper suite's Fashion-MNIST entries are its MNIST entries on another dataset, which
+    # the default and gan suites try (and Inception features, on CPU, are most of the time)
+    only = ["--only", "^(?!.*fashion_mnist)"] if name == "paper" else []
     status = main(["run", "--suite", name, "--out", str(tmp_path / "out"), "--try",
-                   "--try-batches", "2", "--try-sample", "8", "--no-progress"])
+                   "--try-batches", "2", "--try-sample", "8", "--no-progress", *only])
     out = capsys.readouterr().out
-    entries = {spec.run_id.rsplit("-s", 1)[0] for spec in load_suite(name).specs}
+    entries = {spec.run_id.rsplit("-s", 1)[0] for spec in load_suite(name).specs
+               if not only or "fashion_mnist" not in spec.run_id}
     assert status == 0, out
     assert f"{len(entries)} of {len(entries)} entries ok" in out
     assert not holds_table(tmp_path / "out")
