@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ import pandas as pd
 
 from bench.errors import UserError
 from bench.compare import compare, judged_metrics
-from bench.launch import run_suite
+from bench.launch import PROGRESS, run_suite
 from bench.results import read_rows
 from bench.suite import load_suite
 
@@ -93,6 +94,22 @@ def disjoint_seed_sets(pool: list[int], size: int, draws: int,
     return pairs
 
 
+class BriefProgress(logging.Handler):
+    """A calibration's few lines from the suites' progress events: how many runs are to do, and
+    each one as it starts."""
+
+    def __init__(self, log) -> None:
+        super().__init__()
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "event", None)
+        if event == "suite_planned":
+            self.log(f"  suite {record.suite}: {record.pending} of {record.total} runs to do")
+        elif event == "run_started":
+            self.log(f"  [{record.index}/{record.total}] {record.run_id}")
+
+
 def _run(suite_name: str, seeds: list[int], out: Path, change=None, log=print) -> pd.DataFrame:
     """The suite (or, with a plant, its family's entries changed) at `seeds` into `out`, runs
     already there skipped; its rows at those seeds (the folder may hold more: a calibration
@@ -103,11 +120,12 @@ def _run(suite_name: str, seeds: list[int], out: Path, change=None, log=print) -
         suite.specs = [dataclasses.replace(s, params=edit(dict(s.params)))
                        for s in suite.specs if s.model == family]
 
-    def brief(message: str) -> None:  # how many runs are to do, and each one as it starts
-        if "runs to do" in message or (message.startswith("[") and "skipped" not in message):
-            log("  " + message.split(" -> ")[0])
-
-    run_suite(suite, out, wandb_mode="disabled", progress=False, log=brief)
+    brief = BriefProgress(log)
+    PROGRESS.addHandler(brief)
+    try:
+        run_suite(suite, out, wandb_mode="disabled", progress=False, log=lambda m: None)
+    finally:
+        PROGRESS.removeHandler(brief)
     rows = read_rows(out / "runs.csv")
     return rows[rows["seed"].isin(seeds)].reset_index(drop=True)
 

@@ -9,6 +9,7 @@ loses only its own run and the parent only has to wait.
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import os
 import re
@@ -54,6 +55,19 @@ def claim(out_dir: Path, spec):
     except Timeout:
         return None
     return lock
+
+
+# A suite's progress as events, for programs that follow it (bench calibrate): records of the
+# logger "genbench.progress" carry `event` and its fields, so that no one parses the lines
+# people read (those go to `log`). Rank zero's only.
+PROGRESS = logging.getLogger("genbench.progress")
+PROGRESS.setLevel(logging.INFO)
+
+
+def progress_event(event: str, **fields) -> None:
+    """`suite_planned` (suite, pending, total) once a suite knows its runs; `run_started`
+    (index, total, run_id) as each run of this process starts."""
+    PROGRESS.info("%s %s", event, fields, extra={"event": event, **fields})
 
 
 def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str,
@@ -261,6 +275,8 @@ def run_here(specs, suite, out_dir: Path, options: RunOptions, commit: str,
     STOP.install()
     for i, spec in enumerate(specs, 1):
         log(f"[{i}/{len(specs)}] {spec.run_id} (config {spec.config_hash})")
+        if rank_zero_only.rank == 0:
+            progress_event("run_started", index=i, total=len(specs), run_id=spec.run_id)
         row = run_claimed(spec, suite, out_dir, options, commit, log)
         if row is None:
             left.append(spec.run_id)
@@ -367,6 +383,9 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     started = time.perf_counter()
     say(f"suite {suite.name}: {len(plan.pending)} of {len(plan.specs)} runs to do -> "
         f"{plan.csv_path} (W&B {mode})")
+    if zero:
+        progress_event("suite_planned", suite=suite.name, pending=len(plan.pending),
+                       total=len(plan.specs))
     rows = run(plan.pending, suite, plan.out_dir, options, git_commit(), say)
     if not zero:
         return pd.DataFrame(rows)

@@ -88,3 +88,27 @@ def test_settings_that_cannot_measure_say_so_before_anything_runs(tmp_path, seed
         run_calibration(seeds=seeds, null_sets=null_sets, draws=draws, out=tmp_path / "c",
                         log=lambda m: None)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.integration
+def test_a_calibrations_lines_come_from_the_suites_progress_events(tmp_path, monkeypatch):
+    from bench.calibrate import BriefProgress
+    from bench.launch import PROGRESS, run_suite
+    from bench.suite import load_suite
+    from tests.data_files import write_mnist_suite
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    suite = load_suite(str(write_mnist_suite(
+        tmp_path, [{"model": "ae", "variant": "x", "params": {"hidden": 8, "latent_dim": 2}}],
+        budget={"epochs": 1})))
+    lines = []
+    brief = BriefProgress(lines.append)
+    PROGRESS.addHandler(brief)
+    try:
+        for _ in range(2):  # the second finds the run done
+            run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False,
+                      log=lambda m: None)
+    finally:
+        PROGRESS.removeHandler(brief)
+    assert lines == ["  suite tiny: 1 of 1 runs to do", "  [1/1] ae-x-mnist-s0",
+                     "  suite tiny: 0 of 1 runs to do"]
