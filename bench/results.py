@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -121,10 +122,21 @@ def _write_row_file(folder: Path, row: dict, order: int | None = None) -> Path:
     return path
 
 
+_ROW_NAME = re.compile(r"\d{20}-[^-]+-[^-]+-[^-]+\.json")
+
+
 def _row_files(folder: Path) -> list[str]:
-    """The folder's row files' names, in the order of their rows."""
-    return sorted(e.name for e in os.scandir(folder)
-                  if e.name.endswith(_ROW_SUFFIX) and not e.name.startswith("."))
+    """The folder's row files' names, in the order of their rows (other files are not rows:
+    a temporary one being written, a note someone left)."""
+    return sorted(e.name for e in os.scandir(folder) if _ROW_NAME.fullmatch(e.name))
+
+
+def _read_row_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable row ({err}); move it out of {path.parent.name}/ "
+                        "(its run is then not recorded) or put the run's row back") from None
 
 
 def _convert_legacy(csv_path: Path) -> None:
@@ -174,7 +186,7 @@ def collect_rows(csv_path: Path) -> str:
     view: genbench reads the rows, not the view)."""
     folder = rows_dir(csv_path)
     names = _row_files(folder)
-    records = [json.loads((folder / name).read_text()) for name in names]
+    records = [_read_row_file(folder / name) for name in names]
     table = pd.DataFrame.from_records(records)
     text = table.to_csv(index=False) if len(table.columns) else ""
     stamp = folder / ".collected"
@@ -265,7 +277,7 @@ def eval_failed_rows(csv_path: Path) -> dict[str, dict]:
         if not failed:
             return {}
         rows = _parse_csv(pd.DataFrame.from_records(
-            [json.loads((rows_dir(csv_path) / n).read_text()) for n in failed.values()]
+            [_read_row_file(rows_dir(csv_path) / n) for n in failed.values()]
         ).to_csv(index=False), csv_path)
         return {str(r["config_hash"]): r.to_dict() for _, r in rows.iterrows()}
     rows = latest_runs(read_rows(csv_path))

@@ -287,3 +287,15 @@ def test_a_run_whose_evaluation_failed_is_not_done_and_takes_its_finished_row(tm
     assert done_hashes(path) == set()
     assert append_row(path, row(seed=0, recon_mse=0.1))
     assert done_hashes(path) == {"aemlpmnist0"}
+
+
+def test_a_file_that_is_not_a_row_is_passed_over_and_a_broken_row_named(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_row(path, row(seed=0))
+    (tmp_path / "rows" / "README.json").write_text("{}")  # not a row's name: not a row
+    assert len(read_rows(path)) == 1
+    broken = tmp_path / "rows" / "00000000000000000005-h1-ok-abc.json"
+    broken.write_text('{"seed": ')
+    with pytest.raises(UserError, match=r"00000000000000000005-h1-ok-abc.json: not a readable "
+                                        r"row .*move it out of rows/"):
+        read_rows(path)
