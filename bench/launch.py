@@ -197,6 +197,8 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, log
         return wait_for_jobs(executor, specs, suite, out_dir, options, commit, log, accounting)
     log("  sacct fails on this cluster (no accounting): a job's end is read from its result "
         "file, and from squeue for a job killed before it wrote one")
+    # submitit has no option to leave sacct alone: its SLURM jobs share one class-level watcher,
+    # whose command (a private method) is None when there is nothing to ask
     from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
     class NoSacct(SlurmInfoWatcher):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -25,7 +24,6 @@ import uuid
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bench.errors import UserError
@@ -65,14 +63,17 @@ def _unique_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
-    """Write CSV and parquet to temporary files, then rename: a crash, or another process
-    writing the same view, leaves a whole table."""
+def _write_atomic(df: pd.DataFrame, csv_path: Path, text: str | None = None) -> None:
+    """Write CSV (`text`, where the caller has it already) and parquet to temporary files, then
+    rename: a crash, or another process writing the same view, leaves a whole table."""
     tmp_csv = _unique_tmp(csv_path)
     parquet = csv_path.with_suffix(".parquet")
     tmp_parquet = _unique_tmp(parquet)
     try:
-        df.to_csv(tmp_csv, index=False)
+        if text is None:
+            df.to_csv(tmp_csv, index=False)
+        else:
+            tmp_csv.write_text(text)
         # parquet needs one type per column; object columns holding mixed values become strings
         df.astype({c: "string" for c in df.columns if df[c].dtype == object}).to_parquet(
             tmp_parquet, index=False)
@@ -81,19 +82,6 @@ def _write_atomic(df: pd.DataFrame, csv_path: Path) -> None:
     finally:
         tmp_csv.unlink(missing_ok=True)
         tmp_parquet.unlink(missing_ok=True)
-
-
-def _json_value(value):
-    """A row's value as JSON holds it: numpy scalars as Python's, NaN and None as null."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return str(value)
 
 
 def row_file_name(row: dict, order: int | None = None) -> str:
@@ -115,7 +103,9 @@ def _write_row_file(folder: Path, row: dict, order: int | None = None) -> Path:
     path = folder / row_file_name(row, order)
     tmp = _unique_tmp(path)
     try:
-        tmp.write_text(json.dumps({k: _json_value(v) for k, v in row.items()}))
+        # numpy scalars and the like as their text: every row is read back through CSV text
+        # (`_records_csv`), which gives each column the type it has in a runs.csv
+        tmp.write_text(json.dumps(row, default=str))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -180,20 +170,25 @@ def append_row(csv_path: Path, row: dict, unique: bool = True) -> bool:
     return True
 
 
+def _records_csv(records: list[dict]) -> tuple[pd.DataFrame, str]:
+    """Rows as a frame and as CSV text; the text is what bench parses, as it parses a runs.csv,
+    so that a row read from its file has the types it has in the table."""
+    table = pd.DataFrame.from_records(records)
+    return table, (table.to_csv(index=False) if len(table.columns) else "")
+
+
 def collect_rows(csv_path: Path) -> str:
     """The table of a folder's row files as CSV text, and the view (runs.csv, runs.parquet)
     written again when rows came since it was (a folder that cannot be written keeps its old
     view: genbench reads the rows, not the view)."""
     folder = rows_dir(csv_path)
     names = _row_files(folder)
-    records = [_read_row_file(folder / name) for name in names]
-    table = pd.DataFrame.from_records(records)
-    text = table.to_csv(index=False) if len(table.columns) else ""
+    table, text = _records_csv([_read_row_file(folder / name) for name in names])
     stamp = folder / ".collected"
     seen = f"{len(names)} {names[-1] if names else ''}"
     try:
         if not csv_path.is_file() or not stamp.is_file() or stamp.read_text() != seen:
-            _write_atomic(table, csv_path)
+            _write_atomic(table, csv_path, text)
             tmp = _unique_tmp(stamp)
             tmp.write_text(seen)
             os.replace(tmp, stamp)
@@ -260,7 +255,8 @@ def done_hashes(csv_path: Path) -> set[str]:
     where it has them."""
     csv_path = Path(csv_path)
     if _has_row_files(csv_path):
-        return {config_hash for config_hash, status in map(_parse_name, _row_files(rows_dir(csv_path)))
+        names = _row_files(rows_dir(csv_path))
+        return {config_hash for config_hash, status in map(_parse_name, names)
                 if status in FINISHED}
     return finished_hashes(read_rows(csv_path))
 
@@ -276,9 +272,8 @@ def eval_failed_rows(csv_path: Path) -> dict[str, dict]:
         failed = {h: n for h, n in latest.items() if _parse_name(n)[1] == "eval_failed"}
         if not failed:
             return {}
-        rows = _parse_csv(pd.DataFrame.from_records(
-            [_read_row_file(rows_dir(csv_path) / n) for n in failed.values()]
-        ).to_csv(index=False), csv_path)
+        _, text = _records_csv([_read_row_file(rows_dir(csv_path) / n) for n in failed.values()])
+        rows = _parse_csv(text, csv_path)
         return {str(r["config_hash"]): r.to_dict() for _, r in rows.iterrows()}
     rows = latest_runs(read_rows(csv_path))
     if rows.empty or "status" not in rows:

@@ -4,7 +4,6 @@ its loss term or by exponential moving averages; samples come from a prior over 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +69,12 @@ def farthest_point_rows(vectors: Tensor, k: int) -> Tensor:
     return vectors[chosen]
 
 
-def codebook_perplexity(counts: Tensor) -> float:
-    """exp(-sum_j p_j log p_j), p_j the share of the vectors assigned to code j: the number of
-    codes a uniform use of the same entropy would need (1 for one code, K for all K equally)."""
+def codebook_perplexity(counts: Tensor) -> Tensor:
+    """exp(-sum_j p_j log p_j), p_j the share of the vectors assigned to code j (0 log 0 = 0):
+    the number of codes a uniform use of the same entropy would need (1 for one code, K for all
+    K equally). A tensor on the counts' device: training logs it without a copy to the host."""
     p = counts.double() / counts.sum()
-    return math.exp(-(p * p.log()).nan_to_num().sum().item())
+    return torch.special.xlogy(p, p).sum().neg().exp()
 
 
 def dead_codes(counts: Tensor) -> int:
@@ -209,7 +209,7 @@ class VQVAE(FitsLatentDensity, LossSteps):
             self._update_codebook(flat.detach(), indices)
         counts = torch.bincount(indices, minlength=hp.codebook_size)
         return {"loss": loss, **terms,
-                "perplexity": torch.tensor(codebook_perplexity(counts), device=x.device)}
+                "perplexity": codebook_perplexity(counts).to(loss.dtype)}
 
     @torch.no_grad()
     def _update_codebook(self, vectors: Tensor, indices: Tensor) -> None:
@@ -317,4 +317,5 @@ class VQVAE(FitsLatentDensity, LossSteps):
         for x, _ in batches:
             counts.update(self.code_indices(x.to(self.device)))
         total = counts.compute()
-        return {"codebook_perplexity": codebook_perplexity(total), "dead_codes": dead_codes(total)}
+        return {"codebook_perplexity": codebook_perplexity(total).item(),
+                "dead_codes": dead_codes(total)}

@@ -72,7 +72,7 @@ def test_ema_codes_converge_to_the_mean_of_the_vectors_assigned_to_them():
                                                                              + 0.25 * math.log(0.25))), 2)])
 def test_codebook_perplexity_and_dead_codes(counts, perplexity, dead):
     counts = torch.tensor(counts)
-    assert codebook_perplexity(counts) == pytest.approx(perplexity)
+    assert codebook_perplexity(counts).item() == pytest.approx(perplexity)
     assert dead_codes(counts) == dead
 
 
@@ -168,7 +168,7 @@ def test_own_metrics_count_the_test_splits_codes():
     indices = model.code_indices(images)
     counts = torch.bincount(indices.flatten(), minlength=4)
     figures = model.own_metrics([(images[:4], None), (images[4:], None)])
-    assert figures == {"codebook_perplexity": pytest.approx(codebook_perplexity(counts)),
+    assert figures == {"codebook_perplexity": pytest.approx(codebook_perplexity(counts).item()),
                        "dead_codes": dead_codes(counts)}
 
 
