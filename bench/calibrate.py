@@ -33,9 +33,12 @@ import pandas as pd
 
 from bench.errors import UserError
 from bench.compare import compare, judged_metrics
-from bench.launch import PROGRESS, run_suite
+from bench.launch import run_suite
+from bench.process import EVENTS, only_lines_of
 from bench.results import read_rows
 from bench.suite import load_suite
+
+log = logging.getLogger(__name__)
 
 # name: (family, what changes in its params)
 PLANTS = {
@@ -98,19 +101,15 @@ class BriefProgress(logging.Handler):
     """A calibration's few lines from the suites' progress events: how many runs are to do, and
     each one as it starts."""
 
-    def __init__(self, log) -> None:
-        super().__init__()
-        self.log = log
-
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "event", None)
         if event == "suite_planned":
-            self.log(f"  suite {record.suite}: {record.pending} of {record.total} runs to do")
+            log.info(f"  suite {record.suite}: {record.pending} of {record.total} runs to do")
         elif event == "run_started":
-            self.log(f"  [{record.index}/{record.total}] {record.run_id}")
+            log.info(f"  [{record.index}/{record.total}] {record.run_id}")
 
 
-def _run(suite_name: str, seeds: list[int], out: Path, change=None, log=print) -> pd.DataFrame:
+def _run(suite_name: str, seeds: list[int], out: Path, change=None) -> pd.DataFrame:
     """The suite (or, with a plant, its family's entries changed) at `seeds` into `out`, runs
     already there skipped; its rows at those seeds (the folder may hold more: a calibration
     at more seeds left them)."""
@@ -120,12 +119,13 @@ def _run(suite_name: str, seeds: list[int], out: Path, change=None, log=print) -
         suite.specs = [dataclasses.replace(s, params=edit(dict(s.params)))
                        for s in suite.specs if s.model == family]
 
-    brief = BriefProgress(log)
-    PROGRESS.addHandler(brief)
+    brief = BriefProgress()
+    EVENTS.addHandler(brief)
     try:
-        run_suite(suite, out, wandb_mode="disabled", progress=False, log=lambda m: None)
+        with only_lines_of(__name__):
+            run_suite(suite, out, wandb_mode="disabled", progress=False)
     finally:
-        PROGRESS.removeHandler(brief)
+        EVENTS.removeHandler(brief)
     rows = read_rows(out / "runs.csv")
     return rows[rows["seed"].isin(seeds)].reset_index(drop=True)
 
@@ -158,7 +158,7 @@ def _with_seeds(table: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
 
 
 def run_calibration(suite_name: str = "smoke", seeds: int = 3, null_sets: int = 10,
-                    draws: int = 400, out: Path = Path("results/calibration"), log=print,
+                    draws: int = 400, out: Path = Path("results/calibration"),
                     draw_seed: int = 0, progress: bool = True) -> Calibration:
     """Run the null seed sets and the plants (runs already in `out` are reused), then judge
     the fixed pairs, `draws` drawn null pairs and `draws` drawn seed sets per plant."""
@@ -170,8 +170,8 @@ def run_calibration(suite_name: str = "smoke", seeds: int = 3, null_sets: int = 
                          "more seed sets, the estimate 1 or more draws")
     rng = np.random.default_rng(draw_seed)
     pool_seeds = list(range(null_sets * seeds))
-    log(f"null runs: the {suite_name} suite at seeds 0-{pool_seeds[-1]}")
-    pool = _run(suite_name, pool_seeds, out / "null", log=log)
+    log.info(f"null runs: the {suite_name} suite at seeds 0-{pool_seeds[-1]}")
+    pool = _run(suite_name, pool_seeds, out / "null")
     tables = [_with_seeds(pool, pool_seeds[k * seeds:(k + 1) * seeds]) for k in range(null_sets)]
 
     pair_rows = []
@@ -195,8 +195,8 @@ def run_calibration(suite_name: str = "smoke", seeds: int = 3, null_sets: int = 
     plant_rows = []
     for name, change in PLANTS.items():
         family = change[0]
-        log(f"planted: {name} at {len(pool_seeds)} seeds")
-        planted = _run(suite_name, pool_seeds, out / f"plant-{name}", change, log)
+        log.info(f"planted: {name} at {len(pool_seeds)} seeds")
+        planted = _run(suite_name, pool_seeds, out / f"plant-{name}", change)
         base_family = pool[pool["model"] == family]
         moved = moved_objectives(base_family, planted, family)
         record = {"plant": name, "moved": ", ".join(f"{m} ({s:+.1f} spreads)"

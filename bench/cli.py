@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.defaults import (CHECKPOINT_EVERY_STEPS, SLURM_CPUS, SLURM_GPUS, SLURM_TIME_MIN,
                             TRY_BATCHES, TRY_SAMPLE)
 from bench.errors import UserError
-from bench.process import one_line_warnings
+from bench.process import one_line_warnings, show_lines
 
 
 def _regex(text: str) -> str:
@@ -655,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()
+    show_lines()
     if argv and argv[0] == "fit":  # LightningCLI parses its own arguments
         from bench.fit import run_fit
 

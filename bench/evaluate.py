@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import math
 import time
 import uuid
@@ -23,6 +24,8 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from bench.errors import UserError, unknown_key
 from datamodules.image import stream_seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -372,8 +375,8 @@ def fidelity_metrics(fake: Tensor, real: Tensor, extractor, real_cache_name: str
             "dc_neighborhood": settings.dc_neighborhood}
 
 
-def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
-             log=print) -> tuple[dict[str, float | int | str], dict[str, Tensor]]:
+def evaluate(model, dm, settings: EvalSettings, extractor=None,
+             seed: int = 0) -> tuple[dict[str, float | int | str], dict[str, Tensor]]:
     """All metrics that apply to `model` on dm's test split, and the image grids to save:
     `samples` (the first 64 generated) and `reconstructions` (32 test images over their
     reconstructions). Under DDP each rank reads its shard of the test split and the torchmetrics
@@ -408,7 +411,7 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None, seed: int = 0,
         grids["samples"] = fake[:64]
         n_real = settings.n_real or len(dm.test_images)
         real = to_uint8_rgb(dm.test_images[:n_real])
-        log(f"  FID, IS, KID, PR, DC: {len(fake)} generated vs {len(real)} test images, "
+        log.info(f"  FID, IS, KID, PR, DC: {len(fake)} generated vs {len(real)} test images, "
             f"features {extractor.features}")
         metrics |= fidelity_metrics(fake, real, extractor,
                                     f"genbench-{dm.spec.name}-test{len(real)}-{extractor.features}",

@@ -17,6 +17,7 @@ suite names with `eval: {extractor_weights: FILE}`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import UserError
+
+log = logging.getLogger(__name__)
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -171,7 +174,7 @@ def check_inception_weights(weights_path: str | None) -> None:
 
 
 def get_extractor(features: str, dm, epochs: int | None = None, weights: str | None = None,
-                  inception_weights: str | None = None, log=print) -> Extractor:
+                  inception_weights: str | None = None) -> Extractor:
     """`features`: "inception" (torch-fidelity's Inception; downloads the weights if needed),
     "classifier" (the CNN: `weights` if given, else the shipped one for the dataset, else one
     trained and cached on this machine; `epochs` asks for a freshly trained one), or "auto"
@@ -185,7 +188,7 @@ def get_extractor(features: str, dm, epochs: int | None = None, weights: str | N
         check_inception_weights(inception_weights)
         return Extractor(INCEPTION, weights_path=inception_weights,
                          label=inception_label(inception_weights))
-    path = classifier_path(dm, epochs, weights, log)
+    path = classifier_path(dm, epochs, weights)
     net, saved = load_classifier(path, dm.spec.name, dm.image_shape)
     return register_classifier(net, saved, path)
 
@@ -194,8 +197,7 @@ def shipped_path(dataset: str) -> Path:
     return SHIPPED_DIR / f"{dataset}.pt"
 
 
-def classifier_path(dm, epochs: int | None = None, weights: str | None = None,
-                    log=print) -> Path:
+def classifier_path(dm, epochs: int | None = None, weights: str | None = None) -> Path:
     """The classifier file a run uses: `weights`, else the shipped one (unless `epochs` asks for
     another training), else this machine's cached one, trained now if absent."""
     if weights:
@@ -208,7 +210,7 @@ def classifier_path(dm, epochs: int | None = None, weights: str | None = None,
     path = (cache_root() / "extractors"
             / f"classifier-{dm.spec.name}{own}-e{epochs}-s{DEFAULT_SEED}.pt")
     if not path.is_file():
-        log(f"training the feature classifier for {dm.spec.title} ({epochs} epochs on the CPU, "
+        log.info(f"training the feature classifier for {dm.spec.title} ({epochs} epochs on the CPU, "
             f"cached in {path.parent})")
         save_classifier(train_classifier(dm, epochs, DEFAULT_SEED), path)
     return path

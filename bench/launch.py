@@ -29,7 +29,7 @@ from bench.errors import UserError
 from bench.metrics import PER_RUN
 from bench.plots import metric_bar_charts
 from bench.preflight import preflight
-from bench.process import prepare_run_process
+from bench.process import prepare_run_process, progress_event
 from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
                            made_on, read_rows)
 from bench.evaluate import EvalSettings
@@ -39,6 +39,8 @@ from bench.runner import (STOP, RunOptions, evaluate_checkpoint,
                           evaluated_row, git_commit, run_one)
 from bench.suite import RunSpec, Suite
 from bench.tracking import choose_wandb_mode, log_suite_summary
+
+log = logging.getLogger(__name__)
 
 
 def claim(out_dir: Path, spec):
@@ -57,36 +59,22 @@ def claim(out_dir: Path, spec):
     return lock
 
 
-# A suite's progress as events, for programs that follow it (bench calibrate): records of the
-# logger "genbench.progress" carry `event` and its fields, so that no one parses the lines
-# people read (those go to `log`). Rank zero's only.
-PROGRESS = logging.getLogger("genbench.progress")
-PROGRESS.setLevel(logging.INFO)
-
-
-def progress_event(event: str, **fields) -> None:
-    """`suite_planned` (suite, pending, total) once a suite knows its runs; `run_started`
-    (index, total, run_id) as each run of this process starts."""
-    PROGRESS.info("%s %s", event, fields, extra={"event": event, **fields})
-
-
-def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str,
-                log) -> dict | None:
+def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str) -> dict | None:
     """Train, evaluate and append one spec under its lock; its row, or None when another
     process has the run under way or finished it meanwhile. A run whose evaluation failed
     (its row in the table says so) is evaluated again from its final checkpoint, not
     retrained, unless `options.force`."""
     lock = claim(out_dir, spec)
     if lock is None:
-        log(f"  {spec.run_id}: under way in another process on {out_dir}; left to it")
+        log.info(f"  {spec.run_id}: under way in another process on {out_dir}; left to it")
         return None
     try:
         csv_path = out_dir / "runs.csv"
         if not options.force and spec.config_hash in done_hashes(csv_path):
-            log(f"  {spec.run_id}: finished by another process meanwhile (in {csv_path.name})")
+            log.info(f"  {spec.run_id}: finished by another process meanwhile (in {csv_path.name})")
             return None
         trained = None if options.force else eval_failed_rows(csv_path).get(spec.config_hash)
-        row = run_one(spec, suite, out_dir, options, commit, trained=trained, log=log)
+        row = run_one(spec, suite, out_dir, options, commit, trained=trained)
         if rank_zero_only.rank == 0:  # under DDP every rank has the row; one writes it
             append_row(csv_path, row, unique=not options.force)
         return row
@@ -103,7 +91,7 @@ def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict 
     STOP.install()
     if os.environ.get("GENBENCH_THREADS"):
         torch.set_num_threads(int(os.environ["GENBENCH_THREADS"]))
-    return run_claimed(spec, suite, Path(out_dir), RunOptions(**options), commit, print)
+    return run_claimed(spec, suite, Path(out_dir), RunOptions(**options), commit)
 
 
 def _pin_worker(slots, gpu_ids: list[int], threads: int) -> None:
@@ -114,7 +102,7 @@ def _pin_worker(slots, gpu_ids: list[int], threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["GENBENCH_THREADS"] = str(threads)
 
 
-def run_parallel(specs, suite, out_dir: Path, options: RunOptions, commit: str, log=print, *,
+def run_parallel(specs, suite, out_dir: Path, options: RunOptions, commit: str, *,
                  workers: int) -> list[dict]:
     """K specs at once on this machine, each worker pinned to its own GPU when there are
     GPUs, else to an equal share of the CPU cores."""
@@ -127,7 +115,7 @@ def run_parallel(specs, suite, out_dir: Path, options: RunOptions, commit: str, 
     for slot in range(workers):
         slots.put(slot)
     where = (f"GPUs {gpu_ids}" if gpu_ids else f"{threads} CPU thread(s) each")
-    log(f"running {len(specs)} runs, {workers} at a time on {where}")
+    log.info(f"running {len(specs)} runs, {workers} at a time on {where}")
     rows = []
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_worker,
                              initargs=(slots, gpu_ids, threads)) as pool:
@@ -139,9 +127,9 @@ def run_parallel(specs, suite, out_dir: Path, options: RunOptions, commit: str, 
                 row = future.result()
                 if row is not None:
                     rows.append(row)
-                    log(f"  done: {spec.run_id}")
+                    log.info(f"  done: {spec.run_id}")
             except Exception:  # a failed worker loses only its own run
-                log(f"  FAILED: {spec.run_id}\n{traceback.format_exc()}")
+                log.info(f"  FAILED: {spec.run_id}\n{traceback.format_exc()}")
     return rows
 
 
@@ -175,7 +163,7 @@ class SlurmOptions:
     cluster: str | None = None  # None: SLURM; "local": submitit's local executor (tests)
 
 
-def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, log=print, *,
+def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, *,
               slurm: SlurmOptions) -> list[dict]:
     """Submit the specs as one SLURM job array through submitit and wait for them. The jobs
     record their own rows in <out>/rows/, which must be on a shared filesystem."""
@@ -194,8 +182,8 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, log
     executor.update_parameters(**parameters)
     accounting = executor.cluster != "slurm" or sacct_works()
     if accounting:
-        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, log, accounting)
-    log("  sacct fails on this cluster (no accounting): a job's end is read from its result "
+        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, accounting)
+    log.info("  sacct fails on this cluster (no accounting): a job's end is read from its result "
         "file, and from squeue for a job killed before it wrote one")
     # submitit has no option to leave sacct alone: its SLURM jobs share one class-level watcher,
     # whose command (a private method) is None when there is nothing to ask
@@ -207,18 +195,18 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, log
 
     watcher, SlurmJob.watcher = SlurmJob.watcher, NoSacct(delay_s=600)
     try:
-        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, log, accounting)
+        return wait_for_jobs(executor, specs, suite, out_dir, options, commit, accounting)
     finally:
         SlurmJob.watcher = watcher
 
 
 def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, commit: str,
-                  log, accounting: bool = True) -> list[dict]:
+                  accounting: bool = True) -> list[dict]:
     """Submit the specs as a job array and collect their rows as the jobs end."""
     n = len(specs)
     jobs = executor.map_array(RequeueableSpecJob(), specs, [suite] * n, [str(out_dir)] * n,
                               [asdict(options)] * n, [commit] * n)
-    log(f"submitted {n} jobs to {executor.cluster} (logs in {out_dir / 'slurm'}): "
+    log.info(f"submitted {n} jobs to {executor.cluster} (logs in {out_dir / 'slurm'}): "
         f"{', '.join(job.job_id for job in jobs[:5])}{' ...' if n > 5 else ''}")
     rows = []
     for spec, job in zip(specs, jobs):
@@ -228,9 +216,9 @@ def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, co
             row = job.result()
             if row is not None:
                 rows.append(row)
-                log(f"  done: {spec.run_id} (job {job.job_id})")
+                log.info(f"  done: {spec.run_id} (job {job.job_id})")
         except Exception as err:  # submitit re-raises the job's exception here
-            log(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
+            log.info(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
     return rows
 
 
@@ -269,31 +257,30 @@ def one_line(row: dict) -> str:
         " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
 
 
-def run_here(specs, suite, out_dir: Path, options: RunOptions, commit: str,
-             log=print) -> list[dict]:
+def run_here(specs, suite, out_dir: Path, options: RunOptions, commit: str) -> list[dict]:
     """The specs one after another in this process (each may use several devices through DDP),
     its line after each run; a run another process has under way is left to it."""
     rows, left = [], []
     STOP.install()
     for i, spec in enumerate(specs, 1):
-        log(f"[{i}/{len(specs)}] {spec.run_id} (config {spec.config_hash})")
+        log.info(f"[{i}/{len(specs)}] {spec.run_id} (config {spec.config_hash})")
         if rank_zero_only.rank == 0:
             progress_event("run_started", index=i, total=len(specs), run_id=spec.run_id)
-        row = run_claimed(spec, suite, out_dir, options, commit, log)
+        row = run_claimed(spec, suite, out_dir, options, commit)
         if row is None:
             left.append(spec.run_id)
             continue
         rows.append(row)
-        log(one_line(row))
+        log.info(one_line(row))
     if left:
-        log(f"\n{len(left)} run(s) left to the process that has them under way: "
+        log.info(f"\n{len(left)} run(s) left to the process that has them under way: "
             f"{', '.join(left)}")
     return rows
 
 
 def choose_launcher(launcher: str = "local", parallel: int = 1,
                     slurm: SlurmOptions | None = None):
-    """The launcher: a function (specs, suite, out_dir, options, commit, log) -> rows that runs
+    """The launcher: a function (specs, suite, out_dir, options, commit) -> rows that runs
     and records each spec: here, `parallel` at a time in workers, or as a SLURM job array."""
     if launcher in ("slurm", "submitit-local"):
         slurm = replace(slurm or SlurmOptions(),
@@ -321,8 +308,7 @@ class Plan:
 
 
 def plan_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
-               force: bool = False, devices: int | str = 1, num_nodes: int = 1,
-               log=print) -> Plan:
+               force: bool = False, devices: int | str = 1, num_nodes: int = 1) -> Plan:
     """The runs `--only` selects, on `devices` x `num_nodes`, and which are pending (all, with
     `force`); says which are skipped."""
     out_dir = Path(out_dir or Path("results") / suite.name)
@@ -333,17 +319,17 @@ def plan_suite(suite: Suite, out_dir: Path | None = None, only: str | None = Non
                         f"{', '.join(s.run_id for s in suite.specs)}")
     if only:  # a search, not a name: `--only ae` also selects the sae and vae runs
         models = sorted({s.model for s in specs})
-        log(f"--only {only!r} selects {len(specs)} of {len(suite.specs)} runs "
+        log.info(f"--only {only!r} selects {len(specs)} of {len(suite.specs)} runs "
             f"(model{'s' if len(models) > 1 else ''} {', '.join(models)})")
     done = set() if force else done_hashes(out_dir / "runs.csv")
     for i, spec in enumerate(specs, 1):
         if spec.config_hash in done:
-            log(f"[{i}/{len(specs)}] {spec.run_id}: already in runs.csv "
+            log.info(f"[{i}/{len(specs)}] {spec.run_id}: already in runs.csv "
                 f"(config {spec.config_hash}), skipped; --force redoes it")
     return Plan(suite, out_dir, specs, [s for s in specs if s.config_hash not in done])
 
 
-def report(plan: Plan, mode: str, seconds: float, log=print) -> pd.DataFrame:
+def report(plan: Plan, mode: str, seconds: float) -> pd.DataFrame:
     """The suite's table (its runs' latest rows), summary.md, the bar charts and the W&B
     summary; returns the table."""
     suite, out_dir = plan.suite, plan.out_dir
@@ -355,7 +341,7 @@ def report(plan: Plan, mode: str, seconds: float, log=print) -> pd.DataFrame:
     metric_bar_charts(table, out_dir / "plots")
     log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
                       suite.name, table, out_dir, mode)
-    log(f"\n{summary}\n\nsuite {suite.name} took {seconds:.0f} s; rows in {plan.csv_path}, "
+    log.info(f"\n{summary}\n\nsuite {suite.name} took {seconds:.0f} s; rows in {plan.csv_path}, "
         f"table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
     return table
 
@@ -365,36 +351,35 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
               wandb_mode: str | None = None, progress: bool | None = None,
               checkpoint_every: int | None = None, strategy: str = "auto",
               num_nodes: int = 1, parallel: int = 1,
-              launcher: str = "local", slurm: SlurmOptions | None = None,
-              log=print) -> pd.DataFrame:
+              launcher: str = "local", slurm: SlurmOptions | None = None) -> pd.DataFrame:
     """Plan (what is pending), check it (preflight: every problem before anything trains),
     execute it through the launcher, report. Returns this suite's rows (under DDP, a rank
     other than zero returns its own rows and reports nothing)."""
     prepare_run_process()
-    # Under DDP every rank runs this function; only rank zero speaks and writes.
+    # Under DDP every rank runs this function; only rank zero speaks (bench.process's handler
+    # shows its lines only) and writes.
     zero = rank_zero_only.rank == 0
-    say = log if zero else (lambda message: None)
     mode = choose_wandb_mode(wandb_mode)
     run = choose_launcher(launcher, parallel, slurm)
-    plan = plan_suite(suite, out_dir, only, force, devices, num_nodes, say)
+    plan = plan_suite(suite, out_dir, only, force, devices, num_nodes)
     preflight(plan.pending, plan.out_dir)
     if progress is None:  # a bar per run on a terminal; in a log file it is only noise
         progress = sys.stderr.isatty()
     options = RunOptions(accelerator, devices, strategy, num_nodes, mode,
                          checkpoint_every or CHECKPOINT_EVERY_STEPS, force, progress)
     started = time.perf_counter()
-    say(f"suite {suite.name}: {len(plan.pending)} of {len(plan.specs)} runs to do -> "
+    log.info(f"suite {suite.name}: {len(plan.pending)} of {len(plan.specs)} runs to do -> "
         f"{plan.csv_path} (W&B {mode})")
     if zero:
         progress_event("suite_planned", suite=suite.name, pending=len(plan.pending),
                        total=len(plan.specs))
-    rows = run(plan.pending, suite, plan.out_dir, options, git_commit(), say)
+    rows = run(plan.pending, suite, plan.out_dir, options, git_commit())
     if not zero:
         return pd.DataFrame(rows)
     if run is not run_here:  # the workers' and jobs' lines went to their own logs
         for row in rows:
-            say(one_line(row))
-    return report(plan, mode, time.perf_counter() - started, say)
+            log.info(one_line(row))
+    return report(plan, mode, time.perf_counter() - started)
 
 
 def _slug(overrides: dict) -> str:
@@ -403,8 +388,7 @@ def _slug(overrides: dict) -> str:
 
 
 def evaluate_results(results_dir: Path, overrides: dict, only: str | None = None,
-                     out_dir: Path | None = None, accelerator: str = "auto",
-                     log=print) -> pd.DataFrame:
+                     out_dir: Path | None = None, accelerator: str = "auto") -> pd.DataFrame:
     """`bench eval`: evaluate the trained runs of a results folder again from their final
     checkpoints, with `overrides` on their `eval:` settings (another extractor, more samples, a
     larger K), without training. The new figures are new measurements (their provenance differs),
@@ -435,22 +419,22 @@ def evaluate_results(results_dir: Path, overrides: dict, only: str | None = None
                          "those runs cannot be evaluated again (rerun them with bench run)")
     preflight([spec for spec, _, _ in jobs], out_dir)
     done, commit = done_hashes(csv_path), git_commit()
-    log(f"evaluating {len(jobs)} trained run(s) of {source} again with {overrides or 'the same'}"
+    log.info(f"evaluating {len(jobs)} trained run(s) of {source} again with {overrides or 'the same'}"
         f" settings -> {csv_path}")
     for i, (spec, trained, checkpoint) in enumerate(jobs, 1):
         if spec.config_hash in done:
-            log(f"[{i}/{len(jobs)}] {spec.run_id}: already in {csv_path}, skipped")
+            log.info(f"[{i}/{len(jobs)}] {spec.run_id}: already in {csv_path}, skipped")
             continue
-        log(f"[{i}/{len(jobs)}] {spec.run_id} from {checkpoint}")
+        log.info(f"[{i}/{len(jobs)}] {spec.run_id} from {checkpoint}")
         metrics, _ = evaluate_checkpoint(spec, checkpoint, EvalSettings.from_dict(spec.eval),
-                                         accelerator, log)
+                                         accelerator)
         row = evaluated_row(trained, spec, metrics, commit, accelerator) | {
             "evaluated_from": trained["config_hash"]}
         append_row(csv_path, row)
-        log(one_line(row))
+        log.info(one_line(row))
     table = read_rows(csv_path)
     summary = format_table(table)
     (out_dir / "summary.md").write_text(f"# {results_dir.name}, evaluated again with "
                                         f"{overrides}\n\n{summary}\n")
-    log(f"\n{summary}\n\nrows in {csv_path}, table in {out_dir / 'summary.md'}")
+    log.info(f"\n{summary}\n\nrows in {csv_path}, table in {out_dir / 'summary.md'}")
     return table

@@ -15,6 +15,7 @@ alike.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +30,8 @@ from bench.loop import LoopSettings, Run, configured_optimizers, fit
 from bench.process import prepare_run_process
 from datamodules import ImageDataModule, TensorBatches
 from modules import MODELS
+
+log = logging.getLogger(__name__)
 
 FEEDS = ("plain", "harness", "trainer", "loader")
 
@@ -132,7 +135,7 @@ def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str
 
 def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_mnist",
              batch_size: int = 128, steps: int = 200, warmup: int = 20, repeats: int = 3,
-             accelerator: str = "auto", progress_bar: bool = True, log=print) -> pd.DataFrame:
+             accelerator: str = "auto", progress_bar: bool = True) -> pd.DataFrame:
     unknown = [f for f in families if f not in MODELS]
     if unknown:
         raise UserError(f"--families: unknown {', '.join(unknown)}; choose from: "
@@ -172,10 +175,10 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
                       **{f"{feed}_img_per_s": best[feed] for feed in FEEDS},
                       **{f"{feed}_vs_plain": best[feed] / best["plain"] for feed in FEEDS[1:]}}
             records.append(record)
-            log(f"{family:>4} {backbone:<5} plain {best['plain']:>9,.0f}  harness "
+            log.info(f"{family:>4} {backbone:<5} plain {best['plain']:>9,.0f}  harness "
                 f"{best['harness']:>9,.0f}  trainer {best['trainer']:>9,.0f}  loader "
                 f"{best['loader']:>9,.0f} img/s  harness/plain {record['harness_vs_plain']:.3f}"
                 f"  trainer/plain {record['trainer_vs_plain']:.3f}")
-    log(f"\ndevice {device}, batch {batch_size}, {steps} steps after {warmup} warm-up, best of "
+    log.info(f"\ndevice {device}, batch {batch_size}, {steps} steps after {warmup} warm-up, best of "
         f"{repeats}, torch threads {torch.get_num_threads()}")
     return pd.DataFrame(records)

@@ -1,16 +1,81 @@
 """What a process that trains runs changes for the whole process, in one place apart from the
 code of one run: malloc's thresholds, an environment variable Lightning sets, log levels and
-warning filters. `prepare_run_process` applies them all (bench run's process, its workers and
-SLURM jobs, bench perf); `bench fit` takes the ones a Trainer needs."""
+warning filters, where the harness's lines go. `prepare_run_process` applies them all (bench
+run's process, its workers and SLURM jobs, bench perf); `bench fit` takes the ones a Trainer
+needs."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import sys
 import warnings
 
 from bench.errors import UserError
+
+# What the harness is doing, for people: records of each module's logger (`getLogger(__name__)`,
+# under "bench"), shown on standard output by `show_lines`. For programs that follow a suite
+# (bench calibrate), "genbench.progress" carries events: records with `event` and its fields as
+# attributes, so that no one parses the lines people read.
+LINES = logging.getLogger("bench")
+LINES.setLevel(logging.INFO)
+EVENTS = logging.getLogger("genbench.progress")
+EVENTS.setLevel(logging.INFO)
+
+
+def progress_event(event: str, **fields) -> None:
+    """`suite_planned` (suite, pending, total) once a suite knows its runs; `run_started`
+    (index, total, run_id) as each run of this process starts."""
+    EVENTS.info("%s %s", event, fields, extra={"event": event, **fields})
+
+
+class RankZeroLines(logging.StreamHandler):
+    """A line's text on the standard output of the moment (looked up per line, as print does,
+    so that a redirect or a test's capture sees it), from DDP rank zero only (every rank runs
+    the same suite; one speaks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.addFilter(self.rank_zero)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _) -> None:  # logging.StreamHandler sets it; the property reads it anew
+        pass
+
+    @staticmethod
+    def rank_zero(record: logging.LogRecord) -> bool:
+        from lightning_utilities.core.rank_zero import rank_zero_only  # Lightning's own rank
+
+        return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def show_lines() -> None:
+    """The harness's lines on standard output (once per process, however often it is asked)."""
+    if not any(isinstance(handler, RankZeroLines) for handler in LINES.handlers):
+        LINES.addHandler(RankZeroLines())
+
+
+@contextlib.contextmanager
+def only_lines_of(name: str):
+    """Inside the block standard output shows the lines of the logger `name` (and its children)
+    only: for a command that says in its own words what the harness does meanwhile, as bench
+    calibrate and bench run --try do. Events still go out."""
+    speaker = logging.Filter(name)
+    handlers = [h for h in LINES.handlers if isinstance(h, RankZeroLines)]
+    for handler in handlers:
+        handler.addFilter(speaker)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(speaker)
 
 
 def drop_failing_nvml_check() -> bool:
@@ -95,6 +160,7 @@ def prepare_run_process() -> None:
     keeping freed memory for the next step."""
     keep_freed_memory()
     one_line_warnings()
+    show_lines()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     drop_failing_nvml_check()

@@ -7,6 +7,7 @@ calls `run_one`; nothing here imports it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import resource
@@ -40,7 +41,7 @@ from datamodules import ImageDataModule
 from modules import MODELS
 from modules.nets import count_parameters
 
-
+log = logging.getLogger(__name__)
 
 @dataclass
 class RunOptions:
@@ -105,7 +106,7 @@ def build_model(spec: RunSpec, image_shape):
     return MODELS[spec.model](**{"seed": spec.seed, **spec.params, "image_shape": image_shape})
 
 
-def resumable_checkpoint(ckpt_dir: Path, log=print) -> dict | None:
+def resumable_checkpoint(ckpt_dir: Path) -> dict | None:
     """The run's last checkpoint (bench.loop.Run.state), if it loads as plain tensors and
     numbers; a file cut short by a kill, or one that is not ours, is set aside as
     last.ckpt.unreadable and the run starts afresh."""
@@ -116,7 +117,7 @@ def resumable_checkpoint(ckpt_dir: Path, log=print) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state["progress"]["batches"]  # noqa: B018 - a checkpoint of bench.loop's shape
     except Exception as err:  # a torn write fails in pickle, zip or torch's own checks
-        log(f"  {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:160]});"
+        log.info(f"  {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:160]});"
             f" set aside as {path.name}.unreadable, starting the run afresh")
         try:
             os.replace(path, path.with_name(path.name + ".unreadable"))
@@ -133,8 +134,8 @@ def evaluation_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def safe_evaluate(model, dm, settings: EvalSettings, seed: int, generate_here: bool,
-                  log=print) -> tuple[dict, dict]:
+def safe_evaluate(model, dm, settings: EvalSettings, seed: int,
+                  generate_here: bool) -> tuple[dict, dict]:
     """Evaluate a trained model. An evaluation that raises (weights missing, out of memory, a
     bug) gives status eval_failed and the error explained, never a lost run: the trained
     checkpoint is already on disk, and the next `bench run` evaluates it again."""
@@ -142,18 +143,18 @@ def safe_evaluate(model, dm, settings: EvalSettings, seed: int, generate_here: b
     if generate_here and model.family.samples and settings.generation:
         def extractor():
             return get_extractor(settings.features, dm, settings.extractor_epochs,
-                                 settings.extractor_weights, settings.inception_weights, log=log)
+                                 settings.extractor_weights, settings.inception_weights)
     try:
-        metrics, grids = evaluate(model, dm, settings, extractor, seed=seed, log=log)
+        metrics, grids = evaluate(model, dm, settings, extractor, seed=seed)
     except Exception as err:  # noqa: BLE001 - every failure is recorded, the suite goes on
         message = explain_evaluation_error(err, settings)
-        log(f"  evaluation failed: {message}")
+        log.info(f"  evaluation failed: {message}")
         return {"status": "eval_failed", "error": message}, {}
     return {"status": "ok"} | metrics, grids
 
 
 def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
-                        accelerator: str = "auto", log=print) -> tuple[dict, dict]:
+                        accelerator: str = "auto") -> tuple[dict, dict]:
     """Evaluate a run's final checkpoint without training, in this process (evaluation does
     not depend on the device count); returns (status and metrics, image grids)."""
     device = evaluation_device(accelerator)
@@ -167,7 +168,7 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
         raise UserError(f"{checkpoint}: not a {MODELS[spec.model].__name__} checkpoint that "
                          f"loads as plain tensors ({type(err).__name__}: {reason}); refused. "
                          "Rerun the run with bench run --force to train it again") from err
-    return safe_evaluate(model.eval(), dm, settings, spec.seed, generate_here=True, log=log)
+    return safe_evaluate(model.eval(), dm, settings, spec.seed, generate_here=True)
 
 
 # Columns of a row that come from evaluation (every metric but the training's figures, and
@@ -263,7 +264,7 @@ def build_fabric(spec: RunSpec, options: RunOptions, settings: LoopSettings,
 
 
 def build_run(spec: RunSpec, fabric: L.Fabric, settings: LoopSettings, ckpt_dir: Path,
-              fresh: bool, log=print) -> tuple[Run, ImageDataModule, int | None]:
+              fresh: bool) -> tuple[Run, ImageDataModule, int | None]:
     """Data on the training device, the model seeded from the run's seed, set up with Fabric,
     and its state from last.ckpt when there is one (unless `fresh`). Returns the run, its data
     and the batch it resumed at (None: a fresh start)."""
@@ -283,14 +284,14 @@ def build_run(spec: RunSpec, fabric: L.Fabric, settings: LoopSettings, ckpt_dir:
               ckpt_dir / "last.ckpt")
     if fresh and fabric.is_global_zero:
         if (ckpt_dir / "last.ckpt").is_file():
-            log(f"  --force: starting over; the checkpoint {ckpt_dir / 'last.ckpt'} is discarded")
+            log.info(f"  --force: starting over; the checkpoint {ckpt_dir / 'last.ckpt'} is discarded")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fabric.barrier()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = None if fresh else resumable_checkpoint(ckpt_dir, log)
+    state = None if fresh else resumable_checkpoint(ckpt_dir)
     if state is not None:
         run.load(state)
-        log(f"  resuming from {run.checkpoint} (step {run.progress.batches})")
+        log.info(f"  resuming from {run.checkpoint} (step {run.progress.batches})")
         return run, dm, run.progress.batches
     if fabric.global_rank > 0:
         # Every rank was seeded alike, so that all build the same model; from here each draws
@@ -315,7 +316,7 @@ def trained_for(epochs, steps) -> str:
 
 
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
-            commit: str = "unknown", trained: dict | None = None, log=print) -> dict:
+            commit: str = "unknown", trained: dict | None = None) -> dict:
     """Train and evaluate one spec; returns its result row (status ok, diverged or
     eval_failed). The run saves a checkpoint every `options.checkpoint_every` batches and
     resumes from it when rerun, unless `options.force` asks for a new start. With `trained`,
@@ -325,8 +326,8 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
     final = ckpt_dir / "final.ckpt"
     settings = EvalSettings.from_dict(spec.eval)
     if trained is not None and final.is_file() and not options.force:
-        log(f"  trained already ({final}): evaluating it again, no training")
-        metrics, grids = evaluate_checkpoint(spec, final, settings, options.accelerator, log)
+        log.info(f"  trained already ({final}): evaluating it again, no training")
+        metrics, grids = evaluate_checkpoint(spec, final, settings, options.accelerator)
         if rank_zero_only.rank == 0:
             save_run_grids(grids, out_dir / "plots", spec.run_id,
                            trained_for(trained.get("epochs"), trained.get("steps")))
@@ -348,7 +349,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
                  "peak_mem_scope": reset_peak_memory(fabric.device)}
     if spec.sweep_index is not None:  # a sweep's point: its entry, and its place on the curve
         row |= {"entry": spec.entry, "sweep_index": spec.sweep_index}
-    run, dm, resumed = build_run(spec, fabric, loop_settings, ckpt_dir, options.force, log)
+    run, dm, resumed = build_run(spec, fabric, loop_settings, ckpt_dir, options.force)
     row |= dm.provenance()
     if resumed is not None:
         row["resumed_step"] = resumed
@@ -357,13 +358,13 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
     try:
         fit(run, progress_bar=options.progress, stop_requested=STOP.requested)
         if STOP.requested():
-            log(f"  stopped by {signal.Signals(STOP.signum).name} after batch "
+            log.info(f"  stopped by {signal.Signals(STOP.signum).name} after batch "
                 f"{run.progress.batches}: resumable checkpoint {run.checkpoint}")
             STOP.hand_on()
             raise Stopped(STOP.signum, spec.run_id, run.progress.batches, run.checkpoint)
         model.finish_training(dm)
     except Diverged as err:
-        log(f"  diverged: {err}")
+        log.info(f"  diverged: {err}")
         row |= {"status": "diverged", "diverged_step": err.step}
     # save: the final state (with the AE's latent mixture), for re-evaluation
     save_atomically(fabric, final, final_checkpoint(model))
@@ -372,7 +373,7 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
     images: dict[str, Path] = {}
     if row["status"] == "ok":
         metrics, grids = safe_evaluate(model, dm, settings, spec.seed,
-                                       generate_here=fabric.is_global_zero, log=log)
+                                       generate_here=fabric.is_global_zero)
         if fabric.is_global_zero:
             images = save_run_grids(grids, out_dir / "plots", spec.run_id,
                                     trained_for(run.progress.epoch, run.progress.batches))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import logging
 import math
 import platform
 import tempfile
@@ -22,9 +23,12 @@ import pandas as pd
 
 from bench.defaults import TRY_BATCHES, TRY_SAMPLE
 from bench.evaluate import EvalSettings
+from bench.process import prepare_run_process, only_lines_of
 from bench.runner import RunOptions, run_one
 from bench.suite import RunSpec, Suite
 from datamodules.image import BATCH_SIZE
+
+log = logging.getLogger(__name__)
 
 # IW-NLL's cost per importance sample falls as its batches fill (the decoder runs on images x
 # samples at once): at the default sample the trial takes at least this many samples in all
@@ -126,33 +130,32 @@ def clock(seconds: float) -> str:
 def run_try(suite: Suite, out_dir: Path | None = None, only: str | None = None,
             batches: int = TRY_BATCHES, sample: int | None = None, parallel: int = 1,
             accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
-            num_nodes: int = 1, log=print) -> pd.DataFrame:
+            num_nodes: int = 1) -> pd.DataFrame:
     """`bench run --try`: the pending runs planned as bench run plans them (`--only`, the table
     at `out_dir`), checked by preflight, each entry tried (`try_suite`); nothing is
     recorded. `parallel` only sets the estimate's runs at once."""
     from bench.launch import plan_suite
     from bench.preflight import preflight
-    from bench.process import prepare_run_process
     from bench.runner import git_commit
 
     prepare_run_process()
-    plan = plan_suite(suite, out_dir, only, False, devices, num_nodes, log)
+    plan = plan_suite(suite, out_dir, only, False, devices, num_nodes)
     preflight(plan.pending, plan.out_dir)
     if parallel > 1:
-        log(f"--try runs the entries one after another; --parallel {parallel} only sets the "
+        log.info(f"--try runs the entries one after another; --parallel {parallel} only sets the "
             "estimate's number of runs at once")
     sample = sample or TRY_SAMPLE
     entries = len({seedless(spec) for spec in plan.pending})
-    log(f"trying {entries} entr{'y' if entries == 1 else 'ies'} of suite {suite.name} "
+    log.info(f"trying {entries} entr{'y' if entries == 1 else 'ies'} of suite {suite.name} "
         f"({len(plan.pending)} pending run(s); one seed each) for {batches} batches, "
         f"evaluated on {sample} generated and real images (nothing is recorded)")
     options = RunOptions(accelerator, devices, strategy, num_nodes)
-    return try_suite(suite, plan.pending, options, git_commit(), batches, parallel, sample, log)
+    return try_suite(suite, plan.pending, options, git_commit(), batches, parallel, sample)
 
 
 def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: str,
-              batches: int = TRY_BATCHES, parallel: int = 1, sample: int = TRY_SAMPLE,
-              log=print) -> pd.DataFrame:
+              batches: int = TRY_BATCHES, parallel: int = 1,
+              sample: int = TRY_SAMPLE) -> pd.DataFrame:
     """Try each entry (one seed for all its pending seeds; a line each as it goes), then print
     the table and the suite's estimated time; returns the table (status "ok" or the error in
     one line; `runs`: the pending seeds the entry's estimate stands for)."""
@@ -168,9 +171,9 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
             spec = seeds[0]
             record = {"entry": spec.run_id, "runs": len(seeds), "status": "ok"}
             try:
-                row = run_one(trial_spec(spec, batches, sample), suite,
-                              Path(scratch) / spec.config_hash, options, commit,
-                              log=lambda message: None)
+                with only_lines_of(__name__):  # the entry's own line below says how it went
+                    row = run_one(trial_spec(spec, batches, sample), suite,
+                                  Path(scratch) / spec.config_hash, options, commit)
                 if row["status"] != "ok":
                     record["status"] = f"{row['status']}: {row.get('error') or ''}".strip(": ")
                 else:
@@ -181,13 +184,13 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
             shown = (f"{record['s_per_batch'] * 1000:.1f} ms/batch, est. "
                      f"{clock(record['est_total_s'])}") if "est_total_s" in record else ""
             also = f" (for {len(seeds)} seeds)" if len(seeds) > 1 else ""
-            log(f"[{i}/{len(entries)}] {spec.run_id}{also}: {record['status']}  {shown}")
+            log.info(f"[{i}/{len(entries)}] {spec.run_id}{also}: {record['status']}  {shown}")
     table = pd.DataFrame(records)
     shown = table.copy()
     for column in ("est_train_s", "est_eval_s", "est_total_s"):
         if column in shown:
             shown[column] = shown[column].map(lambda v: clock(v) if pd.notna(v) else "")
-    log("\n" + shown.to_markdown(index=False, floatfmt=".4g"))
+    log.info("\n" + shown.to_markdown(index=False, floatfmt=".4g"))
     if "est_total_s" in table:
         tried = table.dropna(subset=["est_total_s"])
         totals = [s for s, n in zip(tried["est_total_s"], tried["runs"]) for _ in range(n)]
@@ -195,8 +198,8 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
                 f"{clock(sum(totals))} one after another")
         if parallel > 1:
             line += f", {clock(makespan(totals, parallel))} with --parallel {parallel}"
-        log(line)
+        log.info(line)
     failed = (table["status"] != "ok").sum()
-    log(f"{len(table) - failed} of {len(table)} entries ok" + (f"; {failed} failed" if failed
+    log.info(f"{len(table) - failed} of {len(table)} entries ok" + (f"; {failed} failed" if failed
                                                                else ""))
     return table

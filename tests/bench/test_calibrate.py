@@ -85,15 +85,16 @@ def test_settings_that_cannot_measure_say_so_before_anything_runs(tmp_path, seed
     from bench.calibrate import run_calibration
 
     with pytest.raises(UserError, match="2 or more seeds a side, the null pairs 2 or more"):
-        run_calibration(seeds=seeds, null_sets=null_sets, draws=draws, out=tmp_path / "c",
-                        log=lambda m: None)
+        run_calibration(seeds=seeds, null_sets=null_sets, draws=draws, out=tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.integration
-def test_a_calibrations_lines_come_from_the_suites_progress_events(tmp_path, monkeypatch):
+def test_a_calibrations_lines_come_from_the_suites_progress_events(tmp_path, monkeypatch,
+                                                                  caplog):
     from bench.calibrate import BriefProgress
-    from bench.launch import PROGRESS, run_suite
+    from bench.launch import run_suite
+    from bench.process import EVENTS
     from bench.suite import load_suite
     from tests.data_files import write_mnist_suite
 
@@ -101,14 +102,13 @@ def test_a_calibrations_lines_come_from_the_suites_progress_events(tmp_path, mon
     suite = load_suite(str(write_mnist_suite(
         tmp_path, [{"model": "ae", "variant": "x", "params": {"hidden": 8, "latent_dim": 2}}],
         budget={"epochs": 1})))
-    lines = []
-    brief = BriefProgress(lines.append)
-    PROGRESS.addHandler(brief)
+    brief = BriefProgress()
+    EVENTS.addHandler(brief)
     try:
         for _ in range(2):  # the second finds the run done
-            run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False,
-                      log=lambda m: None)
+            run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False)
     finally:
-        PROGRESS.removeHandler(brief)
+        EVENTS.removeHandler(brief)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bench.calibrate"]
     assert lines == ["  suite tiny: 1 of 1 runs to do", "  [1/1] ae-x-mnist-s0",
                      "  suite tiny: 0 of 1 runs to do"]

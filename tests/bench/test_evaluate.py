@@ -368,7 +368,7 @@ def test_reconstruction_grid_is_test_images_over_their_reconstructions(tmp_path)
 
     dm = _small_mnist(tmp_path)
     model = tiny_model("ae").eval()
-    _, grids = evaluate(model, dm, EvalSettings(generation=False), log=lambda _: None)
+    _, grids = evaluate(model, dm, EvalSettings(generation=False))
     originals = dm.test_images[:32].float() / 255
     with torch.no_grad():
         assert torch.equal(grids["reconstructions"], torch.cat([originals,
@@ -382,7 +382,7 @@ def test_generation_metrics_are_skipped_when_turned_off(tmp_path):
     extractor_fetched = []
     start = time.perf_counter()
     metrics, grids = evaluate(tiny_model("vae").eval(), dm, EvalSettings(generation=False, iw_k=2),
-                              lambda: extractor_fetched.append(1), log=lambda _: None)
+                              lambda: extractor_fetched.append(1))
     assert not extractor_fetched and "samples" not in grids
     assert not {"fid", "n_fake", "features"} & set(metrics) and "elbo" in metrics
     assert 0 < metrics["eval_s"] <= time.perf_counter() - start

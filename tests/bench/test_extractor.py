@@ -26,10 +26,10 @@ def small_mnist(tmp_path, monkeypatch):
     return dm
 
 
-def test_classifier_is_trained_once_cached_and_registered(small_mnist, tmp_path):
-    messages = []
-    first = get_extractor("classifier", small_mnist, epochs=1, log=messages.append)
-    second = get_extractor("classifier", small_mnist, epochs=1, log=messages.append)
+def test_classifier_is_trained_once_cached_and_registered(small_mnist, tmp_path, caplog):
+    first = get_extractor("classifier", small_mnist, epochs=1)
+    second = get_extractor("classifier", small_mnist, epochs=1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "bench.extractor"]
     assert len(messages) == 1 and "training the feature classifier" in messages[0]
     assert first.name == second.name and first.name.startswith("genbench-cnn-mnist-")
     assert first.name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
@@ -54,7 +54,7 @@ def test_two_fresh_caches_and_random_states_give_the_same_extractor(small_mnist,
         monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / f"cache{i}"))
         torch.manual_seed(100 + i)
         torch.rand(17 * i + 1)  # leave a different random state behind
-        names.append(get_extractor("classifier", small_mnist, epochs=1, log=lambda m: None).name)
+        names.append(get_extractor("classifier", small_mnist, epochs=1).name)
     assert names[0] == names[1]
 
 
@@ -82,11 +82,11 @@ def test_a_named_weights_file_is_used_as_it_is(small_mnist, tmp_path):
     assert extractor.name == extractor_name(saved) and extractor.weights_path == str(path)
 
 
-def test_without_epochs_the_shipped_classifier_serves_and_nothing_trains(small_mnist):
-    messages = []
-    extractor = get_extractor("classifier", small_mnist, log=messages.append)
+def test_without_epochs_the_shipped_classifier_serves_and_nothing_trains(small_mnist, caplog):
+    extractor = get_extractor("classifier", small_mnist)
     _, shipped = load_classifier(shipped_path("mnist"))
-    assert extractor.name == extractor_name(shipped) and not messages
+    assert extractor.name == extractor_name(shipped)
+    assert not [r for r in caplog.records if r.name == "bench.extractor"]
 
 
 def test_a_weights_file_that_does_not_load_names_the_file(tmp_path):
@@ -148,8 +148,7 @@ def test_auto_uses_local_inception_weights_when_given(small_mnist, tmp_path):
 
 def test_auto_falls_back_to_the_classifier_without_weights(small_mnist, tmp_path, monkeypatch):
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "no-hub"))
-    assert get_extractor("auto", small_mnist, epochs=1,
-                         log=lambda m: None).name.startswith("genbench-cnn-")
+    assert get_extractor("auto", small_mnist, epochs=1).name.startswith("genbench-cnn-")
 
 
 def test_unknown_features_choice_lists_the_options(small_mnist):
@@ -241,8 +240,7 @@ def test_an_entry_runs_end_to_end_on_inception_features_from_a_named_weights_fil
                     "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
         eval={"generation": True, "features": "inception", "inception_weights": str(weights),
               "n_fake": 12, "n_real": 12, "kid_subset_size": 6, "batch_size": 6})))
-    row = run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False,
-                    log=lambda m: None).iloc[0]
+    row = run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False).iloc[0]
     assert row["status"] == "ok", row.get("error")
     # random weights are not the published ones: the row names the file's hash
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]

@@ -22,7 +22,7 @@ from tests.data_files import write_mnist_suite
 
 
 @pytest.mark.slow
-def test_a_killed_suite_loses_no_row_and_resumes_from_its_checkpoint(tmp_path):
+def test_a_killed_suite_loses_no_row_and_resumes_from_its_checkpoint(tmp_path, caplog):
     suite_path = write_mnist_suite(
         tmp_path, [{"model": "ae", "variant": "short", "budget": {"epochs": 1}},
                    {"model": "ae", "variant": "long", "budget": {"epochs": 120}}],
@@ -47,9 +47,8 @@ def test_a_killed_suite_loses_no_row_and_resumes_from_its_checkpoint(tmp_path):
     before = read_rows(out / "runs.csv")
     assert before["variant"].tolist() == ["short"]  # killed inside the second run
 
-    messages = []
-    run_suite(load_suite(str(suite_path)), out, wandb_mode="disabled", progress=False,
-              log=messages.append)
+    run_suite(load_suite(str(suite_path)), out, wandb_mode="disabled", progress=False)
+    messages = caplog.messages
     rows = read_rows(out / "runs.csv")
     assert rows["variant"].tolist() == ["short", "long"] and rows["config_hash"].is_unique
     # the finished row is unchanged (the resumed row may add a column, resumed_step)
@@ -105,8 +104,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, mo
                     "params": {"hidden": 16, "latent_dim": 4, **params}}],
         budget={"epochs": 30}, data=data, trainer=trainer)
     spec = load_suite(str(suite_path)).specs[0]
-    quiet = {"wandb_mode": "disabled", "progress": False, "checkpoint_every": 7,
-             "log": lambda m: None}
+    quiet = {"wandb_mode": "disabled", "progress": False, "checkpoint_every": 7}
     run_suite(load_suite(str(suite_path)), tmp_path / "whole", **quiet)
 
     killed = tmp_path / "killed"
@@ -254,7 +252,7 @@ def test_a_signalled_run_checkpoints_its_batch_and_resumes_to_the_uninterrupted_
     suite_path = write_mnist_suite(
         tmp_path, [{"model": "vae", "variant": "v", "params": {"hidden": 16, "latent_dim": 4}}],
         budget={"epochs": 200}, data={"binarize": True})
-    quiet = {"wandb_mode": "disabled", "progress": False, "log": lambda m: None}
+    quiet = {"wandb_mode": "disabled", "progress": False}
     run_suite(load_suite(str(suite_path)), tmp_path / "whole", **quiet)
 
     stopped = tmp_path / "stopped"

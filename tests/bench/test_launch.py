@@ -29,7 +29,7 @@ def two_runs(tmp_path, monkeypatch):
 
 
 def quietly(suite, out, **kwargs):
-    return run_suite(suite, out, wandb_mode="disabled", progress=False, log=lambda m: None,
+    return run_suite(suite, out, wandb_mode="disabled", progress=False,
                      **kwargs)
 
 
@@ -120,12 +120,12 @@ def test_evaluation_errors_say_what_to_do():
     assert "/w.pth is not torch-fidelity's Inception weights" in wrong
 
 
-def test_only_is_a_search_and_the_plan_says_what_it_selected():
+def test_only_is_a_search_and_the_plan_says_what_it_selected(caplog):
     from bench.launch import plan_suite
 
-    messages = []
     suite = load_suite("default")
-    plan = plan_suite(suite, Path("/nonexistent"), only="ae", log=messages.append)
+    plan = plan_suite(suite, Path("/nonexistent"), only="ae")
+    messages = [r.getMessage() for r in caplog.records if r.name == "bench.launch"]
     assert {s.model for s in plan.specs} == {"ae", "sae", "vae"}
     assert messages == ["--only 'ae' selects 5 of 6 runs (models ae, sae, vae)"]
 

@@ -38,7 +38,7 @@ def tiny_suite(tmp_path, monkeypatch):
 
 
 def run_quietly(suite, out, **kwargs):
-    return run_suite(suite, out, wandb_mode="disabled", progress=False, log=lambda m: None,
+    return run_suite(suite, out, wandb_mode="disabled", progress=False,
                      **kwargs)
 
 
@@ -177,13 +177,14 @@ def test_the_smoke_check_passes_on_another_instruction_set(tmp_path):
 
 
 @pytest.mark.integration
-def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path):
+def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path, caplog):
     cool = load_suite(str(tiny_suite.path))
     cool.specs = [s for s in cool.specs if s.variant == "cool"]
-    messages = []
     run_quietly(cool, tmp_path / "out", checkpoint_every=10)  # leaves a last.ckpt behind
+    caplog.clear()
     run_suite(cool, tmp_path / "out", force=True, wandb_mode="disabled", progress=False,
-              checkpoint_every=10, log=messages.append)
+              checkpoint_every=10)
+    messages = caplog.messages
     rows = read_rows(tmp_path / "out" / "runs.csv")
     assert len(rows) == 2 and rows["config_hash"].nunique() == 1  # a re-measurement, kept
     assert not any("resuming from" in m for m in messages)
@@ -302,15 +303,15 @@ def test_the_nvml_check_is_dropped_only_where_nvml_cannot_be_loaded(monkeypatch,
 
 
 @pytest.mark.integration
-def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_afresh(tiny_suite, tmp_path):
+def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_afresh(tiny_suite, tmp_path,
+                                                                         caplog):
     cool = load_suite(str(tiny_suite.path))
     cool.specs = [s for s in cool.specs if s.variant == "cool"]
     ckpt_dir = tmp_path / "out" / "checkpoints" / cool.specs[0].config_hash
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / "last.ckpt").write_bytes(b"PK\x03\x04 torn")
-    messages = []
-    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False,
-              log=messages.append)
+    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False)
+    messages = caplog.messages
     assert any("is unreadable" in m and "starting the run afresh" in m for m in messages)
     assert (ckpt_dir / "last.ckpt.unreadable").read_bytes() == b"PK\x03\x04 torn"
     assert read_rows(tmp_path / "out" / "runs.csv")["status"].tolist() == ["ok"]
@@ -318,7 +319,7 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_afresh(tiny_su
 
 @pytest.mark.integration
 def test_a_checkpoint_whose_pickle_would_run_code_is_set_aside_and_runs_nothing(tiny_suite,
-                                                                                 tmp_path):
+                                                                                 tmp_path, caplog):
     import torch
 
     from tests.datamodules.test_formats import _Payload
@@ -329,9 +330,8 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_set_aside_and_runs_nothing(
     ckpt_dir.mkdir(parents=True)
     marker = tmp_path / "payload-ran"
     torch.save({"progress": {"batches": 3}, "x": _Payload(marker)}, ckpt_dir / "last.ckpt")
-    messages = []
-    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False,
-              log=messages.append)
+    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False)
+    messages = caplog.messages
     assert not marker.exists()
     assert any("last.ckpt is unreadable (UnpicklingError" in m for m in messages)
     assert read_rows(tmp_path / "out" / "runs.csv")["status"].tolist() == ["ok"]

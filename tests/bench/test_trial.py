@@ -24,24 +24,23 @@ def suite(tmp_path, monkeypatch):
               "iw_images": 50, "kid_subset_size": 200})))
 
 
-def test_every_entry_is_tried_and_nothing_is_recorded(suite, tmp_path):
-    lines = []
-    table = run_try(suite, tmp_path / "out", batches=6, parallel=2, log=lines.append)
+def test_every_entry_is_tried_and_nothing_is_recorded(suite, tmp_path, caplog):
+    table = run_try(suite, tmp_path / "out", batches=6, parallel=2)
     assert table["status"].tolist() == ["ok", "ok"]
     assert not holds_table(tmp_path / "out")
     assert (table["est_train_s"] > 0).all() and (table["est_total_s"] > table["est_train_s"]).all()
     vae = table.set_index("entry").iloc[0]
     assert vae["eval_s_per_iw_sample"] > 0 and vae["eval_s_per_image"] > 0
-    assert any("with --parallel 2" in line and "one after another" in line for line in lines)
+    assert any("with --parallel 2" in line and "one after another" in line
+               for line in caplog.messages)
 
 
-def test_one_seed_is_tried_for_all_of_an_entrys_pending_seeds(suite, tmp_path):
-    lines = []
+def test_one_seed_is_tried_for_all_of_an_entrys_pending_seeds(suite, tmp_path, caplog):
     three_seeds = load_suite(str(suite.path), seeds=[0, 1, 2])
-    table = run_try(three_seeds, tmp_path / "out", batches=4, log=lines.append)
+    table = run_try(three_seeds, tmp_path / "out", batches=4)
     assert table["runs"].tolist() == [3, 3] and len(table) == 2
     assert table["entry"].str.endswith("-s0").all()
-    assert any("the suite's 6 run(s)" in line for line in lines)
+    assert any("the suite's 6 run(s)" in line for line in caplog.messages)
 
 
 def test_an_entry_that_fails_is_named_and_the_others_still_run(suite, tmp_path, monkeypatch):
@@ -51,7 +50,7 @@ def test_an_entry_that_fails_is_named_and_the_others_still_run(suite, tmp_path, 
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (20x3072 and 784x64)")
 
     monkeypatch.setattr(VAE, "losses", broken)
-    table = run_try(suite, tmp_path / "out", batches=6, log=lambda m: None)
+    table = run_try(suite, tmp_path / "out", batches=6)
     assert table["status"].tolist()[0].startswith("RuntimeError: mat1 and mat2 shapes")
     assert table["status"].tolist()[1] == "ok"
 
