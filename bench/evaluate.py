@@ -412,7 +412,7 @@ def evaluate(model, dm, settings: EvalSettings, extractor=None,
         n_real = settings.n_real or len(dm.test_images)
         real = to_uint8_rgb(dm.test_images[:n_real])
         log.info(f"  FID, IS, KID, PR, DC: {len(fake)} generated vs {len(real)} test images, "
-            f"features {extractor.features}")
+                 f"features {extractor.features}")
         metrics |= fidelity_metrics(fake, real, extractor,
                                     f"genbench-{dm.spec.name}-test{len(real)}-{extractor.features}",
                                     settings, cuda=model.device.type == "cuda")

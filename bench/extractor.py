@@ -210,8 +210,8 @@ def classifier_path(dm, epochs: int | None = None, weights: str | None = None) -
     path = (cache_root() / "extractors"
             / f"classifier-{dm.spec.name}{own}-e{epochs}-s{DEFAULT_SEED}.pt")
     if not path.is_file():
-        log.info(f"training the feature classifier for {dm.spec.title} ({epochs} epochs on the CPU, "
-            f"cached in {path.parent})")
+        log.info(f"training the feature classifier for {dm.spec.title} ({epochs} epochs on the "
+                 f"CPU, cached in {path.parent})")
         save_classifier(train_classifier(dm, epochs, DEFAULT_SEED), path)
     return path
 

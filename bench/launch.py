@@ -35,8 +35,8 @@ from bench.results import (append_row, done_hashes, eval_failed_rows, format_tab
 from bench.evaluate import EvalSettings
 from bench.defaults import (CHECKPOINT_EVERY_STEPS, SLURM_CPUS, SLURM_GPUS, SLURM_MAX_PARALLEL,
                             SLURM_TIME_MIN)
-from bench.runner import (STOP, RunOptions, evaluate_checkpoint,
-                          evaluated_row, git_commit, run_one)
+from bench.runner import (STOP, RunOptions, RunResult, evaluate_checkpoint, evaluation_device,
+                          git_commit, run_one)
 from bench.suite import RunSpec, Suite
 from bench.tracking import choose_wandb_mode, log_suite_summary
 
@@ -73,8 +73,9 @@ def run_claimed(spec, suite, out_dir: Path, options: RunOptions, commit: str) ->
         if not options.force and spec.config_hash in done_hashes(csv_path):
             log.info(f"  {spec.run_id}: finished by another process meanwhile (in {csv_path.name})")
             return None
-        trained = None if options.force else eval_failed_rows(csv_path).get(spec.config_hash)
-        row = run_one(spec, suite, out_dir, options, commit, trained=trained)
+        failed = None if options.force else eval_failed_rows(csv_path).get(spec.config_hash)
+        row = run_one(spec, suite, out_dir, options, commit,
+                      trained=None if failed is None else RunResult.from_row(failed)).to_row()
         if rank_zero_only.rank == 0:  # under DDP every rank has the row; one writes it
             append_row(csv_path, row, unique=not options.force)
         return row
@@ -184,7 +185,7 @@ def run_slurm(specs, suite, out_dir: Path, options: RunOptions, commit: str, *,
     if accounting:
         return wait_for_jobs(executor, specs, suite, out_dir, options, commit, accounting)
     log.info("  sacct fails on this cluster (no accounting): a job's end is read from its result "
-        "file, and from squeue for a job killed before it wrote one")
+             "file, and from squeue for a job killed before it wrote one")
     # submitit has no option to leave sacct alone: its SLURM jobs share one class-level watcher,
     # whose command (a private method) is None when there is nothing to ask
     from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
@@ -207,7 +208,7 @@ def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, co
     jobs = executor.map_array(RequeueableSpecJob(), specs, [suite] * n, [str(out_dir)] * n,
                               [asdict(options)] * n, [commit] * n)
     log.info(f"submitted {n} jobs to {executor.cluster} (logs in {out_dir / 'slurm'}): "
-        f"{', '.join(job.job_id for job in jobs[:5])}{' ...' if n > 5 else ''}")
+             f"{', '.join(job.job_id for job in jobs[:5])}{' ...' if n > 5 else ''}")
     rows = []
     for spec, job in zip(specs, jobs):
         try:
@@ -274,7 +275,7 @@ def run_here(specs, suite, out_dir: Path, options: RunOptions, commit: str) -> l
         log.info(one_line(row))
     if left:
         log.info(f"\n{len(left)} run(s) left to the process that has them under way: "
-            f"{', '.join(left)}")
+                 f"{', '.join(left)}")
     return rows
 
 
@@ -320,12 +321,12 @@ def plan_suite(suite: Suite, out_dir: Path | None = None, only: str | None = Non
     if only:  # a search, not a name: `--only ae` also selects the sae and vae runs
         models = sorted({s.model for s in specs})
         log.info(f"--only {only!r} selects {len(specs)} of {len(suite.specs)} runs "
-            f"(model{'s' if len(models) > 1 else ''} {', '.join(models)})")
+                 f"(model{'s' if len(models) > 1 else ''} {', '.join(models)})")
     done = set() if force else done_hashes(out_dir / "runs.csv")
     for i, spec in enumerate(specs, 1):
         if spec.config_hash in done:
             log.info(f"[{i}/{len(specs)}] {spec.run_id}: already in runs.csv "
-                f"(config {spec.config_hash}), skipped; --force redoes it")
+                     f"(config {spec.config_hash}), skipped; --force redoes it")
     return Plan(suite, out_dir, specs, [s for s in specs if s.config_hash not in done])
 
 
@@ -342,7 +343,7 @@ def report(plan: Plan, mode: str, seconds: float) -> pd.DataFrame:
     log_suite_summary(suite.wandb.get("project", "genbench"), suite.wandb.get("group", suite.name),
                       suite.name, table, out_dir, mode)
     log.info(f"\n{summary}\n\nsuite {suite.name} took {seconds:.0f} s; rows in {plan.csv_path}, "
-        f"table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
+             f"table in {out_dir / 'summary.md'}, plots in {out_dir / 'plots'}")
     return table
 
 
@@ -369,7 +370,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
                          checkpoint_every or CHECKPOINT_EVERY_STEPS, force, progress)
     started = time.perf_counter()
     log.info(f"suite {suite.name}: {len(plan.pending)} of {len(plan.specs)} runs to do -> "
-        f"{plan.csv_path} (W&B {mode})")
+             f"{plan.csv_path} (W&B {mode})")
     if zero:
         progress_event("suite_planned", suite=suite.name, pending=len(plan.pending),
                        total=len(plan.specs))
@@ -407,29 +408,30 @@ def evaluate_results(results_dir: Path, overrides: dict, only: str | None = None
     out_dir = Path(out_dir or results_dir / _slug(overrides))
     csv_path = out_dir / "runs.csv"
     jobs = []
-    for _, row in rows.iterrows():
-        trained = RunSpec.from_row(row.to_dict())
-        spec = replace(trained, eval={**trained.eval, **overrides})
+    for row in rows.to_dict("records"):
+        trained = RunResult.from_row(row)
+        spec = replace(trained.spec, eval={**trained.spec.eval, **overrides})
         EvalSettings.from_dict(spec.eval)  # a bad --set fails before any evaluation
         checkpoint = results_dir / "checkpoints" / str(row["config_hash"]) / "final.ckpt"
-        jobs.append((spec, row.to_dict(), checkpoint))
+        jobs.append((spec, trained, checkpoint))
     missing = [str(c) for _, _, c in jobs if not c.is_file()]
     if missing:
         raise UserError(f"no final checkpoint for {len(missing)} run(s): {', '.join(missing)}; "
                          "those runs cannot be evaluated again (rerun them with bench run)")
     preflight([spec for spec, _, _ in jobs], out_dir)
     done, commit = done_hashes(csv_path), git_commit()
-    log.info(f"evaluating {len(jobs)} trained run(s) of {source} again with {overrides or 'the same'}"
-        f" settings -> {csv_path}")
+    log.info(f"evaluating {len(jobs)} trained run(s) of {source} again with "
+             f"{overrides or 'the same'} settings -> {csv_path}")
     for i, (spec, trained, checkpoint) in enumerate(jobs, 1):
         if spec.config_hash in done:
             log.info(f"[{i}/{len(jobs)}] {spec.run_id}: already in {csv_path}, skipped")
             continue
         log.info(f"[{i}/{len(jobs)}] {spec.run_id} from {checkpoint}")
-        metrics, _ = evaluate_checkpoint(spec, checkpoint, EvalSettings.from_dict(spec.eval),
-                                         accelerator)
-        row = evaluated_row(trained, spec, metrics, commit, accelerator) | {
-            "evaluated_from": trained["config_hash"]}
+        figures, error, _ = evaluate_checkpoint(spec, checkpoint,
+                                                EvalSettings.from_dict(spec.eval), accelerator)
+        row = trained.evaluated_again(spec, figures, error, commit,
+                                      evaluation_device(accelerator),
+                                      evaluated_from=trained.spec.config_hash).to_row()
         append_row(csv_path, row)
         log.info(one_line(row))
     table = read_rows(csv_path)

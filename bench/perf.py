@@ -176,9 +176,10 @@ def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_
                       **{f"{feed}_vs_plain": best[feed] / best["plain"] for feed in FEEDS[1:]}}
             records.append(record)
             log.info(f"{family:>4} {backbone:<5} plain {best['plain']:>9,.0f}  harness "
-                f"{best['harness']:>9,.0f}  trainer {best['trainer']:>9,.0f}  loader "
-                f"{best['loader']:>9,.0f} img/s  harness/plain {record['harness_vs_plain']:.3f}"
-                f"  trainer/plain {record['trainer_vs_plain']:.3f}")
-    log.info(f"\ndevice {device}, batch {batch_size}, {steps} steps after {warmup} warm-up, best of "
-        f"{repeats}, torch threads {torch.get_num_threads()}")
+                     f"{best['harness']:>9,.0f}  trainer {best['trainer']:>9,.0f}  loader "
+                     f"{best['loader']:>9,.0f} img/s  harness/plain "
+                     f"{record['harness_vs_plain']:.3f}  trainer/plain "
+                     f"{record['trainer_vs_plain']:.3f}")
+    log.info(f"\ndevice {device}, batch {batch_size}, {steps} steps after {warmup} warm-up, "
+             f"best of {repeats}, torch threads {torch.get_num_threads()}")
     return pd.DataFrame(records)

@@ -6,6 +6,7 @@ calls `run_one`; nothing here imports it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -29,7 +31,7 @@ from bench.defaults import CHECKPOINT_EVERY_STEPS
 from bench.errors import UserError
 from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
-from bench.machine import hardware, versions
+from bench.machine import ENVIRONMENT_COLUMNS, hardware, versions
 from bench.loop import (WARMUP_BATCHES, Diverged, LoopSettings, ManualStepDDP, Run,
                         apply_net_options, configured_optimizers, fit, rank_seed,
                         save_atomically, throughput)
@@ -118,7 +120,7 @@ def resumable_checkpoint(ckpt_dir: Path) -> dict | None:
         state["progress"]["batches"]  # noqa: B018 - a checkpoint of bench.loop's shape
     except Exception as err:  # a torn write fails in pickle, zip or torch's own checks
         log.info(f"  {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:160]});"
-            f" set aside as {path.name}.unreadable, starting the run afresh")
+                 f" set aside as {path.name}.unreadable, starting the run afresh")
         try:
             os.replace(path, path.with_name(path.name + ".unreadable"))
         except OSError:  # another rank set it aside first
@@ -135,10 +137,11 @@ def evaluation_device(accelerator: str) -> torch.device:
 
 
 def safe_evaluate(model, dm, settings: EvalSettings, seed: int,
-                  generate_here: bool) -> tuple[dict, dict]:
-    """Evaluate a trained model. An evaluation that raises (weights missing, out of memory, a
-    bug) gives status eval_failed and the error explained, never a lost run: the trained
-    checkpoint is already on disk, and the next `bench run` evaluates it again."""
+                  generate_here: bool) -> tuple[dict, str | None, dict]:
+    """Evaluate a trained model: (figures, None, image grids). An evaluation that raises
+    (weights missing, out of memory, a bug) gives ({}, the error explained, {}), never a lost
+    run: the trained checkpoint is already on disk, and the next `bench run` evaluates it
+    again."""
     extractor = None
     if generate_here and model.family.samples and settings.generation:
         def extractor():
@@ -149,14 +152,14 @@ def safe_evaluate(model, dm, settings: EvalSettings, seed: int,
     except Exception as err:  # noqa: BLE001 - every failure is recorded, the suite goes on
         message = explain_evaluation_error(err, settings)
         log.info(f"  evaluation failed: {message}")
-        return {"status": "eval_failed", "error": message}, {}
-    return {"status": "ok"} | metrics, grids
+        return {}, message, {}
+    return metrics, None, grids
 
 
 def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
-                        accelerator: str = "auto") -> tuple[dict, dict]:
+                        accelerator: str = "auto") -> tuple[dict, str | None, dict]:
     """Evaluate a run's final checkpoint without training, in this process (evaluation does
-    not depend on the device count); returns (status and metrics, image grids)."""
+    not depend on the device count); returns what `safe_evaluate` returns."""
     device = evaluation_device(accelerator)
     dm = ImageDataModule(spec.dataset, seed=spec.seed, **spec.data)
     dm.setup()
@@ -171,24 +174,104 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Path, settings: EvalSettings,
     return safe_evaluate(model.eval(), dm, settings, spec.seed, generate_here=True)
 
 
-# Columns of a row that come from evaluation (every metric but the training's figures, and
-# every provenance column but the device's); the rest describe the training.
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# A row's columns that RunResult keeps as its own fields (they name the run and say what became
+# of it), and those of the machine that made the figures.
+NAMING_COLUMNS = {"suite", "model", "variant", "dataset", "seed", "config_hash", "status", "entry",
+                  "sweep_index", "config", "error", "diverged_step", "resumed_step", "git_commit",
+                  "trained_commit", "timestamp", "checkpoint", "evaluated_from"}
+MACHINE_COLUMNS = set(ENVIRONMENT_COLUMNS)
+
+
+# Declared figures and provenance columns that training measures, not the evaluation
 TRAINING_FIGURES = {"train_img_per_s", "wall_s", "peak_mem_mb", "device", "devices"}
-EVALUATION_COLUMNS = ({"status", "error"} | set(DETAILS) | set(DIRECTIONS)
-                      | PROVENANCE_COLUMNS) - TRAINING_FIGURES
 
 
-def evaluated_row(trained: dict, spec: RunSpec, metrics: dict, commit: str,
-                  accelerator: str = "auto") -> dict:
-    """A row for a trained run evaluated again: the training's columns from its earlier row, the
-    new evaluation's figures, and the commit of each; the hardware is the evaluation's, which
-    made the new figures."""
-    row = {k: v for k, v in trained.items() if k not in EVALUATION_COLUMNS}
-    return row | metrics | {
-        "config_hash": spec.config_hash, "config": json.dumps(spec.config(), sort_keys=True),
-        "trained_commit": trained.get("trained_commit", trained.get("git_commit")),
-        "git_commit": commit, **hardware(evaluation_device(accelerator)), **versions(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def figure_columns() -> set[str]:
+    """The evaluation's columns: every declared metric (a family may declare one at any time),
+    its details and provenance, but the machine's, the data's and the training's."""
+    return ((set(DIRECTIONS) | set(DETAILS) | PROVENANCE_COLUMNS) - MACHINE_COLUMNS
+            - TRAINING_FIGURES - {"data_md5"})
+
+
+@dataclass
+class RunResult:
+    """What one run gave, built in one place: `run_one` (trained and evaluated) or
+    `evaluated_again` (a trained run's checkpoint evaluated anew). `to_row()` is its row of the
+    results table, which is how everything after the run reads it; `from_row` reads a row back
+    (`from_row(r).to_row() == r`, key order aside)."""
+
+    spec: RunSpec
+    suite: str
+    diverged_step: int | None = None  # training diverged at this batch: nothing was evaluated
+    error: str | None = None  # the evaluation failed, and why (the checkpoint is kept)
+    resumed_step: int | None = None  # the batch a stopped or killed run resumed at
+    data: dict[str, Any] = field(default_factory=dict)  # the files (ImageDataModule.provenance)
+    figures: dict[str, Any] = field(default_factory=dict)  # the evaluation's (bench.metrics)
+    training: dict[str, Any] = field(default_factory=dict)  # throughput, memory, steps, devices
+    machine: dict[str, Any] = field(default_factory=dict)  # the figures' hardware, versions
+    commit: str = "unknown"  # the figures' commit
+    trained_commit: str | None = None  # the training's, when it is another evaluation's
+    checkpoint: str | None = None
+    evaluated_from: str | None = None  # bench eval: the config hash of the run evaluated again
+    timestamp: str = field(default_factory=utc_now)
+
+    @property
+    def status(self) -> str:
+        if self.diverged_step is not None:
+            return "diverged"
+        return "eval_failed" if self.error is not None else "ok"
+
+    def to_row(self) -> dict[str, Any]:
+        spec = self.spec
+        row = {"suite": self.suite, "model": spec.model, "variant": spec.variant,
+               "dataset": spec.dataset, "seed": spec.seed, "config_hash": spec.config_hash,
+               "status": self.status, "diverged_step": self.diverged_step}
+        if spec.sweep_index is not None:  # a sweep's point: its entry, and its place on the curve
+            row |= {"entry": spec.entry, "sweep_index": spec.sweep_index}
+        row |= self.data
+        optional = {"resumed_step": self.resumed_step, "error": self.error}
+        row |= {k: v for k, v in optional.items() if v is not None}
+        row |= self.figures | self.training | self.machine
+        if self.trained_commit is not None:
+            row["trained_commit"] = self.trained_commit
+        row |= {"git_commit": self.commit, "timestamp": self.timestamp,
+                "config": json.dumps(spec.config(), sort_keys=True)}
+        optional = {"checkpoint": self.checkpoint, "evaluated_from": self.evaluated_from}
+        return row | {k: v for k, v in optional.items() if v is not None}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunResult:
+        given = {k: v for k, v in row.items() if v is not None and v == v}  # NaN: an empty cell
+        integer = lambda k: None if k not in given else int(given[k])  # noqa: E731
+        figures, own = figure_columns(), NAMING_COLUMNS | MACHINE_COLUMNS
+        return cls(
+            spec=RunSpec.from_row(row), suite=str(given.get("suite", "")),
+            diverged_step=integer("diverged_step"), error=given.get("error"),
+            resumed_step=integer("resumed_step"),
+            data={k: v for k, v in given.items() if k.startswith("data_")},
+            figures={k: v for k, v in given.items() if k in figures},
+            machine={k: v for k, v in given.items() if k in MACHINE_COLUMNS},
+            training={k: v for k, v in given.items()
+                      if k not in own and k not in figures and not k.startswith("data_")},
+            commit=str(given.get("git_commit", "unknown")),
+            trained_commit=given.get("trained_commit"), checkpoint=given.get("checkpoint"),
+            evaluated_from=given.get("evaluated_from"),
+            timestamp=str(given.get("timestamp", "")))
+
+    def evaluated_again(self, spec: RunSpec, figures: dict, error: str | None, commit: str,
+                        device: torch.device, evaluated_from: str | None = None) -> RunResult:
+        """This trained run with a new evaluation on `device` (of `spec`: its settings may
+        differ): the training's figures kept, the evaluation's and the machine's new, each
+        commit named."""
+        return dataclasses.replace(
+            self, spec=spec, figures=figures, error=error,
+            machine=hardware(device) | versions(), commit=commit,
+            trained_commit=self.trained_commit or self.commit, evaluated_from=evaluated_from,
+            timestamp=utc_now())
 
 
 class Stopped(RuntimeError):
@@ -284,7 +367,8 @@ def build_run(spec: RunSpec, fabric: L.Fabric, settings: LoopSettings, ckpt_dir:
               ckpt_dir / "last.ckpt")
     if fresh and fabric.is_global_zero:
         if (ckpt_dir / "last.ckpt").is_file():
-            log.info(f"  --force: starting over; the checkpoint {ckpt_dir / 'last.ckpt'} is discarded")
+            log.info(f"  --force: starting over; the checkpoint {ckpt_dir / 'last.ckpt'} is "
+                     "discarded")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fabric.barrier()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -316,22 +400,23 @@ def trained_for(epochs, steps) -> str:
 
 
 def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
-            commit: str = "unknown", trained: dict | None = None) -> dict:
-    """Train and evaluate one spec; returns its result row (status ok, diverged or
-    eval_failed). The run saves a checkpoint every `options.checkpoint_every` batches and
-    resumes from it when rerun, unless `options.force` asks for a new start. With `trained`,
-    the row of a run whose evaluation failed, its final checkpoint is evaluated again, without
-    training."""
+            commit: str = "unknown", trained: RunResult | None = None) -> RunResult:
+    """Train and evaluate one spec; returns its result (status ok, diverged or eval_failed).
+    The run saves a checkpoint every `options.checkpoint_every` batches and resumes from it
+    when rerun, unless `options.force` asks for a new start. With `trained`, the result of a
+    run whose evaluation failed, its final checkpoint is evaluated again, without training."""
     ckpt_dir = out_dir / "checkpoints" / spec.config_hash
     final = ckpt_dir / "final.ckpt"
     settings = EvalSettings.from_dict(spec.eval)
     if trained is not None and final.is_file() and not options.force:
         log.info(f"  trained already ({final}): evaluating it again, no training")
-        metrics, grids = evaluate_checkpoint(spec, final, settings, options.accelerator)
+        figures, error, grids = evaluate_checkpoint(spec, final, settings, options.accelerator)
         if rank_zero_only.rank == 0:
             save_run_grids(grids, out_dir / "plots", spec.run_id,
-                           trained_for(trained.get("epochs"), trained.get("steps")))
-        return evaluated_row(trained, spec, metrics, commit, options.accelerator)
+                           trained_for(trained.training.get("epochs"),
+                                       trained.training.get("steps")))
+        return trained.evaluated_again(spec, figures, error, commit,
+                                       evaluation_device(options.accelerator))
     start = time.perf_counter()
     loop_settings = LoopSettings.from_suite(spec.trainer,
                                             checkpoint_every=options.checkpoint_every,
@@ -343,50 +428,40 @@ def run_one(spec: RunSpec, suite: Suite, out_dir: Path, options: RunOptions,
     # build
     fabric = build_fabric(spec, options, loop_settings, logger)
     fabric.launch()
-    row: dict = {"suite": suite.name, "model": spec.model, "variant": spec.variant,
-                 "dataset": spec.dataset, "seed": spec.seed, "config_hash": spec.config_hash,
-                 "status": "ok", "diverged_step": None,
-                 "peak_mem_scope": reset_peak_memory(fabric.device)}
-    if spec.sweep_index is not None:  # a sweep's point: its entry, and its place on the curve
-        row |= {"entry": spec.entry, "sweep_index": spec.sweep_index}
-    run, dm, resumed = build_run(spec, fabric, loop_settings, ckpt_dir, options.force)
-    row |= dm.provenance()
-    if resumed is not None:
-        row["resumed_step"] = resumed
+    result = RunResult(spec, suite.name, commit=commit, checkpoint=str(final),
+                       training={"peak_mem_scope": reset_peak_memory(fabric.device)})
+    run, dm, result.resumed_step = build_run(spec, fabric, loop_settings, ckpt_dir, options.force)
+    result.data = dm.provenance()
     model = run.module.module
     # train
     try:
         fit(run, progress_bar=options.progress, stop_requested=STOP.requested)
         if STOP.requested():
             log.info(f"  stopped by {signal.Signals(STOP.signum).name} after batch "
-                f"{run.progress.batches}: resumable checkpoint {run.checkpoint}")
+                          f"{run.progress.batches}: resumable checkpoint {run.checkpoint}")
             STOP.hand_on()
             raise Stopped(STOP.signum, spec.run_id, run.progress.batches, run.checkpoint)
         model.finish_training(dm)
     except Diverged as err:
         log.info(f"  diverged: {err}")
-        row |= {"status": "diverged", "diverged_step": err.step}
+        result.diverged_step = err.step
     # save: the final state (with the AE's latent mixture), for re-evaluation
     save_atomically(fabric, final, final_checkpoint(model))
     # evaluate: generation metrics once, on rank zero, from all the samples
-    metrics: dict = {}
     images: dict[str, Path] = {}
-    if row["status"] == "ok":
-        metrics, grids = safe_evaluate(model, dm, settings, spec.seed,
-                                       generate_here=fabric.is_global_zero)
+    if result.status == "ok":
+        result.figures, result.error, grids = safe_evaluate(
+            model, dm, settings, spec.seed, generate_here=fabric.is_global_zero)
         if fabric.is_global_zero:
             images = save_run_grids(grids, out_dir / "plots", spec.run_id,
                                     trained_for(run.progress.epoch, run.progress.batches))
-    # row
-    row |= metrics | throughput(fabric, run.progress, peak_memory_mb(fabric.device))
-    row |= {"steps": run.progress.batches, "epochs": run.progress.epoch,
-            "params": count_parameters(model), "wall_s": time.perf_counter() - start,
-            "device": (torch.cuda.get_device_name(fabric.device)
-                       if fabric.device.type == "cuda" else "cpu"),
-            "devices": fabric.world_size, "num_nodes": options.num_nodes,
-            **hardware(fabric.device), **versions(), "git_commit": commit,
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": json.dumps(spec.config(), sort_keys=True), "checkpoint": str(final)}
+    result.training |= throughput(fabric, run.progress, peak_memory_mb(fabric.device)) | {
+        "steps": run.progress.batches, "epochs": run.progress.epoch,
+        "params": count_parameters(model), "wall_s": time.perf_counter() - start,
+        "device": (torch.cuda.get_device_name(fabric.device)
+                   if fabric.device.type == "cuda" else "cpu"),
+        "devices": fabric.world_size, "num_nodes": options.num_nodes}
+    result.machine, result.timestamp = hardware(fabric.device) | versions(), utc_now()
     if fabric.is_global_zero:
-        finish_run_logging(logger, row, images)
-    return row
+        finish_run_logging(logger, result.to_row(), images)
+    return result

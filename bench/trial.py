@@ -143,12 +143,12 @@ def run_try(suite: Suite, out_dir: Path | None = None, only: str | None = None,
     preflight(plan.pending, plan.out_dir)
     if parallel > 1:
         log.info(f"--try runs the entries one after another; --parallel {parallel} only sets the "
-            "estimate's number of runs at once")
+                 "estimate's number of runs at once")
     sample = sample or TRY_SAMPLE
     entries = len({seedless(spec) for spec in plan.pending})
     log.info(f"trying {entries} entr{'y' if entries == 1 else 'ies'} of suite {suite.name} "
-        f"({len(plan.pending)} pending run(s); one seed each) for {batches} batches, "
-        f"evaluated on {sample} generated and real images (nothing is recorded)")
+             f"({len(plan.pending)} pending run(s); one seed each) for {batches} batches, "
+             f"evaluated on {sample} generated and real images (nothing is recorded)")
     options = RunOptions(accelerator, devices, strategy, num_nodes)
     return try_suite(suite, plan.pending, options, git_commit(), batches, parallel, sample)
 
@@ -173,7 +173,7 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
             try:
                 with only_lines_of(__name__):  # the entry's own line below says how it went
                     row = run_one(trial_spec(spec, batches, sample), suite,
-                                  Path(scratch) / spec.config_hash, options, commit)
+                                  Path(scratch) / spec.config_hash, options, commit).to_row()
                 if row["status"] != "ok":
                     record["status"] = f"{row['status']}: {row.get('error') or ''}".strip(": ")
                 else:
@@ -201,5 +201,5 @@ def try_suite(suite: Suite, specs: list[RunSpec], options: RunOptions, commit: s
         log.info(line)
     failed = (table["status"] != "ok").sum()
     log.info(f"{len(table) - failed} of {len(table)} entries ok" + (f"; {failed} failed" if failed
-                                                               else ""))
+                                                                    else ""))
     return table
