@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.defaults import (CALIBRATION_DRAWS, CALIBRATION_NULL_SETS, CALIBRATION_OUT,
+                            CALIBRATION_SEEDS, CALIBRATION_SUITE)
 from bench.errors import UserError
 from bench.compare import compare, judged_metrics
 from bench.launch import run_suite
@@ -47,7 +49,7 @@ PLANTS = {
     "sae-k-x2": ("sae", lambda p: {**p, "k": 2 * p.get("k", 8)}),
 }
 RULES = {"now": {}, "before": {"paired": False, "correction": "none", "judge": "all"}}
-# The gate's promise at alpha = 0.05: at most one compare of unchanged code in 20 fails.
+# The gate's promise at its alpha (bench.defaults.ALPHA, 0.05): at most one compare of unchanged code in 20 fails.
 FALSE_ALARM_TARGET = 1 / 20
 
 
@@ -157,8 +159,9 @@ def _with_seeds(table: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
     return table[table["seed"].isin(seeds)]
 
 
-def run_calibration(suite_name: str = "smoke", seeds: int = 3, null_sets: int = 10,
-                    draws: int = 400, out: Path = Path("results/calibration"),
+def run_calibration(suite_name: str = CALIBRATION_SUITE, seeds: int = CALIBRATION_SEEDS,
+                    null_sets: int = CALIBRATION_NULL_SETS, draws: int = CALIBRATION_DRAWS,
+                    out: Path = Path(CALIBRATION_OUT),
                     draw_seed: int = 0, progress: bool = True) -> Calibration:
     """Run the null seed sets and the plants (runs already in `out` are reused), then judge
     the fixed pairs, `draws` drawn null pairs and `draws` drawn seed sets per plant."""

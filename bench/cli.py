@@ -9,8 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.defaults import (CHECKPOINT_EVERY_STEPS, SLURM_CPUS, SLURM_GPUS, SLURM_TIME_MIN,
-                            TRY_BATCHES, TRY_SAMPLE)
+from bench.defaults import (ALPHA, CALIBRATION_DRAWS, CALIBRATION_NULL_SETS, CALIBRATION_OUT,
+                            CALIBRATION_SEEDS, CALIBRATION_SUITE, CHECKPOINT_EVERY_STEPS,
+                            EXTRACTOR_EPOCHS, EXTRACTOR_SEED, PERF_REPEATS, PERF_STEPS,
+                            PERF_TARGET, PERF_WARMUP, SLURM_CPUS, SLURM_GPUS, SLURM_TIME_MIN,
+                            TOLERANCE, TRY_BATCHES, TRY_SAMPLE)
 from bench.errors import UserError
 from bench.process import one_line_warnings, show_lines
 
@@ -31,8 +34,9 @@ def _regex(text: str) -> str:
 def cmd_data(args: argparse.Namespace) -> int:
     from datamodules import ImageDataModule
 
+    given = {"val_size": args.val_size} if args.val_size is not None else {}
     dm = ImageDataModule(args.name, data_dir=args.data_dir, root=args.root, download=args.download,
-                         val_size=args.val_size, own_files=args.own_files)
+                         own_files=args.own_files, **given)
     dm.prepare_data()
     dm.setup()
     for key, value in dm.describe().items():
@@ -298,18 +302,15 @@ def _history_cell(r) -> str:
     return text
 
 
-# bench perf's default steps, and the fewest whose harness/plain ratio is judged against the target
-JUDGED_PERF_STEPS = 200
-
-
 def cmd_perf(args: argparse.Namespace) -> int:
     from bench.perf import run_perf
     from modules import MODELS
 
     if args.out:
         _writable_folder(Path(args.out).resolve().parent, "--out")
+    given = {"batch_size": args.batch_size} if args.batch_size is not None else {}
     table = run_perf(args.families or list(MODELS), args.backbones, dataset=args.dataset,
-                     batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                     steps=args.steps, warmup=args.warmup, **given,
                      repeats=args.repeats, accelerator=args.accelerator,
                      progress_bar=sys.stderr.isatty() if args.progress is None else args.progress)
     print()
@@ -317,9 +318,9 @@ def cmd_perf(args: argparse.Namespace) -> int:
     if args.out:
         table.to_csv(args.out, index=False)
     below = table[table["harness_vs_plain"] < args.target]
-    if args.steps < JUDGED_PERF_STEPS:
+    if args.steps < PERF_STEPS:
         print(f"\nharness/plain not judged against the {args.target} target: {args.steps} steps "
-              f"time the warm-up's tail more than the loop (give --steps {JUDGED_PERF_STEPS} or "
+              f"time the warm-up's tail more than the loop (give --steps {PERF_STEPS} or "
               "more)")
     elif len(below):
         print(f"\nharness/plain below the {args.target} target: "
@@ -441,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default ~/.cache/genbench/data)")
     data.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                       help="download through torchvision when no local copy is found")
-    data.add_argument("--val-size", type=int, default=5000,
-                      help="training images held out for validation (default 5000)")
+    data.add_argument("--val-size", type=int,
+                      help="training images held out for validation (default: the harness's)")
     data.set_defaults(func=cmd_data)
 
     run = commands.add_parser("run", help="run a suite (models x datasets x seeds)",
@@ -549,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
         "declares); other figures are shown, not judged. With 2+ seeds on both sides a "
         "worsening must exceed the tolerance AND be significant: a paired t-test over shared "
         "seeds, Welch's otherwise (one-sided), the p-values of all comparisons Holm-adjusted "
-        "to --alpha together; with one seed the tolerance alone decides (default 2%%). Sides "
+        f"to --alpha together; with one seed the tolerance alone decides (default "
+        f"{TOLERANCE:.0%}). Sides "
         "made on other hardware (CPU, instruction set, threads, GPU) or library versions are "
         "named in the verdict and judged by seed noise only: at one seed a side, not judged.")
     comp.add_argument("baseline")
@@ -558,8 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="relative tolerances, e.g. fid=0.05 recon_mse=0.01")
     comp.add_argument("--metrics", help="comma-separated metrics to compare, each judged "
                       "whatever the family's objectives (default: all, the objectives judged)")
-    comp.add_argument("--alpha", type=float, default=0.05,
-                      help="significance of the seed-noise test (default 0.05)")
+    comp.add_argument("--alpha", type=float, default=ALPHA,
+                      help=f"significance of the seed-noise test (default {ALPHA})")
     comp.add_argument("--allow-incomparable", action="store_true",
                       help="report metrics measured differently, but do not fail on them")
     comp.add_argument("--all", action="store_true",
@@ -584,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--tol", nargs="+", default=[], metavar="METRIC=REL")
     hist.add_argument("--timings", action="store_true",
                       help="judge throughput, wall time and memory too (descriptive otherwise)")
-    hist.add_argument("--alpha", type=float, default=0.05)
+    hist.add_argument("--alpha", type=float, default=ALPHA,
+                      help=f"significance of the seed-noise test (default {ALPHA})")
     hist.add_argument("--across-hardware", action="store_true", help=ACROSS_HARDWARE_HELP)
     hist.add_argument("--out", help="folder for metric-over-commits PNGs")
     hist.set_defaults(func=cmd_history)
@@ -598,15 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
         "often over drawn seed sets. Runs already in --out are reused. Exit 1 if more than 1 "
         "in 20 drawn null compares fail or a planted change that moved an objective by more "
         "than twice its seed spread went uncaught.")
-    calib.add_argument("--suite", default="smoke")
-    calib.add_argument("--seeds", type=int, default=3, help="seeds a side (default 3)")
-    calib.add_argument("--null-sets", type=int, default=10,
-                       help="disjoint seed sets (default 10: 45 fixed pairs, a pool of 30 "
-                       "seeds at 3 a side)")
-    calib.add_argument("--draws", type=int, default=400,
+    calib.add_argument("--suite", default=CALIBRATION_SUITE,
+                       help=f"(default {CALIBRATION_SUITE})")
+    calib.add_argument("--seeds", type=int, default=CALIBRATION_SEEDS,
+                       help=f"seeds a side (default {CALIBRATION_SEEDS})")
+    calib.add_argument("--null-sets", type=int, default=CALIBRATION_NULL_SETS,
+                       help=f"disjoint seed sets (default {CALIBRATION_NULL_SETS})")
+    calib.add_argument("--draws", type=int, default=CALIBRATION_DRAWS,
                        help="null pairs drawn from the pool, and seed sets per plant "
-                       "(default 400)")
-    calib.add_argument("--out", default="results/calibration")
+                       f"(default {CALIBRATION_DRAWS})")
+    calib.add_argument("--out", default=CALIBRATION_OUT, help=f"(default {CALIBRATION_OUT})")
     calib.set_defaults(func=cmd_calibrate)
 
     perf = commands.add_parser("perf", help="training throughput: the harness's loop vs a plain "
@@ -620,15 +624,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "them)")
     perf.add_argument("--backbones", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     perf.add_argument("--dataset", default="fashion_mnist")
-    perf.add_argument("--batch-size", type=int, default=128)
-    perf.add_argument("--steps", type=int, default=JUDGED_PERF_STEPS)
-    perf.add_argument("--warmup", type=int, default=20)
-    perf.add_argument("--repeats", type=int, default=3)
+    perf.add_argument("--batch-size", type=int, help="(default: the suites')")
+    perf.add_argument("--steps", type=int, default=PERF_STEPS, help=f"(default {PERF_STEPS})")
+    perf.add_argument("--warmup", type=int, default=PERF_WARMUP, help=f"(default {PERF_WARMUP})")
+    perf.add_argument("--repeats", type=int, default=PERF_REPEATS,
+                      help=f"the best counts (default {PERF_REPEATS})")
     perf.add_argument("--accelerator", default="auto")
     perf.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="time with progress bars, as bench run trains (default: when stderr "
                       "is a terminal)")
-    perf.add_argument("--target", type=float, default=0.95)
+    perf.add_argument("--target", type=float, default=PERF_TARGET,
+                      help=f"the harness/plain ratio to reach (default {PERF_TARGET})")
     perf.add_argument("--out", help="also write the table to this CSV")
     perf.set_defaults(func=cmd_perf)
 
@@ -641,8 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     extractor.add_argument("action", choices=["train", "show", "export"])
     extractor.add_argument("target", nargs="?", help="dataset name (or a file, for show)")
     extractor.add_argument("--out", help="file to write (train, export)")
-    extractor.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
-    extractor.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    extractor.add_argument("--epochs", type=int, default=EXTRACTOR_EPOCHS,
+                           help=f"training epochs (default {EXTRACTOR_EPOCHS})")
+    extractor.add_argument("--seed", type=int, default=EXTRACTOR_SEED,
+                           help=f"training seed (default {EXTRACTOR_SEED})")
     extractor.add_argument("--data-dir", help="directory with the dataset's files")
     extractor.add_argument("--own-files", action="store_true", help=OWN_FILES_HELP)
     extractor.set_defaults(func=cmd_extractor)

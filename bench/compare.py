@@ -39,17 +39,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bench.defaults import ALPHA, TIMING_TOLERANCE, TOLERANCE
 from bench.errors import UserError
 from bench.machine import ENVIRONMENT_COLUMNS, HARDWARE_COLUMNS
 from bench.metrics import DIRECTIONS, HEADLINE, PROVENANCE, TIMING_METRICS
 from bench.results import latest_runs
 
-# Relative tolerances before a change counts as a regression. Timings are noisy on shared CPUs.
-DEFAULT_TOLERANCE = 0.02
-DEFAULT_TIMING_TOLERANCE = 0.5
-# One-sided significance of Welch's t-test for a worsening over seeds. With 3 seeds a side, a
-# 3-sigma shift gives p ~ 0.01 (flagged) and a 0.5-sigma one p ~ 0.29 (not).
-DEFAULT_ALPHA = 0.05
+# The one-sided Welch's t-test for a worsening over seeds is judged at bench.defaults.ALPHA: with
+# 3 seeds a side, a 3-sigma shift gives p ~ 0.01 (flagged) and a 0.5-sigma one p ~ 0.29 (not).
 
 RUN_KEYS = ["model", "variant", "dataset", "seed"]
 GROUP_KEYS = ["model", "variant", "dataset"]
@@ -146,7 +143,7 @@ class Verdict:
 
 
 def regression_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance: float,
-                    alpha: float = DEFAULT_ALPHA) -> Verdict:
+                    alpha: float = ALPHA) -> Verdict:
     """Is `cur` worse than `base` beyond the tolerance and, with two or more seeds a side, beyond
     the seed noise?
 
@@ -179,7 +176,7 @@ def regression_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance
 
 
 def paired_rule(base: np.ndarray, cur: np.ndarray, direction: int, tolerance: float,
-                alpha: float = DEFAULT_ALPHA) -> Verdict:
+                alpha: float = ALPHA) -> Verdict:
     """`regression_rule` for two sides that ran the same seeds, `base[i]` and `cur[i]` of one
     seed: the two runs of a seed share their initialisation and data order, so the per-seed
     differences d_i = cur_i - base_i carry much less noise than either side's spread. One-sided
@@ -233,8 +230,7 @@ def judged_metrics(model: str, timings: bool = False) -> set[str]:
 
 
 def tolerance_for(metric: str, tolerances: dict[str, float]) -> float:
-    return tolerances.get(metric, DEFAULT_TIMING_TOLERANCE if metric in TIMING_METRICS
-                          else DEFAULT_TOLERANCE)
+    return tolerances.get(metric, TIMING_TOLERANCE if metric in TIMING_METRICS else TOLERANCE)
 
 
 def check_columns(table: pd.DataFrame, name: str) -> None:
@@ -362,7 +358,7 @@ def judge_together(records: list[dict], alpha: float, correction: str = "holm") 
 
 def compare(baseline: pd.DataFrame, current: pd.DataFrame,
             tolerances: dict[str, float] | None = None, metrics: list[str] | None = None,
-            alpha: float = DEFAULT_ALPHA,
+            alpha: float = ALPHA,
             names: tuple[str, str] = ("the baseline table", "the current table"),
             paired: bool = True, correction: str = "holm", judge: str = "objectives",
             timings: bool = False, across_hardware: bool = False) -> Comparison:
@@ -579,7 +575,7 @@ def commit_order(rows: pd.DataFrame) -> list[str]:
 
 
 def history(rows: pd.DataFrame, metrics: list[str] | None = None,
-            tolerances: dict[str, float] | None = None, alpha: float = DEFAULT_ALPHA,
+            tolerances: dict[str, float] | None = None, alpha: float = ALPHA,
             timings: bool = False, across_hardware: bool = False) -> pd.DataFrame:
     """Per model / variant / dataset, metric and commit: mean, std and seed count over the runs
     that finished, and whether a regression began there: each commit against the previous

@@ -22,3 +22,30 @@ SLURM_TIME_MIN = 240
 SLURM_GPUS = 1
 SLURM_CPUS = 8
 SLURM_MAX_PARALLEL = 64  # jobs of the array at once
+
+# bench compare / history / calibrate: the significance level of the seed-noise test, and the
+# relative change a figure may make before it counts as a regression (timings are noisy on
+# shared CPUs).
+ALPHA = 0.05
+TOLERANCE = 0.02
+TIMING_TOLERANCE = 0.5
+
+# bench calibrate: seeds a side, disjoint seed sets (10 give 45 fixed pairs and a pool of 30
+# seeds at 3 a side), null pairs drawn from the pool and seed sets drawn per plant.
+CALIBRATION_SUITE = "smoke"
+CALIBRATION_SEEDS = 3
+CALIBRATION_NULL_SETS = 10
+CALIBRATION_DRAWS = 400
+CALIBRATION_OUT = "results/calibration"
+
+# bench perf: timed steps (also the fewest whose harness/plain ratio is judged against the
+# target: fewer time the warm-up's tail more than the loop), warm-up steps, repeats (the best
+# counts), and the harness/plain ratio it should reach.
+PERF_STEPS = 200
+PERF_WARMUP = 20
+PERF_REPEATS = 3
+PERF_TARGET = 0.95
+
+# The feature classifier behind classifier FID: its training epochs and seed.
+EXTRACTOR_EPOCHS = 5
+EXTRACTOR_SEED = 0

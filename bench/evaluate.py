@@ -14,71 +14,56 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError, Metric, SumMetric
 from torchmetrics.regression import R2Score
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from bench.errors import UserError, unknown_key
+from bench.settings import check_settings
 from datamodules.image import stream_seed
 
 log = logging.getLogger(__name__)
 
+# KID's subsets and FID's covariance need two images at least
+TwoOrMore = restricted_number_type("TwoOrMore", int, (">=", 2))
+
 
 @dataclass
 class EvalSettings:
-    """The `eval:` section of a suite."""
+    """The `eval:` section of a suite; each field's type is what it takes (checked by
+    bench.settings), None (null) where said."""
 
-    n_fake: int = 10000  # generated images for FID / IS / KID / PRC
-    n_real: int | None = None  # test images they are compared with (None: the whole test split)
-    features: str = "auto"  # auto | inception | classifier (see bench.extractor)
+    n_fake: TwoOrMore = 10000  # generated images for FID / IS / KID / PRC
+    n_real: PositiveInt | None = None  # test images they are compared with (None: all)
+    features: Literal["auto", "inception", "classifier"] = "auto"  # see bench.extractor
     # the classifier: None uses the shipped one (Fashion-MNIST, MNIST) or trains the default;
     # a number trains (and caches) one for that many epochs; a file is used as it is
-    extractor_epochs: int | None = None
+    extractor_epochs: PositiveInt | None = None
     extractor_weights: str | None = None  # a file written by `bench extractor train`
     inception_weights: str | None = None  # a local inception-v3-compat weights file
-    iw_k: int = 100  # importance samples per image for iw_nll (5000 in the literature, on a GPU)
-    iw_images: int | None = 1000  # test images for iw_nll (None: all)
-    batch_size: int = 500
-    kid_subset_size: int = 1000
-    prc_neighborhood: int = 3
-    dc_neighborhood: int = 5  # k of density and coverage (Naeem et al. 2020 use 5)
+    iw_k: NonNegativeInt = 100  # importance samples per image for iw_nll (5000 in the literature)
+    iw_images: PositiveInt | None = 1000  # test images for iw_nll (None: all)
+    batch_size: PositiveInt = 500
+    kid_subset_size: TwoOrMore = 1000
+    prc_neighborhood: PositiveInt = 3
+    dc_neighborhood: PositiveInt = 5  # k of density and coverage (Naeem et al. 2020 use 5)
     generation: bool = True  # compute FID and friends for families that sample
 
     @classmethod
     def from_dict(cls, values: dict) -> EvalSettings:
+        """The section as a suite (or bench eval's --set) gives it, checked."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(map(str, set(values) - known))
         if unknown:
             raise UserError(unknown_key(unknown[0], known).replace("key", "eval setting", 1))
+        check_settings(cls, values, "eval")
         return cls(**values)
-
-    def __post_init__(self) -> None:
-        counts = {"n_fake": 2, "batch_size": 1, "kid_subset_size": 2, "prc_neighborhood": 1,
-                  "dc_neighborhood": 1, "iw_k": 0}
-        for name, least in counts.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise UserError(f"eval setting {name}={value!r} must be an integer >= {least}")
-        nulls = {"n_real": "all test images", "iw_images": "all test images",
-                 "extractor_epochs": "the shipped classifier"}
-        for name, null in nulls.items():
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 1):
-                raise UserError(f"eval setting {name}={value!r} must be a positive integer or "
-                                 f"null ({null})")
-        if self.features not in ("auto", "inception", "classifier"):
-            raise UserError(f"eval setting features={self.features!r}; choose one of: auto, "
-                             "inception, classifier")
-        if not isinstance(self.generation, bool):
-            raise UserError(f"eval setting generation={self.generation!r} must be true or false")
-        for name in ("inception_weights", "extractor_weights"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise UserError(f"eval setting {name} must be a file path")
 
 
 # -- sparsity of codes ---------------------------------------------------------------------------

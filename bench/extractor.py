@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.defaults import EXTRACTOR_EPOCHS, EXTRACTOR_SEED
 from bench.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ PUBLISHED_INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub names files by their
 SHIPPED_DIR = Path(__file__).parent / "extractors"
 FILE_FORMAT = "genbench-classifier-1"
 # How the shipped classifiers were trained; a cached one for another dataset uses the same.
-DEFAULT_EPOCHS = 5
-DEFAULT_SEED = 0
 
 
 def cache_root() -> Path:
@@ -204,19 +203,19 @@ def classifier_path(dm, epochs: int | None = None, weights: str | None = None) -
         return Path(weights)
     if epochs is None and shipped_path(dm.spec.name).is_file():
         return shipped_path(dm.spec.name)
-    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    epochs = EXTRACTOR_EPOCHS if epochs is None else epochs
     # a classifier trained on a copy of one's own is that copy's (the published files need no tag)
     own = "" if dm.data_check.status == "verified" else f"-{dm.data_check.md5[:12]}"
     path = (cache_root() / "extractors"
-            / f"classifier-{dm.spec.name}{own}-e{epochs}-s{DEFAULT_SEED}.pt")
+            / f"classifier-{dm.spec.name}{own}-e{epochs}-s{EXTRACTOR_SEED}.pt")
     if not path.is_file():
         log.info(f"training the feature classifier for {dm.spec.title} ({epochs} epochs on the "
                  f"CPU, cached in {path.parent})")
-        save_classifier(train_classifier(dm, epochs, DEFAULT_SEED), path)
+        save_classifier(train_classifier(dm, epochs, EXTRACTOR_SEED), path)
     return path
 
 
-def train_classifier(dm, epochs: int = DEFAULT_EPOCHS, seed: int = DEFAULT_SEED) -> dict:
+def train_classifier(dm, epochs: int = EXTRACTOR_EPOCHS, seed: int = EXTRACTOR_SEED) -> dict:
     """Build and train the classifier on the dataset's whole training split (whatever subset a
     run trains on), on the CPU, seeded before construction; returns the file's contents with
     the accuracy on the whole test split. The caller's random state is left as it was."""

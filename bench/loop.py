@@ -24,15 +24,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT  # Fabric's precision choices
 from lightning.fabric.strategies import DDPStrategy
 from lightning.pytorch.overrides.distributed import prepare_for_backward
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from bench.defaults import CHECKPOINT_EVERY_STEPS
 from bench.errors import UserError, unknown_key
+from bench.settings import check_settings
 from datamodules.image import stream_seed
 
 PROGRESS_REFRESH_BATCHES = 20  # each refresh reads the loss: a host sync
@@ -68,52 +72,33 @@ GONE_TRAINER_SETTINGS = {
 @dataclass
 class LoopSettings:
     """How the loop trains a run: the suite's `trainer:` settings (TRAINER_SETTINGS) and the
-    harness's cadences. `precision` is Fabric's and is not read here."""
+    harness's cadences, each field's type what it takes (checked by bench.settings).
+    `precision` is Fabric's and is not read here."""
 
-    precision: str | int | None = None
-    log_every_n_steps: int = 50
-    check_val_every_n_epoch: int | None = 1
-    gradient_clip_val: float | None = None
-    gradient_clip_algorithm: str = "norm"
-    accumulate_grad_batches: int = 1
+    precision: _PRECISION_INPUT | None = None
+    log_every_n_steps: PositiveInt = 50
+    check_val_every_n_epoch: PositiveInt | None = 1
+    gradient_clip_val: NonNegativeFloat | None = None
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+    accumulate_grad_batches: PositiveInt = 1
     channels_last: bool = False
     compile: bool = False
-    checkpoint_every: int = CHECKPOINT_EVERY_STEPS
-    warmup_batches: int = WARMUP_BATCHES
-    divergence_every: int = DIVERGENCE_EVERY_BATCHES
+    checkpoint_every: PositiveInt = CHECKPOINT_EVERY_STEPS
+    warmup_batches: NonNegativeInt = WARMUP_BATCHES
+    divergence_every: PositiveInt = DIVERGENCE_EVERY_BATCHES
 
     @classmethod
     def from_suite(cls, trainer: dict, **harness) -> LoopSettings:
+        """The suite's `trainer:` section and the harness's options (bench run's), checked."""
         gone = [k for k in trainer if k in GONE_TRAINER_SETTINGS]
         if gone:
             raise UserError("; ".join(f"{k}: {GONE_TRAINER_SETTINGS[k]}" for k in gone))
         unknown = sorted(set(map(str, trainer)) - set(TRAINER_SETTINGS))
         if unknown:
             raise UserError(unknown_key(unknown[0], TRAINER_SETTINGS) + " (the harness's loop)")
-        settings = cls(**trainer, **harness)
-        if settings.gradient_clip_algorithm not in ("norm", "value"):
-            raise UserError(f"gradient_clip_algorithm={settings.gradient_clip_algorithm!r}: "
-                             "choose norm or value")
-        def whole(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-        for name in ("log_every_n_steps", "accumulate_grad_batches", "checkpoint_every",
-                     "check_val_every_n_epoch"):
-            value = getattr(settings, name)
-            if not whole(value) and not (value is None and name == "check_val_every_n_epoch"):
-                raise UserError(f"{name}={value!r}: give a whole number >= 1")
-        clip = settings.gradient_clip_val
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not clip >= 0):
-            raise UserError(f"gradient_clip_val={clip!r}: give a number >= 0, or null")
-        for name in ("channels_last", "compile"):
-            if not isinstance(getattr(settings, name), bool):
-                raise UserError(f"{name}={getattr(settings, name)!r}: give true or false")
-        if settings.precision is not None and (isinstance(settings.precision, bool) or not
-                                               isinstance(settings.precision, (str, int))):
-            raise UserError(f"precision={settings.precision!r}: give one of Fabric's, e.g. "
-                             "32-true, bf16-mixed, 16-mixed")
-        return settings
+        check_settings(cls, trainer, "trainer")
+        check_settings(cls, harness, "bench run's option")
+        return cls(**trainer, **harness)
 
 
 @dataclass

@@ -25,10 +25,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.defaults import PERF_REPEATS, PERF_STEPS, PERF_WARMUP
 from bench.errors import UserError
 from bench.loop import LoopSettings, Run, configured_optimizers, fit
 from bench.process import prepare_run_process
 from datamodules import ImageDataModule, TensorBatches
+from datamodules.image import BATCH_SIZE
 from modules import MODELS
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,8 @@ def time_trainer(model, train_batches, steps: int, warmup: int, accelerator: str
 
 
 def run_perf(families: list[str], backbones: list[str], dataset: str = "fashion_mnist",
-             batch_size: int = 128, steps: int = 200, warmup: int = 20, repeats: int = 3,
+             batch_size: int = BATCH_SIZE, steps: int = PERF_STEPS, warmup: int = PERF_WARMUP,
+             repeats: int = PERF_REPEATS,
              accelerator: str = "auto", progress_bar: bool = True) -> pd.DataFrame:
     unknown = [f for f in families if f not in MODELS]
     if unknown:

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import yaml
 
 from bench.errors import UserError, unknown_key
+from bench.settings import check_settings
 
 SUITES_DIR = Path(__file__).parent / "suites"
 RUN_KEYS = {"model", "variant", "params", "datasets", "seeds", "budget", "data", "trainer", "eval",
@@ -48,35 +47,6 @@ BUDGET_KEYS = {"epochs", "steps"}
 
 class SuiteError(UserError):
     """A malformed suite file: the message names the file, line and key."""
-
-
-@functools.cache
-def _argument_parser(cls, skip: frozenset[str]):
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, skip=set(skip))
-    return parser
-
-
-def check_argument_types(cls, values: dict[str, Any], skip: set[str], section: str) -> None:
-    """`values` against the types of cls's constructor arguments, checked by jsonargparse (as
-    bench fit's LightningCLI checks them): `params: {k: "eight"}` is refused naming the key and
-    the type it takes, before anything is built."""
-    try:
-        parsed = _argument_parser(cls, frozenset(skip)).parse_object(values)
-    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError and its kin
-        text = " ".join(str(err).split())
-        found = re.search(r'key "([^"]+)": Expected a (?:<class \'(\w+)\'>|(.+?))\. Got value', text)
-        if found:
-            name = found[1]
-            raise UserError(f"{section}.{name}={values.get(name)!r}: give a value of type "
-                            f"{found[2] or found[3]}") from None
-        raise UserError(f"{section}: {text}") from None
-    for name, value in values.items():  # jsonargparse reads "64" as 64; the run would not
-        if isinstance(value, str) and not isinstance(parsed.get(name), str):
-            raise UserError(f"{section}.{name}={value!r}: give {parsed.get(name)!r} without "
-                            "quotes (a string here is not read as a number)")
 
 
 @dataclass(frozen=True)
@@ -458,8 +428,7 @@ def _check_section_keys(merged: dict[str, Any], at, fail) -> None:
     if unknown:
         raise fail(unknown_key(unknown[0], allowed), *at("data"), unknown[0])
     try:
-        check_argument_types(ImageDataModule, merged.get("data") or {},
-                             {"dataset", "seed"}, "data")
+        check_settings(ImageDataModule, merged.get("data") or {}, "data", {"dataset", "seed"})
     except UserError as err:
         raise fail(str(err), *at("data")) from err
     trainer = merged.get("trainer") or {}
@@ -498,7 +467,7 @@ def _check_models(specs: list[RunSpec], fail) -> None:
                 raise fail(unknown_key(name, accepted).replace(
                     "unknown key", f"{cls.__name__} has no argument", 1), "runs")
         try:
-            check_argument_types(cls, spec.params, {"image_shape"}, "params")
+            check_settings(cls, spec.params, "params", {"image_shape"})
             model = cls(**{**spec.params, "image_shape": get_spec(spec.dataset).image_shape})
         except (TypeError, UserError, RuntimeError, AttributeError) as err:
             args = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())

@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from bench.errors import UserError
-from bench.compare import (DEFAULT_ALPHA, compare, config_differences, format_report, history,
+from bench.defaults import ALPHA
+from bench.compare import (compare, config_differences, format_report, history,
                            provenance_differences, regression_rule, same_value)
 from bench.metrics import DIRECTIONS
 from tests.rows import GEN, commit_rows
@@ -106,7 +107,7 @@ def test_a_three_sigma_shift_over_three_seeds_is_a_regression():
     fid = metric_row(report, "fid")
     assert fid["verdict"] == "REGRESSION" and fid["rule"] == "welch"
     assert fid["noise"] == pytest.approx(np.sqrt(1 / 3 + 1 / 3))
-    assert fid["p_value"] < DEFAULT_ALPHA and report.exit_status() == 1
+    assert fid["p_value"] < ALPHA and report.exit_status() == 1
     assert "beyond seed noise (a test over the seeds" in report.summary_line()
 
 

@@ -286,31 +286,30 @@ def test_evaluate_records_every_figure_with_its_provenance(family, tmp_path, mon
                                          ("kid_subset_size", 2), ("prc_neighborhood", 1),
                                          ("dc_neighborhood", 1), ("iw_k", 0)])
 def test_a_count_setting_takes_its_least_value_and_refuses_one_below(name, least):
-    assert getattr(EvalSettings(**{name: least}), name) == least
+    assert getattr(EvalSettings.from_dict({name: least}), name) == least
     for bad in (least - 1, True, 2.5):
-        with pytest.raises(UserError, match=rf"eval setting {name}={bad!r} must be an integer "
-                                             rf">= {least}"):
-            EvalSettings(**{name: bad})
+        with pytest.raises(UserError, match=rf"^eval.{name}={bad!r}: give an integer >= {least}$"):
+            EvalSettings.from_dict({name: bad})
 
 
 @pytest.mark.parametrize("name", ["n_real", "iw_images", "extractor_epochs"])
 def test_an_optional_count_takes_null_or_a_positive_integer(name):
-    assert getattr(EvalSettings(**{name: None}), name) is None
-    assert getattr(EvalSettings(**{name: 1}), name) == 1
-    for bad in (0, True, "5"):
-        with pytest.raises(UserError, match=rf"eval setting {name}={bad!r} must be a positive "
-                                             r"integer or null \("):
-            EvalSettings(**{name: bad})
+    assert getattr(EvalSettings.from_dict({name: None}), name) is None
+    assert getattr(EvalSettings.from_dict({name: 1}), name) == 1
+    for bad, fix in ((0, "an integer >= 1, or null"), (True, "an integer >= 1, or null"),
+                     ("5", "5 without quotes")):
+        with pytest.raises(UserError, match=rf"^eval.{name}={bad!r}: give {fix}"):
+            EvalSettings.from_dict({name: bad})
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"features": "clip"}, "features='clip'; choose one of: auto, inception, classifier"),
-    ({"generation": "yes"}, "generation='yes' must be true or false"),
-    ({"extractor_weights": 3}, "extractor_weights must be a file path"),
-    ({"inception_weights": 3}, "inception_weights must be a file path")])
+    ({"features": "clip"}, "features='clip': give one of: auto, inception, classifier"),
+    ({"generation": "yes"}, "generation='yes': give true or false"),
+    ({"extractor_weights": 3}, "extractor_weights=3: give a string, or null"),
+    ({"inception_weights": 3}, "inception_weights=3: give a string, or null")])
 def test_a_bad_eval_setting_is_named(values, message):
-    with pytest.raises(UserError, match=message):
-        EvalSettings(**values)
+    with pytest.raises(UserError, match=f"^eval.{message}$"):
+        EvalSettings.from_dict(values)
 
 
 def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int) -> tuple[float, float]:

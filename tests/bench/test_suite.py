@@ -87,7 +87,7 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
      r"gradient_clip_algorithm, gradient_clip_val, log_every_n_steps, precision "
      r"\(the harness's loop\)"),
     ("name: t\nruns:\n  - {model: ae, trainer: {log_every_n_steps: 0}}\n",
-     r"key 'runs.0.trainer': log_every_n_steps=0: give a whole number >= 1"),
+     r"key 'runs.0.trainer': trainer.log_every_n_steps=0: give an integer >= 1"),
     ("name: t\nruns:\n  - {model: gan, trainer: {gradient_clip_val: 1.0}}\n",
      r"gradient_clip_val: GAN steps its own optimisers \(manual optimisation\), so the loop "
      r"cannot clip or accumulate its gradients"),
@@ -148,7 +148,7 @@ def test_a_spec_is_rebuilt_from_its_row_as_written(tmp_path):
     ("name: t\ndefaults:\n  data: {batch_size: '64'}\nruns:\n  - {model: ae}\n",
      r"line 3, key 'defaults.data': data.batch_size='64': give 64 without quotes"),
     ("name: t\nruns:\n  - {model: sae, params: {k: eight}}\n",
-     r"params.k='eight': give a value of type int"),
+     r"params.k='eight': give an integer$"),
 ])
 def test_a_mistake_under_defaults_or_of_type_is_refused_at_its_line(tmp_path, text, message):
     """A typo under `defaults:` ran another experiment without a word; a mistake there was
