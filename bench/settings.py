@@ -6,6 +6,7 @@ lives on the class; nothing else restates either."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import types
@@ -13,6 +14,14 @@ import typing
 from typing import Any, Literal, Union
 
 from bench.errors import UserError
+
+
+class SettingError(UserError):
+    """A setting of a type it does not take: `key` names it, `reason` says what it takes."""
+
+    def __init__(self, section: str, key: str, reason: str) -> None:
+        super().__init__(f"{section}.{key}={reason}")
+        self.key, self.reason = key, reason
 
 
 @functools.cache
@@ -37,6 +46,11 @@ def describe_type(annotation) -> str:
         return f"{named}, or null" if type(None) in args else named
     if origin is Literal:
         return "one of: " + ", ".join(dict.fromkeys(map(str, args)))
+    if origin is list:
+        return "a list of " + {int: "integers", str: "names"}.get(args[0] if args else Any,
+                                                                  "values")
+    if origin is dict or annotation is dict:
+        return "a mapping"
     if annotation is bool:
         return "true or false"
     words = {int: "an integer", float: "a number", str: "a string", Any: "a value"}
@@ -72,14 +86,15 @@ def check_settings(cls, values: dict[str, Any], section: str,
     `params: {k: "eight"}` is refused naming the key and what it takes, before anything is
     built."""
     try:
-        parsed = _argument_parser(cls, frozenset(skip)).parse_object(values)
+        # a copy: jsonargparse converts nested values in place ("64" -> 64 inside a mapping)
+        parsed = _argument_parser(cls, frozenset(skip)).parse_object(copy.deepcopy(values))
     except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError and its kin
         text = " ".join(str(err).split())
         found = re.search(r'key "([^"]+)"', text)
         if found and found[1] in values:
             name = found[1]
-            raise UserError(f"{section}.{name}={values[name]!r}: give "
-                            f"{describe_type(_annotation(cls, name))}") from None
+            raise SettingError(section, name, f"{values[name]!r}: give "
+                               f"{describe_type(_annotation(cls, name))}") from None
         raise UserError(f"{section}: {text}") from None
     for name, value in values.items():
         if value is not None and _changed_kind(value, parsed.get(name)):
@@ -87,4 +102,4 @@ def check_settings(cls, values: dict[str, Any], section: str,
             hint = (f"{parsed.get(name)!r} without quotes (a string here is not read as a number)"
                     if number and not isinstance(parsed.get(name), bool)
                     else describe_type(_annotation(cls, name)))
-            raise UserError(f"{section}.{name}={value!r}: give {hint}")
+            raise SettingError(section, name, f"{value!r}: give {hint}")

@@ -35,14 +35,32 @@ from typing import Any
 import yaml
 
 from bench.errors import UserError, unknown_key
-from bench.settings import check_settings
+from bench.settings import SettingError, check_settings
 
 SUITES_DIR = Path(__file__).parent / "suites"
-RUN_KEYS = {"model", "variant", "params", "datasets", "seeds", "budget", "data", "trainer", "eval",
-            "sweep"}
 SWEEP_SECTIONS = ("params", "data", "budget", "trainer", "eval")
 TOP_KEYS = {"name", "description", "wandb", "defaults", "runs"}
 BUDGET_KEYS = {"epochs", "steps"}
+
+
+@dataclass
+class RunEntry:
+    """One entry of a suite's `runs:` merged with its `defaults:` (a null is left out, so that
+    the default here holds), each key's type what it takes (checked by bench.settings)."""
+
+    model: str
+    variant: str | int | None = None  # None: the params' backbone, else "default"
+    params: dict[str, Any] = field(default_factory=dict)  # the family's arguments
+    datasets: str | list[str] = field(default_factory=lambda: ["fashion_mnist"])
+    seeds: int | list[int] = field(default_factory=lambda: [0])
+    budget: dict[str, Any] = field(default_factory=lambda: {"epochs": 1})  # {epochs | steps: N}
+    data: dict[str, Any] = field(default_factory=dict)  # ImageDataModule's arguments
+    trainer: dict[str, Any] = field(default_factory=dict)  # bench.loop.LoopSettings
+    eval: dict[str, Any] = field(default_factory=dict)  # bench.evaluate.EvalSettings
+    sweep: dict[str, Any] | list[dict[str, Any]] | None = None  # see sweep_points
+
+
+RUN_KEYS = {f.name for f in dataclasses.fields(RunEntry)}
 
 
 class SuiteError(UserError):
@@ -323,31 +341,23 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
                 keys = ("runs", i, "sweep") + (() if err.key is None else (err.key,))
                 raise fail(str(err), *keys) from err
         for index, point in enumerate(points):
-            point_run = apply_point(merged, point)
-            params = point_run.get("params") or {}
-            if not isinstance(params, dict):
-                raise fail("must be a mapping of model arguments", *at("params"))
-            budget = point_run.get("budget") or {"epochs": 1}
-            if (not isinstance(budget, dict) or len(budget) != 1
-                    or not set(budget) <= BUDGET_KEYS
+            point_run = {k: v for k, v in apply_point(merged, point).items() if v is not None}
+            point_run |= {} if seeds is None else {"seeds": seeds}
+            try:
+                check_settings(RunEntry, point_run, "run")
+            except SettingError as err:
+                raise fail(err.reason, *at(err.key)) from err
+            checked = RunEntry(**point_run)
+            params, budget = checked.params, checked.budget
+            if (len(budget) != 1 or not set(budget) <= BUDGET_KEYS
                     or not _is_positive_int(next(iter(budget.values())))):
                 raise fail("must be {epochs: N} or {steps: N} with N >= 1", *at("budget"))
-            datasets = point_run.get("datasets") or ["fashion_mnist"]
-            datasets = [datasets] if isinstance(datasets, str) else datasets
-            if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
-                raise fail("must be a dataset name or a list of them", *at("datasets"))
-            run_seeds = seeds if seeds is not None else point_run.get("seeds", [0])
-            run_seeds = [run_seeds] if isinstance(run_seeds, int) else run_seeds
-            if (not isinstance(run_seeds, list) or not run_seeds or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in run_seeds)):
-                raise fail("must be a list of integers", *at("seeds"))
-            variant = point_run.get("variant") or params.get("backbone") or "default"
-            if not isinstance(variant, (str, int)):
-                raise fail("must be a name", "runs", i, "variant")
+            datasets = [checked.datasets] if isinstance(checked.datasets, str) else checked.datasets
+            run_seeds = [checked.seeds] if isinstance(checked.seeds, int) else checked.seeds
+            if not run_seeds:
+                raise fail("give a seed or a list of them", *at("seeds"))
+            variant = checked.variant or params.get("backbone") or "default"
             entry, variant = str(variant), point_variant(str(variant), point)
-            for section in ("data", "trainer", "eval"):
-                if not isinstance(point_run.get(section) or {}, dict):
-                    raise fail("must be a mapping", *at(section))
             _check_section_keys(point_run, at, fail)
             for dataset in datasets:
                 try:
@@ -360,9 +370,8 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
                         variant=variant, entry=entry,
                         sweep_index=index if "sweep" in run else None,
                         dataset=dataset_name, seed=int(seed), params=dict(params),
-                        budget=dict(budget), data=dict(point_run.get("data") or {}),
-                        trainer=dict(point_run.get("trainer") or {}),
-                        eval=dict(point_run.get("eval") or {}))
+                        budget=dict(budget), data=dict(checked.data),
+                        trainer=dict(checked.trainer), eval=dict(checked.eval))
                     _check_distinct_name(spec, i, named, fail)
                     specs.append(spec)
     if not isinstance(raw.get("wandb") or {}, dict):

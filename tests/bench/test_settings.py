@@ -1,7 +1,7 @@
 """bench.settings: the one check of settings people write, against the types that declare them."""
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import pytest
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
@@ -45,3 +45,15 @@ def test_values_of_the_declared_types_pass(values):
 def test_a_value_of_another_type_is_refused_naming_what_the_setting_takes(values, message):
     with pytest.raises(UserError, match=f"^{message}"):
         check_settings(Toy, values, "toy")
+
+
+def test_the_checked_values_are_left_as_written():
+    values = {"count": 2, "nested": {"size": "64"}}
+
+    @dataclass
+    class Holder:
+        count: int = 1
+        nested: dict[str, Any] = field(default_factory=dict)
+
+    check_settings(Holder, values, "holder")
+    assert values == {"count": 2, "nested": {"size": "64"}}
