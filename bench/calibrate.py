@@ -49,7 +49,8 @@ PLANTS = {
     "sae-k-x2": ("sae", lambda p: {**p, "k": 2 * p.get("k", 8)}),
 }
 RULES = {"now": {}, "before": {"paired": False, "correction": "none", "judge": "all"}}
-# The gate's promise at its alpha (bench.defaults.ALPHA, 0.05): at most one compare of unchanged code in 20 fails.
+# The gate's promise at its alpha (bench.defaults.ALPHA, 0.05): at most one compare of
+# unchanged code in 20 fails.
 FALSE_ALARM_TARGET = 1 / 20
 
 
@@ -125,7 +126,7 @@ def _run(suite_name: str, seeds: list[int], out: Path, change=None) -> pd.DataFr
     EVENTS.addHandler(brief)
     try:
         with only_lines_of(__name__):
-            run_suite(suite, out, wandb_mode="disabled", progress=False)
+            run_suite(suite, out)
     finally:
         EVENTS.removeHandler(brief)
     rows = read_rows(out / "runs.csv")

@@ -44,7 +44,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_try(args: argparse.Namespace, suite, devices) -> int:
+def cmd_try(args: argparse.Namespace, suite, options) -> int:
     from bench.defaults import LEAST_TRY_SAMPLE
     from bench.trial import run_try
 
@@ -62,32 +62,32 @@ def cmd_try(args: argparse.Namespace, suite, devices) -> int:
         raise UserError(f"--try-sample {args.try_sample}: give {LEAST_TRY_SAMPLE} or more (the "
                         "k-NN figures need a neighbourhood)")
     table = run_try(suite, args.out, args.only, args.try_batches, args.try_sample,
-                    args.parallel, args.accelerator, devices, args.strategy, args.num_nodes)
+                    args.parallel, options)
     return 1 if (table["status"] != "ok").any() else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.launch import SlurmOptions, run_suite
     from bench.process import check_slurm_tasks
-    from bench.runner import Stopped
+    from bench.runner import RunOptions, Stopped
     from bench.suite import load_suite
+    from bench.tracking import choose_wandb_mode
 
     check_slurm_tasks()
     suite = load_suite(args.suite, seeds=args.seeds)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: give a number of runs at once, >= 1")
+    options = RunOptions(args.accelerator, devices, args.strategy, args.num_nodes,
+                         choose_wandb_mode(args.wandb), args.checkpoint_every, args.force,
+                         # a bar per run on a terminal; in a log file it is only noise
+                         progress=not args.no_progress and sys.stderr.isatty())
     if args.try_:
-        return cmd_try(args, suite, devices)
+        return cmd_try(args, suite, options)
     slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
                          gpus_per_job=args.slurm_gpus, cpus_per_job=args.slurm_cpus)
     try:
-        run_suite(suite, out_dir=args.out, only=args.only, force=args.force,
-                  accelerator=args.accelerator, devices=devices, wandb_mode=args.wandb,
-                  progress=False if args.no_progress else None,
-                  checkpoint_every=args.checkpoint_every, strategy=args.strategy,
-                  num_nodes=args.num_nodes, parallel=args.parallel, launcher=args.launcher,
-                  slurm=slurm)
+        run_suite(suite, args.out, args.only, options, args.parallel, args.launcher, slurm)
     except Stopped as err:  # a signal: the run under way checkpointed where it was
         print(f"bench run: {err}", file=sys.stderr)
         return 128 + err.signum  # the shell's status for a process ended by that signal
@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"CPUs per job (default {SLURM_CPUS})")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
-    run.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY_STEPS,
+                     metavar="STEPS",
                      help="save a resumable checkpoint every STEPS steps (default "
                           f"{CHECKPOINT_EVERY_STEPS})")
     run.add_argument("--no-progress", action="store_true",

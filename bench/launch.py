@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import re
 import subprocess
-import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,12 +32,12 @@ from bench.process import prepare_run_process, progress_event
 from bench.results import (append_row, done_hashes, eval_failed_rows, format_table, latest_runs,
                            made_on, read_rows)
 from bench.evaluate import EvalSettings
-from bench.defaults import (CHECKPOINT_EVERY_STEPS, SLURM_CPUS, SLURM_GPUS, SLURM_MAX_PARALLEL,
+from bench.defaults import (SLURM_CPUS, SLURM_GPUS, SLURM_MAX_PARALLEL,
                             SLURM_TIME_MIN)
 from bench.runner import (STOP, RunOptions, RunResult, evaluate_checkpoint, evaluation_device,
                           git_commit, run_one)
 from bench.suite import RunSpec, Suite
-from bench.tracking import choose_wandb_mode, log_suite_summary
+from bench.tracking import log_suite_summary
 
 log = logging.getLogger(__name__)
 
@@ -348,29 +347,23 @@ def report(plan: Plan, mode: str, seconds: float) -> pd.DataFrame:
 
 
 def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None,
-              force: bool = False, accelerator: str = "auto", devices: int | str = 1,
-              wandb_mode: str | None = None, progress: bool | None = None,
-              checkpoint_every: int | None = None, strategy: str = "auto",
-              num_nodes: int = 1, parallel: int = 1,
-              launcher: str = "local", slurm: SlurmOptions | None = None) -> pd.DataFrame:
+              options: RunOptions | None = None, parallel: int = 1, launcher: str = "local",
+              slurm: SlurmOptions | None = None) -> pd.DataFrame:
     """Plan (what is pending), check it (preflight: every problem before anything trains),
-    execute it through the launcher, report. Returns this suite's rows (under DDP, a rank
-    other than zero returns its own rows and reports nothing)."""
+    execute it through the launcher (each run as `options` say: RunOptions' defaults are
+    quiet, no W&B and no bars), report. Returns this suite's rows (under DDP, a rank other
+    than zero returns its own rows and reports nothing)."""
     prepare_run_process()
     # Under DDP every rank runs this function; only rank zero speaks (bench.process's handler
     # shows its lines only) and writes.
     zero = rank_zero_only.rank == 0
-    mode = choose_wandb_mode(wandb_mode)
+    options = options or RunOptions()
     run = choose_launcher(launcher, parallel, slurm)
-    plan = plan_suite(suite, out_dir, only, force, devices, num_nodes)
+    plan = plan_suite(suite, out_dir, only, options.force, options.devices, options.num_nodes)
     preflight(plan.pending, plan.out_dir)
-    if progress is None:  # a bar per run on a terminal; in a log file it is only noise
-        progress = sys.stderr.isatty()
-    options = RunOptions(accelerator, devices, strategy, num_nodes, mode,
-                         checkpoint_every or CHECKPOINT_EVERY_STEPS, force, progress)
     started = time.perf_counter()
     log.info(f"suite {suite.name}: {len(plan.pending)} of {len(plan.specs)} runs to do -> "
-             f"{plan.csv_path} (W&B {mode})")
+             f"{plan.csv_path} (W&B {options.wandb_mode})")
     if zero:
         progress_event("suite_planned", suite=suite.name, pending=len(plan.pending),
                        total=len(plan.specs))
@@ -380,7 +373,7 @@ def run_suite(suite: Suite, out_dir: Path | None = None, only: str | None = None
     if run is not run_here:  # the workers' and jobs' lines went to their own logs
         for row in rows:
             log.info(one_line(row))
-    return report(plan, mode, time.perf_counter() - started)
+    return report(plan, options.wandb_mode, time.perf_counter() - started)
 
 
 def _slug(overrides: dict) -> str:

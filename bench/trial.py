@@ -129,17 +129,17 @@ def clock(seconds: float) -> str:
 
 def run_try(suite: Suite, out_dir: Path | None = None, only: str | None = None,
             batches: int = TRY_BATCHES, sample: int | None = None, parallel: int = 1,
-            accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
-            num_nodes: int = 1) -> pd.DataFrame:
+            options: RunOptions | None = None) -> pd.DataFrame:
     """`bench run --try`: the pending runs planned as bench run plans them (`--only`, the table
-    at `out_dir`), checked by preflight, each entry tried (`try_suite`); nothing is
-    recorded. `parallel` only sets the estimate's runs at once."""
+    at `out_dir`, the devices of `options`), checked by preflight, each entry tried
+    (`try_suite`); nothing is recorded. `parallel` only sets the estimate's runs at once."""
     from bench.launch import plan_suite
     from bench.preflight import preflight
     from bench.runner import git_commit
 
     prepare_run_process()
-    plan = plan_suite(suite, out_dir, only, False, devices, num_nodes)
+    options = options or RunOptions()
+    plan = plan_suite(suite, out_dir, only, False, options.devices, options.num_nodes)
     preflight(plan.pending, plan.out_dir)
     if parallel > 1:
         log.info(f"--try runs the entries one after another; --parallel {parallel} only sets the "
@@ -149,7 +149,6 @@ def run_try(suite: Suite, out_dir: Path | None = None, only: str | None = None,
     log.info(f"trying {entries} entr{'y' if entries == 1 else 'ies'} of suite {suite.name} "
              f"({len(plan.pending)} pending run(s); one seed each) for {batches} batches, "
              f"evaluated on {sample} generated and real images (nothing is recorded)")
-    options = RunOptions(accelerator, devices, strategy, num_nodes)
     return try_suite(suite, plan.pending, options, git_commit(), batches, parallel, sample)
 
 

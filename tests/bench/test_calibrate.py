@@ -106,7 +106,7 @@ def test_a_calibrations_lines_come_from_the_suites_progress_events(tmp_path, mon
     EVENTS.addHandler(brief)
     try:
         for _ in range(2):  # the second finds the run done
-            run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False)
+            run_suite(suite, tmp_path / "out")
     finally:
         EVENTS.removeHandler(brief)
     lines = [r.getMessage() for r in caplog.records if r.name == "bench.calibrate"]

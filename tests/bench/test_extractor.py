@@ -240,7 +240,7 @@ def test_an_entry_runs_end_to_end_on_inception_features_from_a_named_weights_fil
                     "params": {"backbone": "mlp", "hidden": 16, "latent_dim": 4}}],
         eval={"generation": True, "features": "inception", "inception_weights": str(weights),
               "n_fake": 12, "n_real": 12, "kid_subset_size": 6, "batch_size": 6})))
-    row = run_suite(suite, tmp_path / "out", wandb_mode="disabled", progress=False).iloc[0]
+    row = run_suite(suite, tmp_path / "out").iloc[0]
     assert row["status"] == "ok", row.get("error")
     # random weights are not the published ones: the row names the file's hash
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]

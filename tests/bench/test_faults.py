@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from bench.results import holds_table, read_rows
 from bench.launch import run_suite
+from bench.runner import RunOptions
 from bench.suite import SuiteError, load_suite
 from tests.data_files import write_mnist_suite
 
@@ -47,7 +48,7 @@ def test_a_killed_suite_loses_no_row_and_resumes_from_its_checkpoint(tmp_path, c
     before = read_rows(out / "runs.csv")
     assert before["variant"].tolist() == ["short"]  # killed inside the second run
 
-    run_suite(load_suite(str(suite_path)), out, wandb_mode="disabled", progress=False)
+    run_suite(load_suite(str(suite_path)), out)
     messages = caplog.messages
     rows = read_rows(out / "runs.csv")
     assert rows["variant"].tolist() == ["short", "long"] and rows["config_hash"].is_unique
@@ -104,8 +105,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, mo
                     "params": {"hidden": 16, "latent_dim": 4, **params}}],
         budget={"epochs": 30}, data=data, trainer=trainer)
     spec = load_suite(str(suite_path)).specs[0]
-    quiet = {"wandb_mode": "disabled", "progress": False, "checkpoint_every": 7}
-    run_suite(load_suite(str(suite_path)), tmp_path / "whole", **quiet)
+    every_7 = RunOptions(checkpoint_every=7)
+    run_suite(load_suite(str(suite_path)), tmp_path / "whole", options=every_7)
 
     killed = tmp_path / "killed"
     start_and_kill_after_first_checkpoint(
@@ -115,7 +116,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, mo
     moved = tmp_path / "moved"
     shutil.copytree(killed, moved)
     shutil.rmtree(killed)
-    run_suite(load_suite(str(suite_path)), moved, **quiet)
+    run_suite(load_suite(str(suite_path)), moved, options=every_7)
 
     whole, resumed = (read_rows(out / "runs.csv").iloc[0] for out in (tmp_path / "whole", moved))
     assert resumed["resumed_step"] > 0 and resumed["resumed_step"] % 25 != 0  # mid-epoch
@@ -252,8 +253,7 @@ def test_a_signalled_run_checkpoints_its_batch_and_resumes_to_the_uninterrupted_
     suite_path = write_mnist_suite(
         tmp_path, [{"model": "vae", "variant": "v", "params": {"hidden": 16, "latent_dim": 4}}],
         budget={"epochs": 200}, data={"binarize": True})
-    quiet = {"wandb_mode": "disabled", "progress": False}
-    run_suite(load_suite(str(suite_path)), tmp_path / "whole", **quiet)
+    run_suite(load_suite(str(suite_path)), tmp_path / "whole")
 
     stopped = tmp_path / "stopped"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GENBENCH_CACHE": str(tmp_path / "cache")}
@@ -272,7 +272,7 @@ def test_a_signalled_run_checkpoints_its_batch_and_resumes_to_the_uninterrupted_
     state = torch.load(*stopped.glob("checkpoints/*/last.ckpt"), weights_only=True)
     assert 0 < state["progress"]["batches"] < 200 * 25  # where it was, not a periodic one
 
-    run_suite(load_suite(str(suite_path)), stopped, **quiet)
+    run_suite(load_suite(str(suite_path)), stopped)
     resumed = read_rows(stopped / "runs.csv").iloc[0]
     assert resumed["resumed_step"] == state["progress"]["batches"]
     whole, again = final_weights(tmp_path / "whole"), final_weights(stopped)

@@ -11,6 +11,7 @@ from bench.evaluate import EvalSettings, evaluate, explain_evaluation_error
 from bench.extractor import get_extractor
 from bench.launch import run_suite
 from bench.results import latest_runs, read_rows
+from bench.runner import RunOptions
 from bench.suite import load_suite
 from datamodules import ImageDataModule
 from modules import MODELS, Autoencoder
@@ -29,8 +30,7 @@ def two_runs(tmp_path, monkeypatch):
 
 
 def quietly(suite, out, **kwargs):
-    return run_suite(suite, out, wandb_mode="disabled", progress=False,
-                     **kwargs)
+    return run_suite(suite, out, options=RunOptions(**kwargs))
 
 
 @pytest.mark.integration

@@ -34,7 +34,7 @@ def test_inception_without_weights_fails_before_any_training(tmp_path, offline, 
                     "eval": {"generation": True, "features": "inception"}}])))
     monkeypatch.setattr(bench.launch, "run_one", never_train)
     with pytest.raises(PreflightError) as caught:
-        run_suite(suite, tmp_path / "out", wandb_mode="disabled")
+        run_suite(suite, tmp_path / "out")
     message = str(caught.value)
     assert "gan-inception-mnist-s0" in message and "nothing was trained" in message
     assert "weights-inception-2015-12-05-6726825d.pth" in message
@@ -102,7 +102,7 @@ def test_one_cause_stopping_many_runs_is_one_line(tmp_path, offline):
         {"model": "ae", "variant": v, "params": TINY, "seeds": [0, 1, 2],
          "data": {"data_dir": str(tmp_path / "nowhere")}} for v in ("a", "b")])))
     with pytest.raises(PreflightError) as caught:
-        run_suite(suite, tmp_path / "out", wandb_mode="disabled")
+        run_suite(suite, tmp_path / "out")
     message = str(caught.value)
     assert message.startswith("1 problem(s) found before training")
     assert "6 runs (ae-a-mnist-s0, ae-a-mnist-s1, ae-a-mnist-s2 and 3 more): MNIST not found" \

@@ -14,7 +14,7 @@ from bench.cli import main
 from bench.compare import environment_differences
 from bench.results import read_rows
 from bench.launch import run_suite
-from bench.runner import RunResult
+from bench.runner import RunOptions, RunResult
 from bench.suite import RunSpec, load_suite
 from modules import Autoencoder
 from tests.data_files import write_mnist_suite
@@ -40,8 +40,7 @@ def tiny_suite(tmp_path, monkeypatch):
 
 
 def run_quietly(suite, out, **kwargs):
-    return run_suite(suite, out, wandb_mode="disabled", progress=False,
-                     **kwargs)
+    return run_suite(suite, out, options=RunOptions(**kwargs))
 
 
 @pytest.mark.integration
@@ -186,8 +185,7 @@ def test_force_redoes_a_run_from_scratch_as_a_new_row(tiny_suite, tmp_path, capl
     cool.specs = [s for s in cool.specs if s.variant == "cool"]
     run_quietly(cool, tmp_path / "out", checkpoint_every=10)  # leaves a last.ckpt behind
     caplog.clear()
-    run_suite(cool, tmp_path / "out", force=True, wandb_mode="disabled", progress=False,
-              checkpoint_every=10)
+    run_suite(cool, tmp_path / "out", options=RunOptions(force=True, checkpoint_every=10))
     messages = caplog.messages
     rows = read_rows(tmp_path / "out" / "runs.csv")
     assert len(rows) == 2 and rows["config_hash"].nunique() == 1  # a re-measurement, kept
@@ -314,7 +312,7 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_afresh(tiny_su
     ckpt_dir = tmp_path / "out" / "checkpoints" / cool.specs[0].config_hash
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / "last.ckpt").write_bytes(b"PK\x03\x04 torn")
-    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False)
+    run_suite(cool, tmp_path / "out")
     messages = caplog.messages
     assert any("is unreadable" in m and "starting the run afresh" in m for m in messages)
     assert (ckpt_dir / "last.ckpt.unreadable").read_bytes() == b"PK\x03\x04 torn"
@@ -334,7 +332,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_set_aside_and_runs_nothing(
     ckpt_dir.mkdir(parents=True)
     marker = tmp_path / "payload-ran"
     torch.save({"progress": {"batches": 3}, "x": _Payload(marker)}, ckpt_dir / "last.ckpt")
-    run_suite(cool, tmp_path / "out", wandb_mode="disabled", progress=False)
+    run_suite(cool, tmp_path / "out")
     messages = caplog.messages
     assert not marker.exists()
     assert any("last.ckpt is unreadable (UnpicklingError" in m for m in messages)
