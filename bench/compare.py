@@ -53,7 +53,6 @@ GROUP_KEYS = ["model", "variant", "dataset"]
 
 # Columns a table needs before it can be compared at all.
 REQUIRED_COLUMNS = RUN_KEYS + ["status"]
-UNFINISHED = "did not finish"
 
 
 def same_value(a, b) -> bool:

@@ -259,11 +259,12 @@ def _fit(net: ClassifierNet, dm, seed: int, epochs: int) -> float:
 def classifier_accuracy(net: ClassifierNet, dm) -> float:
     """Fraction of dm's test images whose arg-max class is the label."""
     from datamodules import TensorBatches
+    from datamodules.image import EVAL_BATCH_SIZE
 
     net.eval()
     correct = 0
-    for x, y in TensorBatches(dm.test_images.cpu(), dm.test_labels.cpu(), 1000, shuffle=False,
-                              drop_last=False):
+    for x, y in TensorBatches(dm.test_images.cpu(), dm.test_labels.cpu(), EVAL_BATCH_SIZE,
+                              shuffle=False, drop_last=False):
         correct += int((net(x)[1].argmax(1) == y).sum())
     return correct / len(dm.test_images)
 

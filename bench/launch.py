@@ -129,7 +129,7 @@ def run_parallel(specs, suite, out_dir: Path, options: RunOptions, commit: str, 
                     rows.append(row)
                     log.info(f"  done: {spec.run_id}")
             except Exception:  # a failed worker loses only its own run
-                log.info(f"  FAILED: {spec.run_id}\n{traceback.format_exc()}")
+                log.error(f"  FAILED: {spec.run_id}\n{traceback.format_exc()}")
     return rows
 
 
@@ -218,7 +218,7 @@ def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, co
                 rows.append(row)
                 log.info(f"  done: {spec.run_id} (job {job.job_id})")
         except Exception as err:  # submitit re-raises the job's exception here
-            log.info(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
+            log.error(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
     return rows
 
 

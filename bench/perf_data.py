@@ -1,6 +1,6 @@
 """Data-path benchmark: full-split load time and one epoch of batches without a model.
 
-    python -m bench.perf_data [--dataset fashion_mnist] [--batch-size 128] [--repeats 3]
+    python -m bench.perf_data [--dataset fashion_mnist] [--batch-size N] [--repeats 3]
 
 Compares the tensor fast path with a torch DataLoader over the same uint8 tensors (the usual
 TensorDataset route), so the cost of per-item indexing and collation is visible.
@@ -22,7 +22,7 @@ def _epoch_seconds(batches) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, help="(default: the suites')")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import datamodules.image
     from datamodules import ImageDataModule, to_unit_float
+
+    args.batch_size = args.batch_size or datamodules.image.BATCH_SIZE
 
     load_times = []
     for _ in range(args.repeats):

@@ -31,7 +31,6 @@ from bench.machine import ENVIRONMENT_COLUMNS
 from bench.machine import describe as describe_environment
 from bench.metrics import DIRECTIONS, HEADLINE, METRICS
 
-KEY_COLUMNS = ["suite", "model", "variant", "dataset", "seed"]
 # Read as text whatever they look like: a hex hash such as "123e4567..." parses as a float (inf)
 # and a variant or commit of digits as an integer, and then no longer matches.
 TEXT_COLUMNS = ["suite", "model", "variant", "entry", "dataset", "config_hash", "status",

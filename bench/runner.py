@@ -45,6 +45,7 @@ from modules.nets import count_parameters
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class RunOptions:
     """How each run trains; the same for every launcher."""
