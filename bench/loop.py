@@ -139,8 +139,15 @@ class ManualStepDDP(DDPStrategy):
     def __init__(self, *args, **kwargs) -> None:
         # DDP's default, relied on: each forward takes rank 0's buffers (BatchNorm statistics,
         # spectral norm's power-iteration vectors, AuxK's and BatchTopK's counters), so that
-        # every rank computes with the same ones
-        super().__init__(*args, **{"broadcast_buffers": True, **kwargs})
+        # every rank computes with the same ones. torch 2.13 renamed the argument (the old name
+        # warns on every run); both sync the buffers at the start too
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        named = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers")
+        super().__init__(*args, **{named: True, **kwargs})
 
     def setup_module(self, module):
         self.ddp_module = super().setup_module(module)
