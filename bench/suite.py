@@ -41,6 +41,7 @@ SUITES_DIR = Path(__file__).parent / "suites"
 SWEEP_SECTIONS = ("params", "data", "budget", "trainer", "eval")
 TOP_KEYS = {"name", "description", "wandb", "defaults", "runs"}
 BUDGET_KEYS = {"epochs", "steps"}
+BUDGET_SHAPE = "must be {epochs: N} or {steps: N} with N >= 1"
 
 
 @dataclass
@@ -346,12 +347,13 @@ def load_suite(name_or_path: str, seeds: list[int] | None = None) -> Suite:
             try:
                 check_settings(RunEntry, point_run, "run")
             except SettingError as err:
-                raise fail(err.reason, *at(err.key)) from err
+                raise fail(BUDGET_SHAPE if err.key == "budget" else err.reason,
+                           *at(err.key)) from err
             checked = RunEntry(**point_run)
             params, budget = checked.params, checked.budget
             if (len(budget) != 1 or not set(budget) <= BUDGET_KEYS
                     or not _is_positive_int(next(iter(budget.values())))):
-                raise fail("must be {epochs: N} or {steps: N} with N >= 1", *at("budget"))
+                raise fail(BUDGET_SHAPE, *at("budget"))
             datasets = [checked.datasets] if isinstance(checked.datasets, str) else checked.datasets
             run_seeds = [checked.seeds] if isinstance(checked.seeds, int) else checked.seeds
             if not run_seeds:

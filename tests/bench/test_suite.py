@@ -75,6 +75,8 @@ def test_paper_suite_is_three_datasets_by_three_seeds():
      r"line 4, key 'runs.0.datasets': unknown dataset 'svhn'; choose one of: mnist"),
     ("name: t\nruns:\n  - {model: ae, budget: {hours: 2}}\n",
      r"key 'runs.0.budget': must be \{epochs: N\} or \{steps: N\}"),
+    ("name: t\nruns:\n  - {model: ae, budget: 3}\n",
+     r"line 3, key 'runs.0.budget': must be \{epochs: N\} or \{steps: N\} with N >= 1"),
     ("name: t\nruns:\n  - {model: ae, colour: red}\n", r"line 3, key 'runs.0.colour'"),
     ("name: t\nruns:\n  - {model: sae, params: {sparsity: l1, lamda: 2}}\n",
      r"SparseAutoencoder has no argument 'lamda'; allowed: .*l1_weight"),
