@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -248,13 +249,16 @@ def wait_without_accounting(job) -> None:
 
 
 def one_line(row: dict) -> str:
-    """The per-run line printed after each run: the metrics declared for it that apply."""
+    """The per-run line printed after each run: the metrics declared for it that apply, and the
+    time it took (a trained run evaluated again: the evaluation's)."""
     parts = [f"{k}={row[k]:.4g}" for k in PER_RUN if isinstance(row.get(k), (int, float))
              and not pd.isna(row.get(k))]
     status = {"ok": "", "eval_failed": f" [eval_failed: {row.get('error')}]"}.get(
         row["status"], f" [{row['status']} at step {row.get('diverged_step')}]")
+    took = (f"evaluated in {row.get('eval_s', math.nan):.0f} s" if "trained_commit" in row
+            else f"{row['wall_s']:.0f} s")
     return f"  {row['model']}/{row['variant']} on {row['dataset']} seed {row['seed']}: " + \
-        " ".join(parts) + f" ({row['wall_s']:.0f} s){status}"
+        " ".join(parts) + f" ({took}){status}"
 
 
 def run_here(specs, suite, out_dir: Path, options: RunOptions, commit: str) -> list[dict]:

@@ -1,5 +1,6 @@
 """bench.launch: a failed evaluation keeps the training; bench eval re-evaluates checkpoints."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,9 @@ def test_bench_eval_adds_rows_equal_to_a_fresh_evaluation_of_the_checkpoints(two
     quietly(two_runs, out)
     assert main(["eval", str(out), "--set", "n_fake=150", "kid_subset_size=40",
                  "--only", "first"]) == 0
-    assert "evaluating 1 trained run(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "evaluating 1 trained run(s)" in printed
+    assert re.search(r"ae/first on mnist seed 0: .* \(evaluated in \d+ s\)", printed)
     original = read_rows(out / "runs.csv").set_index("variant").loc["first"]
     again = read_rows(out / "eval-kid_subset_size-40_n_fake-150" / "runs.csv").iloc[0]
     assert again["n_fake"] == 150 and again["kid_subset_size"] == 40
