@@ -95,6 +95,13 @@ def run_spec_job(spec, suite, out_dir: str, options: dict, commit: str) -> dict 
     return run_claimed(spec, suite, Path(out_dir), RunOptions(**options), commit)
 
 
+def resumed(row: dict) -> str:
+    """' (resumed at step N)' for a run that was stopped (a preemption, a time limit, a kill)
+    and resumed from its checkpoint in a worker or job: the waiting process saw none of it."""
+    step = row.get("resumed_step")
+    return "" if step is None else f" (resumed at step {step})"
+
+
 def _pin_worker(slots, gpu_ids: list[int], threads: int) -> None:
     """Worker initialiser: runs before the worker imports torch, so the pinning takes."""
     slot = slots.get()
@@ -128,7 +135,7 @@ def run_parallel(specs, suite, out_dir: Path, options: RunOptions, commit: str, 
                 row = future.result()
                 if row is not None:
                     rows.append(row)
-                    log.info(f"  done: {spec.run_id}")
+                    log.info(f"  done: {spec.run_id}{resumed(row)}")
             except Exception:  # a failed worker loses only its own run
                 log.error(f"  FAILED: {spec.run_id}\n{traceback.format_exc()}")
     return rows
@@ -217,7 +224,7 @@ def wait_for_jobs(executor, specs, suite, out_dir: Path, options: RunOptions, co
             row = job.result()
             if row is not None:
                 rows.append(row)
-                log.info(f"  done: {spec.run_id} (job {job.job_id})")
+                log.info(f"  done: {spec.run_id} (job {job.job_id}){resumed(row)}")
         except Exception as err:  # submitit re-raises the job's exception here
             log.error(f"  FAILED: {spec.run_id} (job {job.job_id}): {err}")
     return rows

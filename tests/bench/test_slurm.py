@@ -123,6 +123,7 @@ def test_a_preempted_job_is_requeued_and_ends_bitwise_equal_to_an_uninterrupted_
     assert process.returncode == 0, output[-3000:]
     row = read_rows(out / "runs.csv").iloc[0]
     assert row["status"] == "ok" and row["resumed_step"] > 0  # it resumed, mid-run
+    assert f"(resumed at step {row['resumed_step']})" in output  # and the waiting run says so
     expected = final_weights(reference / "out", row["config_hash"])
     got = final_weights(out, row["config_hash"])
     assert expected.keys() == got.keys()
