@@ -60,6 +60,16 @@ def final_weights(out, config_hash):
                       weights_only=True)["state_dict"]
 
 
+def release_requeued(cluster, job: str) -> subprocess.CompletedProcess:
+    """Start a requeued job (held two minutes by SLURM) now, though not within the second of its
+    requeue: started again in that second, a batch job finds the credential of its last start
+    revoked and fails at once (slurmctld: "Killing non-startable batch JobId=N: Job credential
+    revoked"), leaving the queue without a result, which is what the hold avoids. A later
+    StartTime instead of the pause would wait for the scheduler's next periodic pass."""
+    time.sleep(2)
+    return cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
 def long_run_at_its_first_checkpoint(cluster, suite, out, tmp_path):
     """`bench run` of the long run as a job, in the background, once it has a checkpoint; and
     the time by which the rest of the test must have happened."""
@@ -111,17 +121,18 @@ def test_a_preempted_job_is_requeued_and_ends_bitwise_equal_to_an_uninterrupted_
         jobs = cluster.run("squeue", "-h", "-o", "%A").stdout.split()
         assert len(jobs) == 1, jobs
         assert cluster.run("scancel", "--signal=USR2", jobs[0]).returncode == 0
-        # SLURM holds a requeued batch job for two minutes (its BeginTime): released at once
+        # SLURM holds a requeued batch job for two minutes (its BeginTime): released sooner
         while "BeginTime" not in cluster.run("squeue", "-h", "-o", "%r").stdout:
             assert time.monotonic() < deadline and process.poll() is None, "not requeued"
             time.sleep(0.2)
-        assert cluster.run("scontrol", "update", f"JobId={jobs[0]}",
-                           "StartTime=now").returncode == 0
+        assert release_requeued(cluster, jobs[0]).returncode == 0
         output, _ = process.communicate(timeout=300)
     finally:
         process.kill()
     assert process.returncode == 0, output[-3000:]
-    row = read_rows(out / "runs.csv").iloc[0]
+    rows = read_rows(out / "runs.csv")
+    assert len(rows) == 1, output[-3000:]
+    row = rows.iloc[0]
     assert row["status"] == "ok" and row["resumed_step"] > 0  # it resumed, mid-run
     assert f"(resumed at step {row['resumed_step']})" in output  # and the waiting run says so
     expected = final_weights(reference / "out", row["config_hash"])
@@ -204,7 +215,7 @@ def test_a_job_at_its_time_limit_is_requeued_until_done_and_ends_bitwise_equal(c
     while process.poll() is None and time.monotonic() < deadline:
         if "BeginTime" in cluster.run("squeue", "-h", "-o", "%r").stdout:  # held 2 minutes
             job = cluster.run("squeue", "-h", "-o", "%A").stdout.split()[0]
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            release_requeued(cluster, job)
             requeues += 1
         time.sleep(1)
     output = process.communicate(timeout=60)[0]
