@@ -31,6 +31,13 @@ def _regex(text: str) -> str:
     return text
 
 
+def _steps(text: str) -> int:
+    """A whole number of steps, 1 or more, refused at parse time otherwise."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of steps, 1 or more")
+    return int(text)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from datamodules import ImageDataModule
 
@@ -489,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"CPUs per job (default {SLURM_CPUS})")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"],
                      help="W&B mode (default: online if an account is configured, else offline)")
-    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY_STEPS,
+    run.add_argument("--checkpoint-every", type=_steps, default=CHECKPOINT_EVERY_STEPS,
                      metavar="STEPS",
                      help="save a resumable checkpoint every STEPS steps (default "
                           f"{CHECKPOINT_EVERY_STEPS})")

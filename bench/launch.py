@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -262,8 +261,10 @@ def one_line(row: dict) -> str:
              and not pd.isna(row.get(k))]
     status = {"ok": "", "eval_failed": f" [eval_failed: {row.get('error')}]"}.get(
         row["status"], f" [{row['status']} at step {row.get('diverged_step')}]")
-    took = (f"evaluated in {row.get('eval_s', math.nan):.0f} s" if "trained_commit" in row
-            else f"{row['wall_s']:.0f} s")
+    if "trained_commit" not in row:
+        took = f"{row['wall_s']:.0f} s"
+    else:  # a trained run evaluated again: the training's time is not this line's
+        took = "evaluated again" + (f" in {row['eval_s']:.0f} s" if "eval_s" in row else "")
     return f"  {row['model']}/{row['variant']} on {row['dataset']} seed {row['seed']}: " + \
         " ".join(parts) + f" ({took}){status}"
 

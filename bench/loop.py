@@ -28,7 +28,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.fabric.connector import _PRECISION_INPUT  # Fabric's precision choices
 from lightning.fabric.strategies import DDPStrategy
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
@@ -37,6 +36,12 @@ from torch import Tensor
 from bench.defaults import CHECKPOINT_EVERY_STEPS
 from bench.errors import UserError, unknown_key
 from bench.settings import check_settings
+
+try:  # the values Fabric's precision takes: Lightning has no public name for the list, and with
+    # it a suite's bad precision is refused when the suite loads, not when its run starts
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT as FabricPrecision
+except ImportError:  # a Lightning that moved it: Fabric refuses a bad value itself, later
+    FabricPrecision = str | int
 from datamodules.image import stream_seed
 
 PROGRESS_REFRESH_BATCHES = 20  # each refresh reads the loss: a host sync
@@ -75,7 +80,7 @@ class LoopSettings:
     harness's cadences, each field's type what it takes (checked by bench.settings).
     `precision` is Fabric's and is not read here."""
 
-    precision: _PRECISION_INPUT | None = None
+    precision: FabricPrecision | None = None
     log_every_n_steps: PositiveInt = 50
     check_val_every_n_epoch: PositiveInt | None = 1
     gradient_clip_val: NonNegativeFloat | None = None
@@ -97,7 +102,7 @@ class LoopSettings:
         if unknown:
             raise UserError(unknown_key(unknown[0], TRAINER_SETTINGS) + " (the harness's loop)")
         check_settings(cls, trainer, "trainer")
-        check_settings(cls, harness, "bench run's option")
+        check_settings(cls, harness, "RunOptions")
         return cls(**trainer, **harness)
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from bench.defaults import TRY_BATCHES, TRY_SAMPLE
 from bench.evaluate import EvalSettings
-from bench.process import prepare_run_process, only_lines_of
+from bench.process import only_lines_of, prepare_run_process
 from bench.runner import RunOptions, run_one
 from bench.suite import RunSpec, Suite
 from datamodules.image import BATCH_SIZE

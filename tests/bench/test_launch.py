@@ -81,7 +81,7 @@ def test_bench_eval_adds_rows_equal_to_a_fresh_evaluation_of_the_checkpoints(two
                  "--only", "first"]) == 0
     printed = capsys.readouterr().out
     assert "evaluating 1 trained run(s)" in printed
-    assert re.search(r"ae/first on mnist seed 0: .* \(evaluated in \d+ s\)", printed)
+    assert re.search(r"ae/first on mnist seed 0: .* \(evaluated again in \d+ s\)", printed)
     original = read_rows(out / "runs.csv").set_index("variant").loc["first"]
     again = read_rows(out / "eval-kid_subset_size-40_n_fake-150" / "runs.csv").iloc[0]
     assert again["n_fake"] == 150 and again["kid_subset_size"] == 40
@@ -139,3 +139,12 @@ def test_only_that_is_not_a_regular_expression_is_refused_when_parsed(capsys):
     assert info.value.code == 2
     assert ("argument --only: 'sae(' is not a regular expression (missing ), unterminated "
             "subpattern at position 3)") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "ten"])
+def test_a_checkpoint_cadence_that_is_not_a_count_of_steps_is_refused_when_parsed(steps, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--suite", "smoke", "--checkpoint-every", steps])
+    assert info.value.code == 2
+    assert (f"argument --checkpoint-every: {steps!r}: give a whole number of steps, 1 or more"
+            in capsys.readouterr().err)
