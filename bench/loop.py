@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -55,18 +55,7 @@ class Diverged(RuntimeError):
         self.step = step
 
 
-# The suite's `trainer:` keys the loop knows, with what each does (suite files are checked
-# against this list, and bench.suite names the replacement of keys that are gone).
-TRAINER_SETTINGS = {
-    "precision": "Fabric's precision plugin: 32-true (default), 16-mixed, bf16-mixed, ...",
-    "log_every_n_steps": "training terms to the loggers every N batches (default 50)",
-    "check_val_every_n_epoch": "validation every N epochs (default 1; null: never)",
-    "gradient_clip_val": "clip gradients at this value (families with one optimiser)",
-    "gradient_clip_algorithm": "norm (default) or value",
-    "accumulate_grad_batches": "one optimiser step every N batches (families with one optimiser)",
-    "channels_last": "channels-last memory format for conv nets (a GPU option)",
-    "compile": "torch.compile each net in place (a GPU option; state_dict keys unchanged)",
-}
+# Suite `trainer:` keys that are gone, and what to do instead.
 GONE_TRAINER_SETTINGS = {
     "steps_per_call": "it is gone: the harness's own loop on Lightning Fabric runs one batch per "
                       "optimiser step at the speed of a plain PyTorch loop, so there is nothing "
@@ -76,18 +65,18 @@ GONE_TRAINER_SETTINGS = {
 
 @dataclass
 class LoopSettings:
-    """How the loop trains a run: the suite's `trainer:` settings (TRAINER_SETTINGS) and the
-    harness's cadences, each field's type what it takes (checked by bench.settings).
-    `precision` is Fabric's and is not read here."""
+    """How the loop trains a run: the suite's `trainer:` settings (TRAINER_SETTINGS, the fields
+    down to `compile`) and the harness's cadences (the rest, from bench run's options), each
+    field's type what it takes (checked by bench.settings)."""
 
-    precision: FabricPrecision | None = None
-    log_every_n_steps: PositiveInt = 50
-    check_val_every_n_epoch: PositiveInt | None = 1
-    gradient_clip_val: NonNegativeFloat | None = None
+    precision: FabricPrecision | None = None  # Fabric's precision plugin (None: 32-true)
+    log_every_n_steps: PositiveInt = 50  # training terms to the loggers every N batches
+    check_val_every_n_epoch: PositiveInt | None = 1  # validation every N epochs (None: never)
+    gradient_clip_val: NonNegativeFloat | None = None  # families with one optimiser
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"
-    accumulate_grad_batches: PositiveInt = 1
-    channels_last: bool = False
-    compile: bool = False
+    accumulate_grad_batches: PositiveInt = 1  # an optimiser step every N batches (one optimiser)
+    channels_last: bool = False  # channels-last memory format for conv nets (a GPU option)
+    compile: bool = False  # torch.compile each net in place (a GPU option; same state_dict keys)
     checkpoint_every: PositiveInt = CHECKPOINT_EVERY_STEPS
     warmup_batches: NonNegativeInt = WARMUP_BATCHES
     divergence_every: PositiveInt = DIVERGENCE_EVERY_BATCHES
@@ -104,6 +93,11 @@ class LoopSettings:
         check_settings(cls, trainer, "trainer")
         check_settings(cls, harness, "RunOptions")
         return cls(**trainer, **harness)
+
+
+# The suite's `trainer:` keys: LoopSettings' fields but the harness's own cadences
+HARNESS_SETTINGS = ("checkpoint_every", "warmup_batches", "divergence_every")
+TRAINER_SETTINGS = tuple(f.name for f in fields(LoopSettings) if f.name not in HARNESS_SETTINGS)
 
 
 @dataclass
